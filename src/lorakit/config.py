@@ -1,0 +1,204 @@
+"""One YAML file = one run. `load(path, overrides)` validates everything before any work starts.
+
+The key names `model`, `method`, `adapter.*`, `data.*`, `train.*` and `output_dir` are a contract with
+outside checks: rename nothing here without a migration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorakit.errors import LorakitError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "chat_text", "template")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors, never silently ignored: a typo must not train the wrong thing.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AdapterConfig(_Strict):
+    """LoRA adapter shape (ignored by `method: full`)."""
+
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank: size of the low-rank update.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator; the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear' for every linear "
+        "layer but the output head.",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter (e.g. [lm_head]).")
+
+
+class TemplateConfig(_Strict):
+    """Maps arbitrary columns to a chat with Python format strings, e.g. prompt: 'Rewrite: {toxic}'."""
+
+    prompt: str = Field(..., description="User turn, a format string over the row's columns.")
+    completion: str = Field(..., description="Assistant turn (the trained part), a format string.")
+    system: str | None = Field(None, description="Optional system turn, a format string.")
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they become token batches."""
+
+    train: str = Field(..., description="File (.json/.jsonl/.csv/.tsv/.parquet), folder of them, or a "
+                       "Hugging Face dataset id.")
+    eval: str | float | None = Field(
+        None, description="Held-out examples: a path/dataset id, or a fraction in (0, 1) of `train`.")
+    format: Literal[FORMATS] = Field("auto", description="Row format; 'auto' detects it from the columns.")  # type: ignore[valid-type]
+    template: TemplateConfig | None = Field(None, description="Column mapping for format 'template'.")
+    split: str = Field("train", description="Split to read from a Hugging Face dataset id.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows (after shuffling off).")
+    max_length: int = Field(1024, ge=8, description="Tokens per packed row; longer examples are truncated.")
+    packing: bool = Field(True, description="Pack several examples into one row (padding-free).")
+    train_on: Literal["completions", "all"] = Field(
+        "completions", description="'completions': only assistant turns (and their end token) are trained; "
+        "'all': every token.")
+    chat_template: str = Field(
+        "auto", description="'auto' uses the tokenizer's template, else a fallback (chatml, alpaca, "
+        "llama2, zephyr) that is also forced when named here.")
+    system_prompt: str | None = Field(None, description="System turn added to chats that have none.")
+    cache_dir: str | None = Field(None, description="Tokenization cache (default ~/.cache/lorakit/tokenized "
+                                  "or $LORAKIT_CACHE).")
+    num_proc: int | None = Field(None, ge=1, description="Tokenizer processes (default: 1 for small sets, "
+                                 "all cores for large ones).")
+    seed: int = Field(0, description="Seed of the eval-fraction split.")
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_fraction(cls, v: str | float | None) -> str | float | None:
+        if isinstance(v, float | int) and not isinstance(v, bool) and not 0 < v < 1:
+            raise ValueError(f"an eval fraction must be between 0 and 1 (exclusive), got {v}; "
+                             "use e.g. 0.1 for 10% of the train rows, or a file path")
+        return v
+
+
+class TrainConfig(_Strict):
+    """The optimization loop."""
+
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides `epochs` when set.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set (when max_steps is unset).")
+    batch_size: int = Field(4, ge=1, le=4096, description="Rows per forward pass (packed rows when packing).")
+    grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    seed: int = Field(42, description="Seed for weights init, dropout and data order.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: off).")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="AdamW (fused where the device has it) or bitsandbytes 8-bit variants.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it, else fp16 with loss scaling.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    eval_every: int | None = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many newest checkpoints to keep.")
+    log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
+
+
+class RunConfig(_Strict):
+    """One complete run: base model, method, data, training and where results go."""
+
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face id, local folder, .gguf file, or the alias "
+                       f"'{DEFAULT_MODEL}'.")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base) or full.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = Field("runs/latest", description="Run folder: adapter, checkpoints, metrics.")
+    track: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers (through accelerate), besides metrics.jsonl.")
+    trust_remote_code: bool = Field(False, description="Run a hub model's own Python code (off by default).")
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run file, apply `key.sub=value` overrides and validate.
+
+    Relative paths (data, model, output_dir) are taken from the current directory, as in the shell.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"config file not found: {path}. Give the path of a YAML run file "
+                           "(see configs/ for examples).")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LorakitError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise LorakitError(f"{path}: the top level must be a mapping of keys (model, data, train, ...), "
+                           f"got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, source=str(path))
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a plain dict into a RunConfig; errors name each key's dotted path."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise LorakitError(format_validation_error(e, source)) from None
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({e.error_count()} problem{'s' if e.error_count() > 1 else ''}):"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(err["loc"][:-1])
+            known = ", ".join(parent.model_fields) if parent else ""
+            lines.append(f"  {key}: unknown key. Known keys here: {known}")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg} (got {json.dumps(err.get('input'), default=str)[:80]})")
+    return "\n".join(lines)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 20 is an int, x.jsonl a str)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise LorakitError(f"override '{item}' is not of the form key.sub=value (e.g. train.max_steps=20)")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise LorakitError(f"override '{item}': '{part}' is a value, not a section")
+        node = nxt
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def dump(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (what actually ran) as YAML beside a stage's outputs."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

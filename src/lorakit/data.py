@@ -1,0 +1,174 @@
+"""From `data:` config to tokenized, masked train/eval sets, cached on disk.
+
+read rows (sources.py) → convert to chats/text (formats.py) → split off eval → render + tokenize +
+mask (render.py) with `datasets.map` → save under a key of (file contents, tokenizer, settings), so a
+second run with the same inputs loads the result instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from lorakit import formats, render, sources
+from lorakit.config import DataConfig
+from lorakit.errors import LorakitError
+
+CACHE_VERSION = "1"  # bump when tokenization output changes, to invalidate old caches
+
+
+@dataclass
+class Prepared:
+    """Tokenized sets with columns input_ids, labels, truncated, eos_added, where."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    stats: dict[str, Any] = field(default_factory=dict)
+    cache_hit: bool = False
+    cache_path: Path | None = None
+
+
+def lorakit_home() -> Path:
+    return Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit")).expanduser()
+
+
+def prepare(cfg: DataConfig, tokenizer: Any) -> Prepared:
+    """Load, convert, split, tokenize and mask the data set of one run (cached)."""
+    template_name = render.setup_template(tokenizer, cfg.chat_template)
+    train_rows = sources.read(cfg.train, cfg.split, cfg.limit)
+    eval_rows = sources.read(cfg.eval, cfg.split) if isinstance(cfg.eval, str) else None
+    key = _cache_key(cfg, tokenizer, train_rows, eval_rows)
+    folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else lorakit_home() / "tokenized"
+    path = folder / key
+    if (path / "stats.json").is_file():
+        stats = json.loads((path / "stats.json").read_text())
+        ev = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
+        return Prepared(datasets.load_from_disk(str(path / "train")), ev, stats, True, path)
+
+    train = _convert(train_rows, cfg)
+    ev = _convert(eval_rows, cfg) if eval_rows else None
+    if isinstance(cfg.eval, float):
+        train, ev = _split(train, cfg.eval, cfg.seed)
+    train_ds = _tokenize(train, tokenizer, cfg)
+    eval_ds = _tokenize(ev, tokenizer, cfg) if ev else None
+    stats = summarize(train_ds, train.dropped, train.format, template_name, cfg)
+    if eval_ds is not None:
+        stats["eval_rows"] = len(eval_ds)
+    _check_trainable(stats, cfg)
+    _save(path, train_ds, eval_ds, stats)
+    return Prepared(train_ds, eval_ds, stats, False, path)
+
+
+def _convert(rows: sources.Rows, cfg: DataConfig) -> formats.Converted:
+    conv = formats.convert(rows.records, rows.where, cfg.format, cfg.template, cfg.system_prompt)
+    if not conv.examples:
+        reasons = ", ".join(f"{n} {why}" for why, n in conv.dropped.items())
+        raise LorakitError(f"{rows.origin}: no usable rows left after filtering ({reasons}). Check that the "
+                           "answer column is filled, or pick another data.format / data.template.")
+    return conv
+
+
+def _split(conv: formats.Converted, fraction: float, seed: int) -> tuple[formats.Converted, formats.Converted]:
+    n = len(conv.examples)
+    n_eval = max(1, round(n * fraction))
+    if n_eval >= n:
+        raise LorakitError(f"data.eval={fraction} leaves no training rows out of {n}; use a smaller fraction")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    pick = lambda idx: formats.Converted([conv.examples[i] for i in idx], [conv.where[i] for i in idx],  # noqa: E731
+                                         conv.format)
+    train, ev = pick(sorted(order[n_eval:])), pick(sorted(order[:n_eval]))
+    train.dropped = conv.dropped
+    return train, ev
+
+
+def _tokenize(conv: formats.Converted, tokenizer: Any, cfg: DataConfig) -> datasets.Dataset:
+    end_ids = render.default_end_ids(tokenizer)
+
+    def encode_batch(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "eos_added": []}
+        for text, where in zip(batch["example"], batch["where"]):
+            try:
+                enc = render.encode(tokenizer, json.loads(text), train_on=cfg.train_on,
+                                    max_length=cfg.max_length, end_ids=end_ids)
+            except LorakitError as e:
+                raise LorakitError(f"{where}: {e}") from None
+            out["input_ids"].append(enc.input_ids)
+            out["labels"].append(enc.labels)
+            out["truncated"].append(enc.truncated)
+            out["eos_added"].append(enc.eos_added)
+        return out
+
+    raw = datasets.Dataset.from_dict({"example": [json.dumps(e, ensure_ascii=False) for e in conv.examples],
+                                      "where": conv.where})
+    # Extra processes pay off only on large sets: each one has to start and unpickle the tokenizer.
+    num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if len(raw) >= 20_000 else None)
+    return raw.map(encode_batch, batched=True, batch_size=256, num_proc=num_proc, remove_columns=["example"],
+                   desc="Tokenizing", load_from_cache_file=False)
+
+
+def summarize(ds: datasets.Dataset, dropped: Counter, fmt: str, template: str, cfg: DataConfig) -> dict[str, Any]:
+    """Counts that `data preview` prints and training logs: rows, tokens, trained share, truncation."""
+    lengths = [len(x) for x in ds["input_ids"]]
+    trained = sum(sum(1 for t in labels if t != render.IGNORE) for labels in ds["labels"])
+    tokens = sum(lengths)
+    no_target = sum(1 for labels in ds["labels"] if all(t == render.IGNORE for t in labels))
+    return {
+        "format": fmt, "chat_template": template, "train_on": cfg.train_on, "max_length": cfg.max_length,
+        "rows": len(ds), "tokens": tokens, "trained_tokens": trained,
+        "trained_share": trained / tokens if tokens else 0.0,
+        "mean_length": tokens / len(ds) if len(ds) else 0.0, "max_seen_length": max(lengths, default=0),
+        "truncated_rows": int(sum(ds["truncated"])), "rows_without_trained_token": no_target,
+        "eos_added_turns": int(sum(ds["eos_added"])), "dropped": dict(dropped),
+    }
+
+
+def _check_trainable(stats: dict, cfg: DataConfig) -> None:
+    if stats["trained_tokens"] == 0:
+        raise LorakitError(f"{cfg.train}: no token would be trained ({stats['rows']} rows, train_on: "
+                           f"{cfg.train_on}). The answers may all be cut off by data.max_length="
+                           f"{cfg.max_length}; raise it, or use data.train_on: all.")
+
+
+def _cache_key(cfg: DataConfig, tokenizer: Any, train: sources.Rows, ev: sources.Rows | None) -> str:
+    h = hashlib.sha256()
+    settings = cfg.model_dump(mode="json", exclude={"train", "cache_dir", "num_proc"})
+    h.update(json.dumps([CACHE_VERSION, settings, train.fingerprint, ev.fingerprint if ev else None],
+                        sort_keys=True).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    return h.hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Vocabulary, merges, special tokens and chat template: anything that changes the token ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [type(tokenizer).__name__, backend.to_str() if backend else str(tokenizer.get_vocab()),
+             str(tokenizer.chat_template), str(tokenizer.special_tokens_map), str(tokenizer.eos_token_id)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _save(path: Path, train: datasets.Dataset, ev: datasets.Dataset | None, stats: dict) -> None:
+    # Write to a temp folder and rename: a run killed mid-write never leaves a cache that looks complete.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        if ev is not None:
+            ev.save_to_disk(str(tmp / "eval"))
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,59 @@
+"""Causal-LM loss over trained tokens only, computing logits only where a label is trained.
+
+The LM head is a large share of a small model's compute (SmolLM2-135M: 49k vocab × 576 hidden is ~20%
+of the forward FLOPs) and its (tokens × vocab) logits dominate activation memory. With completion-only
+training most positions have no target, so the head runs on the trained positions alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.render import IGNORE
+
+# Configs whose models post-process logits in ways the direct path below would skip.
+_UNSUPPORTED_DIRECT = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over trained targets and their count.
+
+    batch: input_ids, labels (B, L) and position_ids or attention_mask (B, L). Labels are unshifted
+    (HF convention): position t is scored on predicting labels[t + 1]. Summing here and dividing by
+    the token count of the whole accumulated step makes grad-accum exact (see train.py).
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    count = int(keep.sum())
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    direct = _decoder_and_head(model)
+    if direct is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
+    else:
+        decoder, head, softcap = direct
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, H)
+        logits = head(hidden)
+        if softcap:  # Gemma 2 caps logits with tanh; skipping it would change the loss
+            logits = torch.tanh(logits / softcap) * softcap
+    if count == 0:
+        return logits.sum() * 0.0, 0  # keeps the graph connected so every rank still syncs
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), count
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any, float | None] | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text_config, k, None) not in (None, 1, 1.0) for k in _UNSUPPORTED_DIRECT):
+        return None
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head, getattr(text_config, "final_logit_softcapping", None)
