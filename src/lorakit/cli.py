@@ -47,6 +47,19 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorakit import config, train
+
+    cfg = config.load(args.config, args.overrides)
+    summary = train.run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress).summary
+    if summary:
+        keys = ("steps", "final_train_loss", "final_eval_loss", "tokens_per_s", "wall_time_s", "peak_memory_mb")
+        print("  ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
+                        for k in keys if summary.get(k) is not None))
+        print(f"saved {cfg.output_dir}/{'model' if cfg.method == 'full' else 'adapter'}")
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
@@ -58,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect data, train, evaluate, merge and serve.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    tr = sub.add_parser(
+        "train", help="fine-tune a model as one YAML run describes",
+        description="Train a LoRA, QLoRA or full fine-tune. Writes to output_dir: adapter/ (peft format) or "
+        "model/, config.yaml, metrics.jsonl, loss.png, summary.json and checkpoints/.",
+        epilog=config_reference(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(tr)
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    tr.add_argument("--overwrite", action="store_true", help="delete an existing output_dir and start over")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    tr.set_defaults(func=cmd_train)
 
     data_p = sub.add_parser("data", help="inspect a run's data set",
                             description="Inspect how a run's data becomes training tokens.")

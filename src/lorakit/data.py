@@ -161,6 +161,7 @@ def _save(path: Path, train: datasets.Dataset, ev: datasets.Dataset | None, stat
     # Write to a temp folder and rename: a run killed mid-write never leaves a cache that looks complete.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    datasets.disable_progress_bars()  # saving takes milliseconds; its bars would only add noise
     try:
         train.save_to_disk(str(tmp / "train"))
         if ev is not None:
@@ -172,3 +173,5 @@ def _save(path: Path, train: datasets.Dataset, ev: datasets.Dataset | None, stat
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        datasets.enable_progress_bars()

@@ -1,0 +1,70 @@
+"""Make a loaded base model trainable by the run's method: LoRA/QLoRA through peft, or in full."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+from lorakit.config import RunConfig
+from lorakit.errors import LorakitError
+from lorakit.model import linear_module_names
+
+
+def attach(model: Any, cfg: RunConfig) -> Any:
+    """Return the model to train: a peft `PeftModel` for lora/qlora, the model itself for full."""
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads hacks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if cfg.method == "qlora":
+        # Casts norms/embeddings to fp32 for stable training on 4-bit weights; checkpointing is ours to pick.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    check_targets(model, cfg.adapter.target_modules)
+    a = cfg.adapter
+    lora = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+                      use_rslora=a.use_rslora, use_dora=a.use_dora, modules_to_save=a.modules_to_save,
+                      bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # peft's own check, e.g. a module type LoRA cannot wrap
+        raise LorakitError(f"adapter: peft refused the LoRA config: {e}. Linear modules in this model: "
+                           f"{', '.join(linear_module_names(model))}") from None
+
+
+def check_targets(model: Any, targets: list[str] | str) -> None:
+    """Fail before training when a target module name matches nothing, listing the valid names."""
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return
+        targets = [targets]
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    full = [n for n, _ in model.named_modules()]
+    unknown = [t for t in targets if t not in names and not any(n.endswith("." + t) or n == t for n in full)]
+    if unknown:
+        raise LorakitError(f"adapter.target_modules: {unknown} match no module of this model. Its linear "
+                           f"modules are: {', '.join(linear_module_names(model))} (or use 'all-linear').")
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The parameters being trained, by name: what a checkpoint must hold to resume."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # bnb packs two 4-bit values per byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def is_peft(model: Any) -> bool:
+    return isinstance(model, PeftModel)

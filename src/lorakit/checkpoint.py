@@ -1,0 +1,155 @@
+"""Atomic checkpoints that resume bit-for-bit, and the guard that keeps runs from overwriting each other.
+
+A checkpoint folder holds the trainable weights (safetensors), optimizer and scheduler state, every
+RNG state, and the data position. It is written under a temporary name and renamed in one step, so a
+run killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit.config import RunConfig
+from lorakit.errors import LorakitError
+
+CHECKPOINTS = "checkpoints"
+# Keys that may change between a run and its resume: they extend or shorten it, not change it.
+RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "save_every"),
+                     ("train", "eval_every"), ("train", "keep_checkpoints"), ("train", "log_every")}
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success it replaces `path` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Check that `output_dir` may be used by this run, and record the config there.
+
+    A folder holding another run is never overwritten without --overwrite; --resume needs the same
+    config (only the run length and logging cadence may change).
+    """
+    out = Path(cfg.output_dir)
+    saved = out / "config.json"
+    try:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise LorakitError(f"output_dir {out}: cannot write there ({e.strerror}). Pick a writable folder "
+                           "with output_dir=... or free some disk space.") from None
+    # A run that failed during setup (bad model path, bad targets) left only its config: reusable.
+    has_results = any((out / name).exists() for name in (CHECKPOINTS, "adapter", "model", "metrics.jsonl"))
+    if saved.is_file() and has_results:
+        before = json.loads(saved.read_text())
+        now = cfg.model_dump(mode="json")
+        diff = sorted(_diff(before, now) - RESUMABLE_CHANGES) if resume else None
+        if not resume:
+            raise LorakitError(f"output_dir {out} already holds a run. Use --resume to continue it, "
+                               "--overwrite to start over, or set output_dir=another/folder.")
+        if diff:
+            keys = ", ".join(".".join(k) for k in diff)
+            raise LorakitError(f"output_dir {out} holds a run with a different config ({keys} differ); "
+                               "resume it with its own config, or use --overwrite / another output_dir.")
+    elif resume and not latest(out):
+        raise LorakitError(f"--resume: {out} has no checkpoint to resume from; run without --resume.")
+    write_json(saved, cfg.model_dump(mode="json"))
+    return out
+
+
+def _diff(a: Any, b: Any, prefix: tuple = ()) -> set[tuple]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[tuple] = set()
+        for k in a.keys() | b.keys():
+            out |= _diff(a.get(k), b.get(k), (*prefix, k))
+        return out
+    return set() if a == b else {prefix}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def save(out: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
+         state: dict, keep: int, save_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep`."""
+    final = out / CHECKPOINTS / f"step-{step:07d}"
+    with atomic_dir(final) as tmp:
+        save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        write_json(tmp / "state.json", {**state, "step": step})
+        if save_extra:
+            save_extra(tmp)  # e.g. the adapter in peft format, so any checkpoint is usable as is
+    for old in sorted((out / CHECKPOINTS).glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(out: Path) -> Path | None:
+    found = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+    """Restore weights, optimizer, scheduler and RNGs from a checkpoint; returns its state dict."""
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = set(weights) - set(params)
+    if missing:
+        raise LorakitError(f"checkpoint {path} does not fit this model (unknown parameters, e.g. "
+                           f"{sorted(missing)[:3]}); use --overwrite to start over.")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "state.json").read_text())
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

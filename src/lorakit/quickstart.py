@@ -1,0 +1,142 @@
+"""A synthetic text-to-SQL task for `make quickstart`, generated from a seed.
+
+The task: translate a question about one fixed table, `employees(name, department, salary, city)`, into
+one SQL query written in a fixed house style. A 135M instruct model knows some SQL but not this house
+style, so it scores near zero zero-shot; a LoRA picks the style up in a few minutes of CPU training.
+
+The eval split uses names, cities, departments and salary thresholds that never appear in the train
+split, so a high eval score means the adapter learned the mapping, not the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+SYSTEM = (
+    "Translate the question into one SQLite query on the table "
+    "employees(name, department, salary, city). Reply with the query only."
+)
+
+NAMES = [
+    "Alice", "Bruno", "Chen", "Dana", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kenji", "Lena",
+    "Marco", "Nadia", "Oscar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Viktor", "Wen", "Ximena",
+    "Yusuf", "Zara", "Amir", "Beatriz", "Carlos", "Dmitri", "Emma", "Fatima", "Gustav", "Hana", "Ivan",
+    "Julia", "Kofi", "Laura", "Mateo", "Nora", "Olga", "Pablo", "Rahul", "Sofia", "Tomas", "Yara",
+]
+CITIES = [
+    "Berlin", "Paris", "Madrid", "Rome", "Vienna", "Prague", "Lisbon", "Dublin", "Oslo", "Warsaw",
+    "Athens", "Zurich", "Munich", "Lyon", "Porto", "Seville", "Milan", "Krakow", "Bergen", "Tallinn",
+    "Riga", "Ghent", "Leeds", "Malmo", "Turin", "Graz", "Bilbao", "Geneva", "Hamburg", "Naples",
+]
+DEPARTMENTS = [
+    "Sales", "Marketing", "Engineering", "Finance", "Legal", "Support", "Research", "Operations",
+    "Design", "Security", "Logistics", "Procurement", "Training", "Quality", "Facilities", "Payroll",
+]
+# Salary thresholds in steps of 1000; which ones are held out is decided by the seeded split below.
+THRESHOLDS = list(range(20000, 150001, 1000))
+
+# (question phrasings, query) pairs. Several phrasings per query teach the mapping, not one sentence.
+TEMPLATES: list[tuple[list[str], str]] = [
+    (["Who works in {city}?", "List the employees based in {city}.", "Which employees are in {city}?"],
+     "SELECT name FROM employees WHERE city = '{city}';"),
+    (["Who is in the {dept} department?", "List everyone in {dept}.", "Which employees work in {dept}?"],
+     "SELECT name FROM employees WHERE department = '{dept}';"),
+    (["How many employees work in {city}?", "Count the employees in {city}."],
+     "SELECT COUNT(*) FROM employees WHERE city = '{city}';"),
+    (["How many people are in the {dept} department?", "Count the employees in {dept}."],
+     "SELECT COUNT(*) FROM employees WHERE department = '{dept}';"),
+    (["What is the average salary in {dept}?", "What does {dept} pay on average?"],
+     "SELECT AVG(salary) FROM employees WHERE department = '{dept}';"),
+    (["What is the highest salary in {city}?", "What is the top salary in {city}?"],
+     "SELECT MAX(salary) FROM employees WHERE city = '{city}';"),
+    (["How much does {name} earn?", "What is {name}'s salary?"],
+     "SELECT salary FROM employees WHERE name = '{name}';"),
+    (["Which city does {name} work in?", "Where is {name} based?"],
+     "SELECT city FROM employees WHERE name = '{name}';"),
+    (["Which department is {name} in?", "What department does {name} work for?"],
+     "SELECT department FROM employees WHERE name = '{name}';"),
+    (["Which employees in {city} earn more than {n}?", "Who in {city} makes over {n}?"],
+     "SELECT name FROM employees WHERE city = '{city}' AND salary > {n};"),
+    (["Who in {dept} earns less than {n}?", "Which {dept} employees make under {n}?"],
+     "SELECT name FROM employees WHERE department = '{dept}' AND salary < {n};"),
+    (["Who earns more than {n}?", "List the employees with a salary above {n}."],
+     "SELECT name FROM employees WHERE salary > {n};"),
+]
+
+
+def make_task(out_dir: Path, n_train: int = 2000, n_eval: int = 50, seed: int = 0) -> tuple[Path, Path]:
+    """Write `train.jsonl` and `eval.jsonl` (chat `messages` records) into `out_dir`; return their paths.
+
+    The same seed always writes byte-identical files. Every name, city, department and threshold in
+    the eval split is absent from the train split.
+    """
+    rng = random.Random(seed)
+    train_pool, eval_pool = {}, {}
+    for key, values in (("name", NAMES), ("city", CITIES), ("dept", DEPARTMENTS), ("n", THRESHOLDS)):
+        shuffled = values[:]
+        rng.shuffle(shuffled)
+        cut = len(shuffled) // 4  # a quarter of each pool is held out for eval
+        eval_pool[key], train_pool[key] = shuffled[:cut], shuffled[cut:]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    _write_jsonl(train_path, [_example(rng, train_pool) for _ in range(n_train)])
+    _write_jsonl(eval_path, [_example(rng, eval_pool) for _ in range(n_eval)])
+    return train_path, eval_path
+
+
+def _example(rng: random.Random, pool: dict[str, list]) -> dict:
+    phrasings, query = rng.choice(TEMPLATES)
+    values = {key: rng.choice(options) for key, options in pool.items()}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": rng.choice(phrasings).format(**values)},
+            {"role": "assistant", "content": query.format(**values)},
+        ]
+    }
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    # Temp file in the same folder + os.replace: a reader never sees a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
+_LITERAL = re.compile(r"('(?:[^']|'')*')")  # a single-quoted SQL string, '' being an escaped quote
+
+
+def normalize_sql(s: str) -> str:
+    """Canonical form of one SQL query for exact match.
+
+    Drops a Markdown code fence, the trailing `;` and whitespace differences, and lowercases everything
+    outside string literals (SQL keywords and identifiers are case-insensitive; 'Berlin' is not).
+    """
+    s = s.strip()
+    fenced = _FENCE.match(s)
+    if fenced:
+        s = fenced.group(1)
+    parts = _LITERAL.split(s.strip().rstrip(";").strip())
+    # split() with a capturing group puts the literals at the odd indices.
+    for i in range(0, len(parts), 2):
+        code = re.sub(r"\s+", " ", parts[i].lower())
+        parts[i] = re.sub(r"\s*([(),=<>*])\s*", r"\1", code)
+    return "".join(parts).strip()
+
+
+def exact_match(pred: str, ref: str) -> bool:
+    """True when two queries are the same after `normalize_sql`."""
+    return normalize_sql(pred) == normalize_sql(ref)

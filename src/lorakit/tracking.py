@@ -1,0 +1,72 @@
+"""Metrics of a run: always `metrics.jsonl`, optionally accelerate's trackers, and `loss.png` at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Fail before training, not after the first step, when a tracker's package is missing."""
+    import importlib.util
+
+    for name in names:
+        pkg = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(pkg if pkg != "tensorboard" else "tensorboard") is None:
+            raise LorakitError(f"track: '{name}' needs the '{pkg}' package: pip install {pkg}")
+    # Trackers must work without network: default the ones that phone home to their offline modes.
+    if "wandb" in names:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    if "mlflow" in names:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", "file:./mlruns")
+
+
+def append(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line per log event; appending keeps earlier lines safe if the run is killed."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint: those steps are about to run again."""
+    kept = [r for r in read(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Train loss per step and eval loss at each evaluation, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,303 @@
+"""The training recipe: setup → train → save. Readable top to bottom; no callbacks, no Trainer.
+
+Data order is a pure function of (seed, step): step s trains on rows s*N .. s*N+N-1 of the stream of
+seeded per-epoch permutations. With weights, optimizer, scheduler and RNGs restored from a checkpoint,
+a resumed run therefore repeats exactly what the killed run would have done.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+import resource
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from lorakit import adapter, checkpoint, config, data, loss, model, packing, tracking
+from lorakit.config import RunConfig
+from lorakit.errors import LorakitError
+from lorakit.render import IGNORE
+
+MIXED = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
+
+
+@dataclass
+class Result:
+    summary: dict[str, Any]  # also in output_dir/summary.json
+    model: Any  # the trained model (PeftModel for lora/qlora), unwrapped from accelerate
+    tokenizer: Any
+
+
+def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Result:
+    """Train one run; the adapter (or model), metrics, plot and summary land in output_dir."""
+    # ---- setup ----
+    out = checkpoint.claim_output_dir(cfg, resume, overwrite)
+    config.dump(cfg, out / "config.yaml")
+    tracking.check_trackers(cfg.track)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model.pick_dtype(cfg.train.precision, device)
+    accelerator = Accelerator(mixed_precision=MIXED[dtype], log_with=cfg.track or None, project_dir=str(out))
+    set_seed(cfg.train.seed)
+    tokenizer = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    with accelerator.main_process_first():  # tokenize once; the other ranks then read the cache
+        prepared = data.prepare(cfg.data, tokenizer)
+    net = build_model(cfg, dtype, accelerator.device)
+    use_positions = cfg.data.packing and reads_packed_rows(net)
+    if cfg.data.packing and not use_positions and accelerator.is_main_process:
+        print(f"note: {type(net).__name__} cannot keep packed examples apart; training without packing")
+    rows = _rows(prepared.train, cfg.data.max_length, use_positions)
+    examples = _examples(prepared.train)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(rows) / per_step))
+    optimizer = build_optimizer(net, cfg)
+    warmup = cfg.train.warmup_steps
+    scheduler = (get_constant_schedule_with_warmup(optimizer, warmup) if cfg.train.scheduler == "constant"
+                 else SCHEDULES[cfg.train.scheduler](optimizer, warmup, total_steps))
+    net, optimizer = accelerator.prepare(net, optimizer)
+    trainable, total_params = adapter.count_params(net)
+    state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0}
+    start = 0
+    if resume and (ckpt := checkpoint.latest(out)):
+        state = checkpoint.load(ckpt, accelerator.unwrap_model(net), optimizer, scheduler)
+        start = state["step"]
+        tracking.truncate_after(out / "metrics.jsonl", start)
+        accelerator.print(f"resumed from {ckpt} (step {start})")
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    if cfg.track:
+        accelerator.init_trackers("lorakit", config=_flat(cfg.model_dump(mode="json")))
+    eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
+    eval_examples = _examples(prepared.eval) if eval_rows else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = DataOrder(len(rows), cfg.train.seed)
+    accelerator.print(f"training {trainable:,} of {total_params:,} parameters ({cfg.method}, {dtype}, "
+                      f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "
+                      f"{total_steps} steps of {per_step} rows")
+
+    # ---- train ----
+    net.train()
+    bar = tqdm(total=total_steps, initial=start, disable=not (progress and accelerator.is_local_main_process),
+               desc="training", unit="step", dynamic_ncols=True)
+    last_eval = None
+    t0 = time.perf_counter() - state["elapsed"]
+    for step in range(start + 1, total_steps + 1):
+        step_rows = order.rows(step - 1, per_step)[accelerator.process_index::accelerator.num_processes]
+        micro = [packing.collate([[examples[i] for i in rows[r]] for r in step_rows[j:j + cfg.train.batch_size]],
+                                 pad, use_positions) for j in range(0, len(step_rows), cfg.train.batch_size)]
+        step_loss, n_target, n_tokens = accumulate(net, micro, accelerator, pad)
+        state["tokens"] += n_tokens
+        grad_norm = (accelerator.clip_grad_norm_(net.parameters(), cfg.train.max_grad_norm)
+                     if cfg.train.max_grad_norm else None)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["trained_tokens"] += n_target
+        state["elapsed"] = time.perf_counter() - t0
+        train_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_target, 1)
+        record = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                  "tokens_per_s": state["tokens"] * accelerator.num_processes / max(state["elapsed"], 1e-9)}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if eval_rows and (step == total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+            last_eval = record["eval_loss"] = evaluate(net, eval_examples, eval_rows, cfg.train.batch_size, pad,
+                                                       use_positions, accelerator)
+        if accelerator.is_main_process and (step % cfg.train.log_every == 0 or "eval_loss" in record
+                                            or step == total_steps):
+            tracking.append(out / "metrics.jsonl", record)
+            if cfg.track:
+                accelerator.log(record, step=step)
+        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                checkpoint.save(out, step, adapter.trainable_state(accelerator.unwrap_model(net)), optimizer,
+                                scheduler, dict(state), cfg.train.keep_checkpoints)
+        _fault_injection(step)
+    bar.close()
+
+    # ---- save ----
+    accelerator.wait_for_everyone()
+    summary = {}
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(net)
+        save_result(final, tokenizer, cfg, out)
+        records = tracking.read(out / "metrics.jsonl")
+        tracking.plot(records, out / "loss.png")
+        summary = {
+            "steps": total_steps, "method": cfg.method, "tokens": state["tokens"] * accelerator.num_processes,
+            "trained_tokens": state["trained_tokens"], "wall_time_s": round(state["elapsed"], 2),
+            "tokens_per_s": round(state["tokens"] * accelerator.num_processes / max(state["elapsed"], 1e-9), 1),
+            "peak_memory_mb": peak_memory_mb(), "final_train_loss": records[-1]["loss"] if records else None,
+            "final_eval_loss": last_eval, "trainable_params": trainable, "total_params": total_params,
+            "device": str(accelerator.device), "dtype": str(dtype).removeprefix("torch."),
+            "packing": use_positions, "examples": len(prepared.train), "rows": len(rows),
+        }
+        checkpoint.write_json(out / "summary.json", summary)
+    accelerator.end_training()
+    return Result(summary, accelerator.unwrap_model(net), tokenizer)
+
+
+def accumulate(net: Any, micro: list[dict], accelerator: Accelerator, pad: int) -> tuple[float, int, int]:
+    """Forward and backward over one optimizer step's micro-batches.
+
+    The loss is normalized by the trained tokens of the whole step on all ranks: grad-accum 4 × batch 2
+    then gives the same gradient as batch 8, however the tokens are spread over the micro-batches.
+    Returns (summed loss on this rank, trained targets on all ranks, input tokens on this rank).
+    """
+    local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    n_target = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
+    step_loss, n_tokens = 0.0, 0
+    for k, batch in enumerate(micro):
+        batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+        last = k == len(micro) - 1
+        with accelerator.no_sync(net) if not last else nullcontext(), accelerator.autocast():
+            total, _ = loss.loss_sum(net, batch)
+            # DDP averages gradients over ranks; scaling by their count turns that into a sum.
+            accelerator.backward(total * accelerator.num_processes / max(n_target, 1))
+        step_loss += total.item()
+        n_tokens += batch["input_ids"].numel() - _padding(batch, pad)
+    return step_loss, n_target, n_tokens
+
+
+def build_model(cfg: RunConfig, dtype: torch.dtype, device: Any) -> Any:
+    """Base model in the run's dtype (4-bit for qlora), made trainable by the method."""
+    if cfg.method == "qlora":
+        base = model.load_model(cfg.model, dtype=dtype, device=device, quantization="4bit", compute_dtype=dtype,
+                                trust_remote_code=cfg.trust_remote_code)
+    else:
+        # Full fine-tuning keeps fp32 master weights and lets autocast run the matmuls in 16 bits;
+        # LoRA keeps the frozen base in 16 bits (half the memory) and peft keeps adapters in fp32.
+        base = model.load_model(cfg.model, dtype=torch.float32 if cfg.method == "full" else dtype, device=device,
+                                trust_remote_code=cfg.trust_remote_code)
+    base.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    return adapter.attach(base, cfg)
+
+
+def build_optimizer(net: Any, cfg: RunConfig) -> torch.optim.Optimizer:
+    params = [p for p in net.parameters() if p.requires_grad]
+    t = cfg.train
+    if t.optimizer == "adamw":
+        fused = all(p.is_cuda for p in params)  # the fused kernel is one launch per step on GPUs
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LorakitError(f"train.optimizer: {t.optimizer} needs bitsandbytes: pip install bitsandbytes") from None
+    cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def reads_packed_rows(net: Any) -> bool:
+    """Whether the model keeps packed examples apart given restarting position_ids (not ALiBi models)."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return "position_ids" in inspect.signature(base.forward).parameters
+
+
+class DataOrder:
+    """Row order as a pure function of (seed, epoch): a new permutation of all rows every epoch."""
+
+    def __init__(self, n_rows: int, seed: int):
+        self.n, self.seed = n_rows, seed
+        self._cache: dict[int, list[int]] = {}
+
+    def rows(self, step: int, per_step: int) -> list[int]:
+        out = []
+        for pos in range(step * per_step, (step + 1) * per_step):
+            epoch, i = divmod(pos, self.n)
+            if epoch not in self._cache:
+                perm = list(range(self.n))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(perm)
+                self._cache = {epoch: perm}
+            out.append(self._cache[epoch][i])
+        return out
+
+
+def evaluate(net: Any, ds: Any, rows: list[list[int]], batch_size: int, pad: int, use_positions: bool,
+             accelerator: Accelerator) -> float:
+    """Mean loss per trained token over the held-out rows."""
+    net.eval()
+    total, count = 0.0, 0
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    with torch.no_grad():
+        for j in range(0, len(mine), batch_size):
+            batch = packing.collate([[ds[i] for i in r] for r in mine[j:j + batch_size]], pad, use_positions)
+            with accelerator.autocast():
+                s, n = loss.loss_sum(net, {k: v.to(accelerator.device) for k, v in batch.items()})
+            total, count = total + s.item(), count + n
+    net.train()
+    sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
+    return float(sums[0] / max(sums[1], 1))
+
+
+def save_result(net: Any, tokenizer: Any, cfg: RunConfig, out: Path) -> None:
+    """Adapter in peft's format (or the full model) with the tokenizer, written atomically.
+
+    A serving process watching this folder sees the old version or the new one, never a partial one.
+    """
+    target = out / ("model" if cfg.method == "full" else "adapter")
+    with checkpoint.atomic_dir(target) as tmp:
+        net.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def _rows(ds: Any, max_length: int, use_positions: bool) -> list[list[int]]:
+    if ds is None:
+        return []
+    lengths = [len(x) for x in ds["input_ids"]]
+    return packing.pack(lengths, max_length) if use_positions else packing.unpacked(len(lengths))
+
+
+def _examples(ds: Any) -> list[dict]:
+    # Plain lists: indexing a datasets.Dataset row by row costs more than the collation itself.
+    return [{"input_ids": a, "labels": b} for a, b in zip(ds["input_ids"], ds["labels"])]
+
+
+def _padding(batch: dict, pad: int) -> int:
+    if "attention_mask" in batch:
+        return int((batch["attention_mask"] == 0).sum())
+    # Padding is the trailing segment; count trailing pad ids per row.
+    ids = batch["input_ids"]
+    pads = 0
+    for row in ids.tolist():
+        n = len(row)
+        while n and row[n - 1] == pad:
+            n -= 1
+        pads += len(row) - n
+    return pads
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
+
+
+def _fault_injection(step: int) -> None:
+    # Tests kill the real process at a chosen step (SIGKILL: no cleanup runs) to prove resume is exact.
+    kill_at = os.environ.get("LORAKIT_KILL_AFTER_STEP")
+    if kill_at and int(kill_at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)

