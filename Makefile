@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(VENV)/bin/lorakit quickstart
+	$(VENV)/bin/lorakit quickstart data runs/quickstart-data
+	$(VENV)/bin/lorakit train configs/quickstart.yaml --overwrite
+	$(VENV)/bin/lorakit quickstart compare configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=10 tests

@@ -60,6 +60,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart_data(args: argparse.Namespace) -> int:
+    from lorakit import quickstart
+
+    train_path, eval_path = quickstart.make_task(args.out, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
+    print(f"wrote {train_path} ({args.n_train} chats) and {eval_path} ({args.n_eval} held-out chats)")
+    return 0
+
+
+def cmd_quickstart_compare(args: argparse.Namespace) -> int:
+    from lorakit import config, quickstart
+
+    cfg = config.load(args.config, args.overrides)
+    quickstart.print_table(quickstart.compare(cfg, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
@@ -82,6 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true", help="delete an existing output_dir and start over")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     tr.set_defaults(func=cmd_train)
+
+    qs = sub.add_parser("quickstart", help="the generated text-to-SQL task behind `make quickstart`",
+                        description="Steps of `make quickstart`: `data` writes the task, `lorakit train "
+                        "configs/quickstart.yaml` trains, `compare` scores base vs adapter on held-out questions.")
+    qs_sub = qs.add_subparsers(dest="qs_command", metavar="SUBCOMMAND")
+    qd = qs_sub.add_parser("data", help="write the task's train.jsonl and eval.jsonl",
+                           description="Write a seeded text-to-SQL task: train and eval chats whose eval values "
+                           "(names, cities, departments, thresholds) never occur in train.")
+    qd.add_argument("out", nargs="?", default="runs/quickstart-data", help="folder (default runs/quickstart-data)")
+    qd.add_argument("--n-train", type=int, default=2000, help="training chats (default 2000)")
+    qd.add_argument("--n-eval", type=int, default=50, help="held-out chats (default 50)")
+    qd.add_argument("--seed", type=int, default=0, help="seed of the generator (default 0)")
+    qd.set_defaults(func=cmd_quickstart_data)
+    qc = qs_sub.add_parser("compare", help="exact match of base vs trained adapter, with sample answers",
+                           description="Generate answers to the run's held-out chats with the base model and "
+                           "with its adapter (one loaded base), print exact match and 3 samples side by side, "
+                           "and write output_dir/quickstart.json.")
+    _add_config_args(qc)
+    qc.add_argument("--max-new-tokens", type=int, default=48, help="answer length cap (default 48)")
+    qc.set_defaults(func=cmd_quickstart_compare)
 
     data_p = sub.add_parser("data", help="inspect a run's data set",
                             description="Inspect how a run's data becomes training tokens.")

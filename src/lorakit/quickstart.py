@@ -15,7 +15,11 @@ import os
 import random
 import re
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
 
 SYSTEM = (
     "Translate the question into one SQLite query on the table "
@@ -140,3 +144,66 @@ def normalize_sql(s: str) -> str:
 def exact_match(pred: str, ref: str) -> bool:
     """True when two queries are the same after `normalize_sql`."""
     return normalize_sql(pred) == normalize_sql(ref)
+
+
+def eval_chats(path: Path) -> tuple[list[list[dict]], list[str]]:
+    """Prompts (the chat without its answer) and reference answers of a chat JSONL file."""
+    chats, refs = [], []
+    for line in Path(path).read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        chats.append(messages[:-1])
+        refs.append(messages[-1]["content"])
+    return chats, refs
+
+
+def compare(cfg: Any, max_new_tokens: int = 48, batch_size: int = 16) -> dict:
+    """Exact match of the base model and of the run's adapter on the run's eval file.
+
+    Both answer from one loaded base: the adapter is switched off for the base's answers, so the
+    comparison costs no second copy of the model.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from lorakit import model as models
+    from lorakit.generate import generate
+
+    adapter_dir = Path(cfg.output_dir) / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise LorakitError(f"{adapter_dir}: no adapter yet; run `lorakit train {cfg.output_dir}` first "
+                           "(make quickstart does both)")
+    if not isinstance(cfg.data.eval, str):
+        raise LorakitError("quickstart compare needs data.eval to be a file of held-out chats")
+    chats, refs = eval_chats(Path(cfg.data.eval))
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # saved with the adapter: same chat template
+    net = PeftModel.from_pretrained(models.load_model(cfg.model), adapter_dir)
+    t0 = time.perf_counter()
+    with net.disable_adapter():
+        base = generate(net, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+    tuned = generate(net, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+    result = {
+        "examples": len(refs), "generation_s": round(time.perf_counter() - t0, 1),
+        "base_exact_match": sum(map(exact_match, base, refs)) / len(refs),
+        "adapter_exact_match": sum(map(exact_match, tuned, refs)) / len(refs),
+        "samples": [{"question": c[-1]["content"], "reference": r, "base": b, "adapter": a}
+                    for c, r, b, a in zip(chats, refs, base, tuned)],
+    }
+    out = Path(cfg.output_dir) / "quickstart.json"
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    return result
+
+
+def print_table(result: dict, n_samples: int = 3) -> None:
+    n = result["examples"]
+    print(f"\nheld-out questions: {n} (names, cities, departments and thresholds never seen in training)")
+    print(f"  {'model':<28}{'exact match':>14}")
+    for name, key in (("base SmolLM2-135M-Instruct", "base_exact_match"), ("+ lorakit LoRA adapter", "adapter_exact_match")):
+        print(f"  {name:<28}{result[key]:>8.1%} ({round(result[key] * n)}/{n})")
+    print()
+    for i, s in enumerate(result["samples"][:n_samples], 1):
+        print(f"[{i}] {s['question']}")
+        print(f"    reference  {s['reference']}")
+        for who in ("base", "adapter"):
+            mark = "✓" if exact_match(s[who], s["reference"]) else "✗"
+            text = " ".join(s[who].split())
+            print(f"    {who:<10} {mark} {text[:110]}{'…' if len(text) > 110 else ''}")

@@ -68,7 +68,8 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
                  else SCHEDULES[cfg.train.scheduler](optimizer, warmup, total_steps))
     net, optimizer = accelerator.prepare(net, optimizer)
     trainable, total_params = adapter.count_params(net)
-    state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0}
+    # elapsed: wall time of the loop; eval_s: the part spent evaluating, left out of tokens/s.
+    state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0}
     start = 0
     if resume and (ckpt := checkpoint.latest(out)):
         state = checkpoint.load(ckpt, accelerator.unwrap_model(net), optimizer, scheduler)
@@ -108,12 +109,14 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         state["elapsed"] = time.perf_counter() - t0
         train_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_target, 1)
         record = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                  "tokens_per_s": state["tokens"] * accelerator.num_processes / max(state["elapsed"], 1e-9)}
+                  "tokens_per_s": _throughput(state, accelerator.num_processes)}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if eval_rows and (step == total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+            t_eval = time.perf_counter()
             last_eval = record["eval_loss"] = evaluate(net, eval_examples, eval_rows, cfg.train.batch_size, pad,
                                                        use_positions, accelerator)
+            state["eval_s"] += time.perf_counter() - t_eval
         if accelerator.is_main_process and (step % cfg.train.log_every == 0 or "eval_loss" in record
                                             or step == total_steps):
             tracking.append(out / "metrics.jsonl", record)
@@ -140,7 +143,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         summary = {
             "steps": total_steps, "method": cfg.method, "tokens": state["tokens"] * accelerator.num_processes,
             "trained_tokens": state["trained_tokens"], "wall_time_s": round(state["elapsed"], 2),
-            "tokens_per_s": round(state["tokens"] * accelerator.num_processes / max(state["elapsed"], 1e-9), 1),
+            "tokens_per_s": round(_throughput(state, accelerator.num_processes), 1), "eval_s": round(state["eval_s"], 2),
             "peak_memory_mb": peak_memory_mb(), "final_train_loss": records[-1]["loss"] if records else None,
             "final_eval_loss": last_eval, "trainable_params": trainable, "total_params": total_params,
             "device": str(accelerator.device), "dtype": str(dtype).removeprefix("torch."),
@@ -265,6 +268,11 @@ def _rows(ds: Any, max_length: int, use_positions: bool) -> list[list[int]]:
         return []
     lengths = [len(x) for x in ds["input_ids"]]
     return packing.pack(lengths, max_length) if use_positions else packing.unpacked(len(lengths))
+
+
+def _throughput(state: dict, world: int) -> float:
+    """Input tokens per second of training (evaluation time excluded), over all ranks."""
+    return state["tokens"] * world / max(state["elapsed"] - state.get("eval_s", 0.0), 1e-9)
 
 
 def _examples(ds: Any) -> list[dict]:
