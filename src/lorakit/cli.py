@@ -76,6 +76,28 @@ def cmd_quickstart_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorakit import config, evaluate
+
+    cfg = config.load(args.config, args.overrides)
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LorakitError(f"--adapter '{item}' is not NAME=PATH (e.g. --adapter sql=runs/quickstart)")
+        adapters[name] = path
+    opts = evaluate.EvalOptions(
+        adapters=adapters, data=args.data, output=args.output, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, stop=args.stop,
+        normalize=[n for n in args.normalize.split(",") if n], metrics=args.metric, harness=args.harness,
+        limit=args.limit, force=args.force, overwrite=args.overwrite)
+    report = evaluate.run(cfg, opts)
+    evaluate.print_table(report)
+    out = args.output or f"{cfg.output_dir}/eval"
+    print(f"wrote {out}/eval.json and {out}/eval.html")
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
@@ -98,6 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true", help="delete an existing output_dir and start over")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser(
+        "eval", help="compare the base model and adapters on held-out data",
+        description="Run one held-out set through the base model and each adapter (one loaded base, peft "
+        "multi-adapter), compute loss/perplexity on the answers and generation metrics against the references, "
+        "print a table and write eval.json and eval.html.", epilog=config_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(ev)
+    ev.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                    help="an adapter folder or run folder to compare (repeatable; default: the run's own adapter)")
+    ev.add_argument("--data", help="held-out file (default: the config's data.eval)")
+    ev.add_argument("--output", help="output folder (default: output_dir/eval)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default 128)")
+    ev.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+    ev.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    ev.add_argument("--normalize", default="", help="exact-match normalizers, comma-separated: case, whitespace, sql")
+    ev.add_argument("--metric", action="append", default=[],
+                    help="metric to compute (repeatable): exact_match, contains, token_f1, rouge_l, bleu, chrf, "
+                    "or module:function for your own; default: all built-ins")
+    ev.add_argument("--harness", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated)")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    ev.add_argument("--force", action="store_true", help="accept adapters trained on a different base")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    ev.set_defaults(func=cmd_eval)
 
     qs = sub.add_parser("quickstart", help="the generated text-to-SQL task behind `make quickstart`",
                         description="Steps of `make quickstart`: `data` writes the task, `lorakit train "

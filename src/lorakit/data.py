@@ -69,8 +69,33 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> Prepared:
     return Prepared(train_ds, eval_ds, stats, False, path)
 
 
-def _convert(rows: sources.Rows, cfg: DataConfig) -> formats.Converted:
-    conv = formats.convert(rows.records, rows.where, cfg.format, cfg.template, cfg.system_prompt)
+def held_out(cfg: DataConfig, path: str | None = None) -> formats.Converted:
+    """Held-out examples as chats, for generation: `path`, else data.eval (a file, or the same
+    seeded fraction of train that `prepare` holds out). Rows without an answer are kept."""
+    if path is None and cfg.eval is None:
+        raise LorakitError("no held-out data: set data.eval (a file or a fraction) or pass --data FILE")
+    if path is not None or isinstance(cfg.eval, str):
+        rows = sources.read(path or cfg.eval, cfg.split)
+        _fill_missing_answers(rows.records)
+        return _convert(rows, cfg, keep_unanswered=True)
+    return _split(_convert(sources.read(cfg.train, cfg.split, cfg.limit), cfg), cfg.eval, cfg.seed)[1]
+
+
+def _fill_missing_answers(records: list[dict]) -> None:
+    # Prompt-only files (no reference answers) are valid for evaluation: give them empty answers so
+    # that format detection and conversion treat them like any other row.
+    for r in records:
+        if "prompt" in r and "completion" not in r:
+            r["completion"] = ""
+        elif "instruction" in r and not {"output", "response"} & r.keys():
+            r["output"] = ""
+        elif isinstance(r.get("messages"), list) and r["messages"] and isinstance(r["messages"][-1], dict) \
+                and r["messages"][-1].get("role") != "assistant":
+            r["messages"] = [*r["messages"], {"role": "assistant", "content": ""}]
+
+
+def _convert(rows: sources.Rows, cfg: DataConfig, keep_unanswered: bool = False) -> formats.Converted:
+    conv = formats.convert(rows.records, rows.where, cfg.format, cfg.template, cfg.system_prompt, keep_unanswered)
     if not conv.examples:
         reasons = ", ".join(f"{n} {why}" for why, n in conv.dropped.items())
         raise LorakitError(f"{rows.origin}: no usable rows left after filtering ({reasons}). Check that the "

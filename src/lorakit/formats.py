@@ -83,8 +83,12 @@ def parse_transcript(text: str) -> list[dict] | None:
 
 
 def convert(records: list[dict], where: list[str], fmt: str = "auto", template: TemplateConfig | None = None,
-            system_prompt: str | None = None) -> Converted:
-    """Convert all rows; malformed rows raise LorakitError naming the row, empty ones are dropped."""
+            system_prompt: str | None = None, keep_unanswered: bool = False) -> Converted:
+    """Convert all rows; malformed rows raise LorakitError naming the row, empty ones are dropped.
+
+    keep_unanswered: keep chats whose assistant answer is empty (evaluation of prompts without
+    references); training drops them, since they have nothing to learn from.
+    """
     if not records:
         raise LorakitError(f"no rows to read in {where[0] if where else 'the data source'}: the data set is empty")
     if fmt == "auto":
@@ -99,6 +103,10 @@ def convert(records: list[dict], where: list[str], fmt: str = "auto", template: 
             ex = convert_row(rec, loc)
         except Skip as reason:
             out.dropped[str(reason)] += 1
+            continue
+        if not keep_unanswered and "messages" in ex and not any(
+                m["role"] == "assistant" and m["content"].strip() for m in ex["messages"]):
+            out.dropped["no assistant answer"] += 1
             continue
         if system_prompt and "messages" in ex and ex["messages"][0]["role"] != "system":
             ex["messages"].insert(0, {"role": "system", "content": system_prompt})
@@ -150,8 +158,6 @@ def _chat(messages: list[dict], tools: Any = None) -> dict:
     first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     while first < len(messages) and messages[first]["role"] == "assistant":
         del messages[first]
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise Skip("no assistant answer")
     return {"messages": messages, "tools": tools}
 
 

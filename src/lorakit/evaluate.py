@@ -1,0 +1,234 @@
+"""`lorakit eval`: the base model and any number of adapters on one held-out set, side by side.
+
+All adapters are loaded into ONE copy of the base through peft's multi-adapter support; the base's
+own answers come from the same weights with adapters switched off. Memory is one base plus the
+adapters, however many adapters are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit import data, loss, metrics, model, packing, render
+from lorakit.config import RunConfig
+from lorakit.errors import LorakitError
+from lorakit.generate import generate
+
+BASE = "base"
+
+
+@dataclass
+class EvalOptions:
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter folder or run folder
+    data: str | None = None
+    output: str | None = None
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    normalize: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    harness: str | None = None
+    limit: int | None = None
+    force: bool = False
+    overwrite: bool = False
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """An adapter folder, or a run folder holding `adapter/`."""
+    p = Path(path)
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    if (p / "adapter_config.json").is_file():
+        return p
+    raise LorakitError(f"--adapter {path}: no adapter_config.json there (nor in {p / 'adapter'}); give an adapter "
+                       "folder or a run folder of `lorakit train`")
+
+
+def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
+    """Evaluate; write eval.json and eval.html into the output folder; return the eval.json content."""
+    out = _claim(Path(opts.output or Path(cfg.output_dir) / "eval"), opts.overwrite)
+    adapters = {name: adapter_dir(p) for name, p in (opts.adapters or _run_adapter(cfg)).items()}
+    builtin, user = metrics.resolve(opts.metrics)
+    conv = data.held_out(cfg.data, opts.data)
+    examples = conv.examples[: opts.limit] if opts.limit else conv.examples
+    if any("messages" not in ex for ex in examples):
+        raise LorakitError("eval compares answers to prompts, but this data is plain text (format text); "
+                           "give chats (prompt + answer) with --data, or a data.template that splits the text")
+    prompts = [_prompt(ex) for ex in examples]
+    refs = [_reference(ex) for ex in examples]
+    has_refs = all(r for r in refs)
+    tokenizer = _tokenizer(cfg, adapters)
+    net = load_models(cfg, adapters, opts.force)
+    encoded = [render.encode(tokenizer, ex, max_length=cfg.data.max_length) for ex in examples] if has_refs else []
+    results: dict[str, dict] = {}
+    outputs: dict[str, list[str]] = {}
+    for name in [BASE, *adapters]:
+        with active(net, name):
+            scores: dict[str, Any] = {}
+            if encoded:
+                nll = held_out_loss(net, encoded, tokenizer, opts.batch_size)
+                scores.update(loss=nll, perplexity=math.exp(min(nll, 50)))
+            outputs[name] = generate(net, tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
+                                     batch_size=opts.batch_size, temperature=opts.temperature, top_p=opts.top_p,
+                                     stop=opts.stop or None, seed=0 if opts.temperature else None, progress=True)
+        results[name] = scores
+    per_example: dict[str, list[dict]] = {}
+    if has_refs:
+        for name, preds in outputs.items():
+            totals, per_example[name] = metrics.score(preds, refs, builtin, user, opts.normalize)
+            results[name].update(totals)
+    if opts.harness:
+        for name, scores in harness(cfg, adapters, opts.harness).items():
+            results[name]["harness"] = scores
+    report = {
+        "models": results,
+        "examples": [{"id": i, "prompt": p, "reference": r or None,
+                      "outputs": {n: outputs[n][i] for n in outputs},
+                      "scores": {n: per_example[n][i] for n in per_example}}
+                     for i, (p, r) in enumerate(zip(prompts, refs))],
+        "settings": {"data": opts.data or cfg.data.eval, "adapters": {n: str(p) for n, p in adapters.items()},
+                     "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
+                     "normalize": opts.normalize, "base_model": cfg.model},
+        "note": None if has_refs else "some examples have no reference answer: generation only, metrics skipped",
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    from lorakit import report as html_report
+
+    html_report.write(out / "eval.html", report)
+    return report
+
+
+def load_models(cfg: RunConfig, adapters: dict[str, Path], force: bool) -> Any:
+    """One base model with every adapter attached under its own name (peft multi-adapter)."""
+    from peft import PeftModel
+
+    base = model.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if not adapters:
+        return base.eval()
+    expected = model.resolve(cfg.model).path
+    net = None
+    for name, path in adapters.items():
+        declared = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if declared and declared not in (cfg.model, expected) and not force:
+            raise LorakitError(f"adapter '{name}' ({path}) was trained on '{declared}', not on the base "
+                               f"'{cfg.model}'; its answers would be meaningless. Use the matching base, "
+                               "or --force if you know they are the same weights.")
+        if net is None:
+            net = PeftModel.from_pretrained(base, path, adapter_name=name)
+        else:
+            net.load_adapter(path, adapter_name=name)
+    return net.eval()
+
+
+@contextmanager
+def active(net: Any, name: str) -> Iterator[None]:
+    """Run the base (adapters switched off) or one named adapter."""
+    if not hasattr(net, "set_adapter"):
+        with nullcontext():
+            yield
+    elif name == BASE:
+        with net.disable_adapter():
+            yield
+    else:
+        net.set_adapter(name)
+        yield
+
+
+def held_out_loss(net: Any, encoded: list[render.Encoded], tokenizer: Any, batch_size: int) -> float:
+    """Mean negative log-likelihood per trained (answer) token."""
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [[{"input_ids": e.input_ids, "labels": e.labels}] for e in encoded]
+    with torch.no_grad():
+        for j in range(0, len(rows), batch_size):
+            batch = packing.collate(rows[j:j + batch_size], pad, use_position_ids=False)
+            s, n = loss.loss_sum(net, batch)
+            total, count = total + s.item(), count + n
+    return total / max(count, 1)
+
+
+def harness(cfg: RunConfig, adapters: dict[str, Path], tasks: str) -> dict[str, dict]:
+    """EleutherAI lm-evaluation-harness scores for the base and each adapter (its `peft=` argument)."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise LorakitError("--harness needs EleutherAI's lm-evaluation-harness: pip install 'lorakit[harness]' "
+                           "(or pip install lm-eval)") from None
+    base_path = model.resolve(cfg.model).path
+    out = {}
+    for name, path in {BASE: None, **adapters}.items():
+        args = f"pretrained={base_path}" + (f",peft={path}" if path else "")
+        res = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=tasks.split(","))
+        out[name] = {task: {k: v for k, v in vals.items() if isinstance(v, int | float)}
+                     for task, vals in res["results"].items()}
+    return out
+
+
+def print_table(report: dict) -> None:
+    models = report["models"]
+    keys = [k for k in next(iter(models.values())) if k != "harness"]
+    width = max(len(n) for n in models) + 2
+    print(f"{'model':<{width}}" + "".join(f"{k:>13}" for k in keys))
+    for name, vals in models.items():
+        print(f"{name:<{width}}" + "".join(f"{_fmt(k, vals.get(k)):>13}" for k in keys))
+    if report.get("note"):
+        print(f"note: {report['note']}")
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if key in ("exact_match", "contains", "token_f1", "rouge_l"):
+        return f"{v:.1%}"
+    return f"{v:.3f}" if key in ("loss", "perplexity") else f"{v:.1f}"
+
+
+def _tokenizer(cfg: RunConfig, adapters: dict[str, Path]) -> Any:
+    """The tokenizer saved with the first adapter (its exact chat template), else the base's."""
+    from transformers import AutoTokenizer
+
+    first = next(iter(adapters.values()), None)
+    if first is not None and (first / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(first)
+    else:
+        tokenizer = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    render.setup_template(tokenizer, cfg.data.chat_template)
+    return tokenizer
+
+
+def _prompt(ex: dict) -> list[dict]:
+    messages = ex["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return messages[:last]
+
+
+def _reference(ex: dict) -> str:
+    answers = [m["content"] for m in ex["messages"] if m["role"] == "assistant"]
+    return answers[-1] if answers else ""
+
+
+def _run_adapter(cfg: RunConfig) -> dict[str, Path]:
+    path = Path(cfg.output_dir) / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        return {}
+    return {Path(cfg.output_dir).name: path}
+
+
+def _claim(out: Path, overwrite: bool) -> Path:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise LorakitError(f"output folder {out} exists; pass --overwrite to replace it or --output another/folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out

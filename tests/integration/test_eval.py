@@ -1,0 +1,113 @@
+"""`lorakit eval`: base + two adapters on one base copy, eval.json shape, eval.html, bad inputs."""
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from lorakit import cli, config, evaluate
+from lorakit.errors import LorakitError
+
+
+def make_adapter(base_dir: Path, out: Path, r: int, targets: list[str], seed: int) -> Path:
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    # init_lora_weights=False: random B, so each adapter really changes the outputs.
+    net = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+    net.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama_dir):
+    tmp = tmp_path_factory.mktemp("eval")
+    rows = [{"prompt": f"name {i} colors", "completion": "red green blue"} for i in range(6)]
+    (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a = make_adapter(tiny_llama_dir, tmp / "a", 4, ["q_proj", "v_proj"], 1)
+    b = make_adapter(tiny_llama_dir, tmp / "b", 8, ["gate_proj", "up_proj", "down_proj"], 2)
+    cfg = config.validate({"model": str(tiny_llama_dir), "output_dir": str(tmp / "run"),
+                           "data": {"train": str(tmp / "eval.jsonl"), "eval": str(tmp / "eval.jsonl"),
+                                    "cache_dir": str(tmp / "c")}})
+    return tmp, cfg, {"a": str(a), "b": str(b)}
+
+
+def test_base_and_two_adapters_share_one_base(setup):
+    tmp, cfg, adapters = setup
+    net = evaluate.load_models(cfg, {n: Path(p) for n, p in adapters.items()}, force=False)
+    base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(cfg.model).parameters())
+    lora_params = sum(p.numel() for n, p in net.named_parameters() if "lora_" in n)
+    assert lora_params > 0
+    assert sum(p.numel() for p in net.parameters()) == base_params + lora_params, "one base copy, not one per adapter"
+    assert set(net.peft_config) == {"a", "b"}
+
+
+def test_eval_json_shape_metrics_and_html(setup):
+    tmp, cfg, adapters = setup
+    opts = evaluate.EvalOptions(adapters=adapters, output=str(tmp / "out"), max_new_tokens=6, batch_size=4)
+    report = evaluate.run(cfg, opts)
+    saved = json.loads((tmp / "out" / "eval.json").read_text())
+    assert saved["models"].keys() == {"base", "a", "b"}
+    for scores in saved["models"].values():
+        for key in ("loss", "perplexity", "exact_match", "contains", "token_f1", "rouge_l", "bleu", "chrf"):
+            assert key in scores
+        assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6)
+    assert len(saved["examples"]) == 6 and saved["examples"][0]["reference"] == "red green blue"
+    # The adapters have random B weights: their answers and losses differ from the base's.
+    assert saved["models"]["a"]["loss"] != saved["models"]["base"]["loss"]
+    assert any(ex["outputs"]["a"] != ex["outputs"]["base"] for ex in saved["examples"])
+    assert report == saved
+
+    class Examples(HTMLParser):
+        ids: list = []
+
+        def handle_starttag(self, tag, attrs):
+            d = dict(attrs)
+            if "data-example" in d:
+                self.ids.append(int(d["data-example"]))
+
+    parser = Examples()
+    parser.ids = []
+    parser.feed((tmp / "out" / "eval.html").read_text())
+    assert sorted(parser.ids) == list(range(6)), "every example appears exactly once"
+
+
+def test_generation_only_without_references(setup, capsys):
+    tmp, cfg, adapters = setup
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
+    opts = evaluate.EvalOptions(adapters=adapters, data=str(tmp / "prompts.jsonl"), output=str(tmp / "gen"),
+                                max_new_tokens=4)
+    report = evaluate.run(cfg, opts)
+    assert "metrics skipped" in report["note"]
+    assert all("exact_match" not in m for m in report["models"].values())
+    assert all(len(ex["outputs"]) == 3 and ex["reference"] is None for ex in report["examples"])
+
+
+def test_bad_inputs(setup, tmp_path, capsys):
+    tmp, cfg, adapters = setup
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.loads((Path(adapters["a"]) / "adapter_config.json").read_text())
+    meta["base_model_name_or_path"] = "someone/else"
+    (other / "adapter_config.json").write_text(json.dumps(meta))
+    (other / "adapter_model.safetensors").write_bytes((Path(adapters["a"]) / "adapter_model.safetensors").read_bytes())
+    base_args = ["eval", str(cfg_path), "--max-new-tokens", "2"]
+    cases = [
+        (["--adapter", f"x={other}", "--output", str(tmp_path / "o1")], "was trained on 'someone/else'"),
+        (["--adapter", f"a={adapters['a']}", "--metric", "accuracyy", "--output", str(tmp_path / "o2")], "--metric 'accuracyy' does not exist"),
+        (["--adapter", "nameonly"], "is not NAME=PATH"),
+        (["--adapter", f"a={tmp_path}"], "no adapter_config.json"),
+    ]
+    for extra, fragment in cases:
+        assert cli.main(base_args + extra) == 2, fragment
+        err = capsys.readouterr().err
+        assert "error: " in err and fragment in err and "Traceback" not in err, err
+    assert cli.main(base_args + ["--adapter", f"x={other}", "--force", "--output", str(tmp_path / "o3")]) == 0
+    assert cli.main(base_args + ["--adapter", f"x={other}", "--force", "--output", str(tmp_path / "o3")]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
