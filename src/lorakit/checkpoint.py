@@ -32,9 +32,16 @@ RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "sav
 
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; on success it replaces `path` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    """Yield a temp folder beside `path`; on success it replaces `path` in one rename.
+
+    A failed write (disk full, permissions) removes the temp folder, keeps what `path` held, and
+    becomes one LorakitError naming the folder.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         yield tmp
         if path.exists():
@@ -44,9 +51,18 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(path, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_error(path: Path, e: OSError) -> LorakitError:
+    return LorakitError(f"could not write {path}: {e.strerror or e}. Nothing half-written was left there. "
+                        "Free disk space or fix permissions, then run again (`lorakit train ... --resume` "
+                        "continues a training run from its last checkpoint).")
 
 
 def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:

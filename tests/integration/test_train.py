@@ -214,3 +214,34 @@ def test_qlora_without_bitsandbytes(tmp_path, arch_dirs, monkeypatch):
     cfg = make_config(tmp_path, arch_dirs["llama"], method="qlora")
     with pytest.raises(LorakitError, match="pip install bitsandbytes"):
         train.run(cfg, progress=False)
+
+
+def test_disk_full_while_saving_leaves_nothing_half_written(tmp_path, arch_dirs, monkeypatch):
+    import errno
+
+    from peft import PeftModel as _PeftModel
+
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.max_steps": 2})
+
+    def full_disk(self, path, *a, **k):
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_PeftModel, "save_pretrained", full_disk)
+    with pytest.raises(LorakitError, match=r"could not write .*adapter: No space left on device\. Nothing half-written"):
+        train.run(cfg, progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".adapter")], "temp folder removed"
+
+
+@pytest.mark.parametrize("variant", [{"adapter.use_dora": True}, {"adapter.use_rslora": True, "train.gradient_checkpointing": True},
+                                     {"adapter.modules_to_save": ["lm_head"], "train.scheduler": "linear", "train.warmup_steps": 2}],
+                         ids=["dora", "rslora+checkpointing", "modules_to_save"])
+def test_lora_variants_train_and_save_their_config(tmp_path, arch_dirs, variant):
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.max_steps": 6, **variant})
+    train.run(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"]
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] == cfg.adapter.use_dora and saved["use_rslora"] == cfg.adapter.use_rslora
+    assert (saved["modules_to_save"] or None) == cfg.adapter.modules_to_save
