@@ -72,7 +72,13 @@ def test_csv_row_with_extra_cells(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_message(monkeypatch):
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read the variables once, at import: patch the values they already hold.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(LorakitError, match="could not load dataset 'someorg/somedata'.*offline.*local file"):
         sources.read("someorg/somedata")
