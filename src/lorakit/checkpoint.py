@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from lorakit import config
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 
@@ -40,6 +42,10 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        # mkdtemp makes the folder private (0700); the result should have the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
     except OSError as e:
         raise _write_error(path, e) from None
     try:
@@ -72,7 +78,7 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     config (only the run length and logging cadence may change).
     """
     out = Path(cfg.output_dir)
-    saved = out / "config.json"
+    saved = out / "config.yaml"  # also the resolved config that later stages read
     try:
         if overwrite and out.exists():
             shutil.rmtree(out)
@@ -86,7 +92,7 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     # A run that failed during setup (bad model path, bad targets) left only its config: reusable.
     has_results = any((out / name).exists() for name in (CHECKPOINTS, "adapter", "model", "metrics.jsonl"))
     if saved.is_file() and has_results:
-        before = json.loads(saved.read_text())
+        before = yaml.safe_load(saved.read_text())
         now = cfg.model_dump(mode="json")
         diff = sorted(_diff(before, now) - RESUMABLE_CHANGES) if resume else None
         if not resume:
@@ -98,7 +104,7 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
                                "resume it with its own config, or use --overwrite / another output_dir.")
     elif resume and not latest(out):
         raise LorakitError(f"--resume: {out} has no checkpoint to resume from; run without --resume.")
-    write_json(saved, cfg.model_dump(mode="json"))
+    config.dump(cfg, saved)
     return out
 
 

@@ -80,12 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit import config, evaluate
 
     cfg = config.load(args.config, args.overrides)
-    adapters = {}
-    for item in args.adapter:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise LorakitError(f"--adapter '{item}' is not NAME=PATH (e.g. --adapter sql=runs/quickstart)")
-        adapters[name] = path
+    adapters = _pairs(args.adapter, "--adapter")
     opts = evaluate.EvalOptions(
         adapters=adapters, data=args.data, output=args.output, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, stop=args.stop,
@@ -96,6 +91,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = args.output or f"{cfg.output_dir}/eval"
     print(f"wrote {out}/eval.json and {out}/eval.html")
     return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorakit import merge
+
+    report = merge.merge(args.adapter, args.out, base=args.base, dtype=args.dtype, force=args.force,
+                         qlora=True if args.qlora else None)
+    print(f"merged into {args.out} ({args.dtype}); parity: max |logit diff| {report['max_abs_logit_diff']:.4g} "
+          f"<= tolerance {report['tolerance']:.4g} ({report['relative_tolerance']} × max |logit| "
+          f"{report['logit_scale']:.3g}), top-1 agreement {report['top1_agreement']:.1%} on {report['positions']} positions")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lorakit import export, merge
+
+    source = Path(args.source)
+    if args.format == "vllm":
+        adapters = _pairs(args.adapter, "--adapter")
+        base = args.source
+        if not adapters:  # a run or adapter folder: serve its own adapter on its own base
+            adir, run_cfg = merge.source(source)
+            adapters = {source.name: adir}
+            base = args.base or (run_cfg.model if run_cfg else json_base(adir))
+        print(export.vllm_command(base, {n: Path(p) for n, p in adapters.items()}))
+        return 0
+    model_dir = source
+    if not (source / "config.json").is_file():  # an adapter or run folder: merge it first
+        model_dir = Path(args.out) / "merged"
+        report = merge.merge(source, model_dir, base=args.base, dtype="fp32", force=args.force)
+        print(f"merged {source} into {model_dir} (parity max |logit diff| {report['max_abs_logit_diff']:.3g})")
+    result = export.export_gguf(model_dir, args.out, outtype=args.outtype, pre=args.pre)
+    print(f"wrote {result['gguf']} and {result['modelfile']}; read back with transformers: max |logit diff| "
+          f"{result['max_abs_logit_diff']:.3g} <= tolerance {result['tolerance']:.3g}")
+    return 0
+
+
+def json_base(adapter_dir: Any) -> str:
+    import json
+
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LorakitError(f"{flag} '{item}' is not NAME=PATH (e.g. {flag} sql=runs/quickstart)")
+        out[name] = path
+    return out
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -146,6 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--force", action="store_true", help="accept adapters trained on a different base")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     ev.set_defaults(func=cmd_eval)
+
+    mg = sub.add_parser(
+        "merge", help="merge a LoRA adapter into its base and check logit parity",
+        description="Merge a LoRA (or QLoRA: into the dequantized 4-bit base) adapter into a copy of its base, "
+        "save an HF model folder with tokenizer, chat template and stop tokens, and check that its logits match "
+        "base+adapter within a printed tolerance (nothing is written if they do not).")
+    mg.add_argument("adapter", help="adapter folder, or a run folder of `lorakit train`")
+    mg.add_argument("out", help="new model folder (must not exist)")
+    mg.add_argument("--base", help="base model (default: the run's model, else the adapter's base_model_name_or_path)")
+    mg.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                    help="dtype of the saved weights (default bf16; the merge itself runs in fp32)")
+    mg.add_argument("--qlora", action="store_true", help="the adapter was trained on a 4-bit base (detected for run folders)")
+    mg.add_argument("--force", action="store_true", help="accept an adapter whose recorded base differs from --base")
+    mg.set_defaults(func=cmd_merge)
+
+    ex = sub.add_parser(
+        "export", help="export for other runtimes: GGUF (+ Ollama Modelfile) or a vLLM command line",
+        description="--format gguf: write a GGUF of a merged model (an adapter or run folder is merged first), "
+        "read it back with transformers and check logits, and write an Ollama Modelfile beside it. "
+        "--format vllm: print the `vllm serve ... --enable-lora --lora-modules ...` command for the adapters, "
+        "after checking that vLLM accepts their ranks and target modules.")
+    ex.add_argument("source", help="gguf: a model folder, adapter folder or run folder; vllm: the base model, "
+                    "or a run/adapter folder")
+    ex.add_argument("out", nargs="?", default="export", help="gguf: output folder (default ./export)")
+    ex.add_argument("--format", choices=["gguf", "vllm"], required=True, help="what to export")
+    ex.add_argument("--outtype", choices=["f32", "f16"], default="f16", help="GGUF weight type (default f16)")
+    ex.add_argument("--pre", help="llama.cpp pre-tokenizer name written in the GGUF (default: guessed)")
+    ex.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="vllm: an adapter (repeatable)")
+    ex.add_argument("--base", help="base model, when it cannot be read from the run folder")
+    ex.add_argument("--force", action="store_true", help="accept an adapter whose recorded base differs")
+    ex.set_defaults(func=cmd_export)
 
     qs = sub.add_parser("quickstart", help="the generated text-to-SQL task behind `make quickstart`",
                         description="Steps of `make quickstart`: `data` writes the task, `lorakit train "

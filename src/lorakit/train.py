@@ -44,8 +44,7 @@ class Result:
 def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Result:
     """Train one run; the adapter (or model), metrics, plot and summary land in output_dir."""
     # ---- setup ----
-    out = checkpoint.claim_output_dir(cfg, resume, overwrite)
-    config.dump(cfg, out / "config.yaml")
+    out = checkpoint.claim_output_dir(cfg, resume, overwrite)  # also writes out/config.yaml
     tracking.check_trackers(cfg.track)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = model.pick_dtype(cfg.train.precision, device)
