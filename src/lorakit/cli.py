@@ -130,6 +130,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorakit import serve
+
+    opts = serve.ServeOptions(
+        model=args.model, served_model_name=args.served_model_name, adapters=_pairs(args.adapter, "--adapter"),
+        adapters_dir=args.adapters_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"),
+        max_adapters=args.max_adapters, max_batch=args.max_batch, batching=args.batching == "on", watch=args.watch,
+        max_tokens_limit=args.max_tokens_limit, engine=args.engine)
+    return serve.run(opts)
+
+
 def json_base(adapter_dir: Any) -> str:
     import json
 
@@ -225,6 +236,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--base", help="base model, when it cannot be read from the run folder")
     ex.add_argument("--force", action="store_true", help="accept an adapter whose recorded base differs")
     ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser(
+        "serve", help="serve a base model and its adapters behind an OpenAI-compatible API",
+        description="One base model, many LoRA adapters: /v1/chat/completions, /v1/completions (streaming), "
+        "/v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics. The request's `model` "
+        "picks the adapter; concurrent requests of different adapters share one batch.")
+    sv.add_argument("--model", required=True, help="base model (as in `lorakit train`), or a run config YAML "
+                    "(its model, plus its trained adapter)")
+    sv.add_argument("--served-model-name", help="name of the base in the API (default: --model)")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter (repeatable)")
+    sv.add_argument("--adapters-dir", help="folder whose subfolders are adapters; the load endpoint only reads here")
+    sv.add_argument("--watch", action="store_true", help="load new or changed adapters of --adapters-dir "
+                    "without a restart (SIGHUP forces a rescan)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--api-key", help="require Authorization: Bearer KEY on all but /health (or $LORAKIT_API_KEY)")
+    sv.add_argument("--max-adapters", type=int, help="keep at most N adapters loaded (least recently used go)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    sv.add_argument("--batching", choices=["on", "off"], default="on", help="off: one request at a time")
+    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    sv.add_argument("--engine", choices=["lorakit", "vllm"], default="lorakit",
+                    help="vllm: exec vLLM's OpenAI server with the same model and adapters (GPU machines)")
+    sv.set_defaults(func=cmd_serve)
 
     qs = sub.add_parser("quickstart", help="the generated text-to-SQL task behind `make quickstart`",
                         description="Steps of `make quickstart`: `data` writes the task, `lorakit train "
