@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,3 +69,14 @@ def count_params(model: Any) -> tuple[int, int]:
 
 def is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """An adapter folder, or a run folder holding `adapter/`."""
+    p = Path(path)
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    if (p / "adapter_config.json").is_file():
+        return p
+    raise LorakitError(f"--adapter {path}: no adapter_config.json there (nor in {p / 'adapter'}); give an adapter "
+                       "folder or a run folder of `lorakit train`")

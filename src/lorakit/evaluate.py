@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lorakit import data, loss, metrics, model, packing, render
+from lorakit.adapter import adapter_dir
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.generate import generate
@@ -42,17 +43,6 @@ class EvalOptions:
     limit: int | None = None
     force: bool = False
     overwrite: bool = False
-
-
-def adapter_dir(path: str | Path) -> Path:
-    """An adapter folder, or a run folder holding `adapter/`."""
-    p = Path(path)
-    if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        return p
-    raise LorakitError(f"--adapter {path}: no adapter_config.json there (nor in {p / 'adapter'}); give an adapter "
-                       "folder or a run folder of `lorakit train`")
 
 
 def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:

@@ -33,7 +33,7 @@ PARITY_PROMPTS = [
 
 def source(adapter_path: str | Path) -> tuple[Path, Any]:
     """The adapter folder and, when it comes from `lorakit train`, its run config (else None)."""
-    from lorakit.evaluate import adapter_dir
+    from lorakit.adapter import adapter_dir
 
     adir = adapter_dir(adapter_path)
     run_config = adir.parent / "config.yaml"

@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from lorakit import adapter, checkpoint, config, data, loss, model, packing, tracking
+from lorakit import adapter, checkpoint, data, loss, model, packing, tracking
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.render import IGNORE

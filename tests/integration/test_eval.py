@@ -11,7 +11,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lorakit import cli, config, evaluate
-from lorakit.errors import LorakitError
 
 
 def make_adapter(base_dir: Path, out: Path, r: int, targets: list[str], seed: int) -> Path:

@@ -1,7 +1,6 @@
 """`lorakit serve` in process, driven by the official openai client (no ports, no sleeps)."""
 
 import asyncio
-import json
 import os
 import shutil
 from pathlib import Path

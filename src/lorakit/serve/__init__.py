@@ -56,6 +56,7 @@ def resolve_model(opts: ServeOptions) -> ServeOptions:
 
 def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
     from lorakit import model
+    from lorakit.adapter import adapter_dir
     from lorakit.serve.app import create_app
     from lorakit.serve.serving import Serving
 
@@ -70,7 +71,7 @@ def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
     confined, serving.registry.allowed_dir = serving.registry.allowed_dir, None
     for name, path in opts.adapters.items():
         try:
-            serving.registry.load(name, path)
+            serving.registry.load(name, adapter_dir(path))  # a run folder stands for its adapter/
         except (ValueError, OSError) as e:
             raise LorakitError(f"--adapter {name}={path}: {e}") from None
     serving.registry.allowed_dir = confined
@@ -102,9 +103,10 @@ def watch(serving, folder: Path, interval_s: float) -> threading.Event:
 def vllm_command(opts: ServeOptions) -> list[str]:
     """The vLLM OpenAI server with the same base, adapters, name, host, port and key."""
     from lorakit import export, model
+    from lorakit.adapter import adapter_dir
 
     opts = resolve_model(opts)
-    adapters = {n: Path(p) for n, p in opts.adapters.items()}
+    adapters = {n: adapter_dir(p) for n, p in opts.adapters.items()}
     if opts.adapters_dir:
         adapters |= {d.name: d for d in sorted(Path(opts.adapters_dir).iterdir()) if (d / "adapter_config.json").is_file()}
     if adapters:

@@ -1,0 +1,89 @@
+"""Load test of `lorakit serve`: N requests from C concurrent clients over K adapters, as JSON.
+
+    python bench/serve_load.py --model smollm2-135m-instruct --adapter sql=runs/quickstart \\
+        --adapter sql2=runs/qs2 --requests 16 --concurrency 4 --max-tokens 32 --batching on
+
+The app runs in this process behind httpx's ASGI transport (no network in the way), so the numbers are
+the serving stack and the model: requests/s, completion tokens/s, p50/p99 latency, errors. Compare
+`--batching on` (mixed-adapter batches) with `--batching off` (one request at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+
+import httpx
+
+from lorakit import serve
+from lorakit.errors import LorakitError
+
+QUESTIONS = ["Who works in Lisbon?", "How many employees work in Sales?", "What is Nora's salary?",
+             "Which employees in Oslo earn more than 52000?", "Who earns more than 87000?",
+             "What is the average salary in Finance?", "Which department is Emma in?", "Who works in Legal?"]
+
+
+async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> tuple[float, int, bool]:
+    t0 = time.perf_counter()
+    r = await client.post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0})
+    ok = r.status_code == 200
+    return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"] if ok else 0, ok
+
+
+async def load(app, models: list[str], n: int, concurrency: int, max_tokens: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    transport = httpx.ASGITransport(app=app)
+
+    async def limited(i: int, client: httpx.AsyncClient):
+        async with sem:
+            return await one(client, models[i % len(models)], QUESTIONS[i % len(QUESTIONS)], max_tokens)
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as client:
+        await one(client, models[0], QUESTIONS[0], 4)  # warm-up
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(limited(i, client) for i in range(n)))
+        wall = time.perf_counter() - t0
+    latencies = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {"requests": n, "concurrency": concurrency, "models": models, "wall_s": round(wall, 2),
+            "requests_per_s": round(n / wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "p50_latency_s": round(statistics.median(latencies), 3),
+            "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+            "errors": sum(not r[2] for r in results), "completion_tokens": tokens}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="adapter (repeatable)")
+    p.add_argument("--requests", type=int, default=16, help="total requests")
+    p.add_argument("--concurrency", type=int, default=4, help="concurrent clients")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
+    p.add_argument("--batching", choices=["on", "off", "both"], default="both", help="server batching mode(s)")
+    p.add_argument("--max-batch", type=int, default=8, help="batch size cap when batching")
+    args = p.parse_args()
+    adapters = dict(a.split("=", 1) for a in args.adapter)
+    out = {}
+    try:
+        for mode in (["on", "off"] if args.batching == "both" else [args.batching]):
+            opts = serve.ServeOptions(model=args.model, served_model_name="base", adapters=adapters,
+                                      batching=mode == "on", max_batch=args.max_batch)
+            app, serving = serve.build(opts)
+            models = list(adapters) or ["base"]
+            out[f"batching_{mode}"] = asyncio.run(load(app, models, args.requests, args.concurrency, args.max_tokens))
+            out[f"batching_{mode}"]["engine_batches"] = serving.engine.batches
+            serving.engine.close()
+    except LorakitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
