@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import huggingface_hub.constants
-import numpy as np
 import peft
 import pytest
 import torch
@@ -19,58 +18,12 @@ from tiny import tiny_model, tiny_tokenizer
 
 
 def write_tiny_gguf(path: Path) -> tuple[Path, torch.nn.Module]:
-    """A tiny llama as an F32 GGUF, written the way llama.cpp's converter does; returns (file, model)."""
-    import gguf
+    """A tiny llama as an F32 GGUF, written by lorakit's exporter (llama.cpp's layout); returns (file, model)."""
+    from lorakit import export
 
     tok = tiny_tokenizer("chatml")
     model = tiny_model("llama", tok)
-    cfg = model.config
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_vocab_size(cfg.vocab_size)
-    backend = json.loads(tok.backend_tokenizer.to_str())
-    tokens = [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in tok.all_special_tokens else 1 for t in tokens])  # 3: control
-    w.add_token_merges([" ".join(m) for m in backend["model"]["merges"]])
-    w.add_bos_token_id(tok.bos_token_id)
-    w.add_eos_token_id(tok.eos_token_id)
-    w.add_pad_token_id(tok.pad_token_id)
-    w.add_add_bos_token(False)
-    w.add_chat_template(tok.chat_template)
-
-    def rope_permute(t: torch.Tensor, heads: int) -> torch.Tensor:
-        # llama.cpp interleaves the rotary halves of q and k; transformers undoes this on load.
-        return t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
-
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    tensors = {"token_embd.weight": model.model.embed_tokens.weight, "output_norm.weight": model.model.norm.weight,
-               "output.weight": model.lm_head.weight}
-    for i, layer in enumerate(model.model.layers):
-        for hf, gg in names.items():
-            t = layer.get_submodule(hf).weight
-            if hf.endswith("q_proj"):
-                t = rope_permute(t, cfg.num_attention_heads)
-            elif hf.endswith("k_proj"):
-                t = rope_permute(t, cfg.num_key_value_heads)
-            tensors[f"blk.{i}.{gg}.weight"] = t
-    for name, t in tensors.items():
-        w.add_tensor(name, t.detach().numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    export.write_gguf(model, tok, path, "f32")
     return path, model
 
 
