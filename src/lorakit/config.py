@@ -69,8 +69,8 @@ class DataConfig(_Strict):
         "auto", description="'auto' uses the tokenizer's template, else a fallback (chatml, alpaca, "
         "llama2, zephyr) that is also forced when named here.")
     system_prompt: str | None = Field(None, description="System turn added to chats that have none.")
-    cache_dir: str | None = Field(None, description="Tokenization cache (default ~/.cache/lorakit/tokenized "
-                                  "or $LORAKIT_CACHE).")
+    cache_dir: str | None = Field(None, description="Tokenization cache (default $LORAKIT_HOME/tokenized, "
+                                  "LORAKIT_HOME defaulting to ~/.cache/lorakit).")
     num_proc: int | None = Field(None, ge=1, description="Tokenizer processes (default: 1 for small sets, "
                                  "all cores for large ones).")
     seed: int = Field(0, description="Seed of the eval-fraction split.")

@@ -20,7 +20,7 @@ from typing import Any
 
 import datasets
 
-from lorakit import formats, render, sources
+from lorakit import formats, model, render, sources
 from lorakit.config import DataConfig
 from lorakit.errors import LorakitError
 
@@ -38,17 +38,13 @@ class Prepared:
     cache_path: Path | None = None
 
 
-def lorakit_home() -> Path:
-    return Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit")).expanduser()
-
-
 def prepare(cfg: DataConfig, tokenizer: Any) -> Prepared:
     """Load, convert, split, tokenize and mask the data set of one run (cached)."""
     template_name = render.setup_template(tokenizer, cfg.chat_template)
     train_rows = sources.read(cfg.train, cfg.split, cfg.limit)
     eval_rows = sources.read(cfg.eval, cfg.split) if isinstance(cfg.eval, str) else None
     key = _cache_key(cfg, tokenizer, train_rows, eval_rows)
-    folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else lorakit_home() / "tokenized"
+    folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else model.lorakit_home() / "tokenized"
     path = folder / key
     if (path / "stats.json").is_file():
         stats = json.loads((path / "stats.json").read_text())
