@@ -207,3 +207,18 @@ def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
     monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
     assert cli.main(["serve", "--model", str(base), "--adapter", f"b={tmp / 'adapters' / 'b'}", "--engine", "vllm"]) == 2
     assert "needs vLLM" in capsys.readouterr().err
+
+
+def test_watcher_picks_up_a_training_run_folder(world, tmp_path):
+    tmp, base = world
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    _, serving = serve.build(serve.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(runs)))
+    watcher = serve.watch(serving, runs, interval_s=3600)  # only the wake event triggers a scan here
+    make_adapter(base, runs / "sql" / "adapter", 8, ["q_proj", "v_proj"], 7)  # what `lorakit train` writes
+    watcher.wake.set()  # what SIGHUP does
+    assert watcher.scanned.wait(timeout=60)
+    assert "sql" in serving.registry.active and serving.registry.active["sql"].path == (runs / "sql" / "adapter").resolve()
+    req = p.ChatCompletionRequest(model="sql", messages=MSGS, max_tokens=6, temperature=0)
+    out = asyncio.run(serving.complete(req, [serving.chat_prompt(req)], chat=True))
+    assert out["choices"][0]["message"]["content"] == offline(base, runs / "sql" / "adapter", 6)

@@ -82,22 +82,29 @@ def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
     return create_app(serving, opts.api_key, opts.max_body_bytes), serving
 
 
-def watch(serving, folder: Path, interval_s: float) -> threading.Event:
-    """Rescan `folder` every interval, or at once when the returned event is set (SIGHUP sets it)."""
-    wake = threading.Event()
+@dataclass
+class Watcher:
+    wake: threading.Event  # set it (SIGHUP does) to rescan now
+    scanned: threading.Event  # set after each scan
+
+
+def watch(serving, folder: Path, interval_s: float) -> Watcher:
+    """Rescan `folder` every interval, or at once when `wake` is set."""
+    w = Watcher(threading.Event(), threading.Event())
 
     def loop() -> None:
         while True:
-            wake.wait(interval_s)
-            wake.clear()
+            w.wake.wait(interval_s)
+            w.wake.clear()
             try:
                 for name in serving.registry.scan(folder):
                     log.info("loaded new version of adapter %s", name)
             except OSError as e:
                 log.error("scanning %s failed: %s", folder, e)
+            w.scanned.set()
 
     threading.Thread(target=loop, name="lorakit-watch", daemon=True).start()
-    return wake
+    return w
 
 
 def vllm_command(opts: ServeOptions) -> list[str]:
@@ -134,8 +141,8 @@ def run(opts: ServeOptions) -> int:
     if opts.watch:
         if not opts.adapters_dir:
             raise LorakitError("--watch needs --adapters-dir: the folder to watch for new adapter versions")
-        wake = watch(serving, Path(opts.adapters_dir), opts.watch_interval_s)
-        signal.signal(signal.SIGHUP, lambda *_: wake.set())
+        watcher = watch(serving, Path(opts.adapters_dir), opts.watch_interval_s)
+        signal.signal(signal.SIGHUP, lambda *_: watcher.wake.set())
     print(f"serving {serving.served_name} with adapters {list(serving.registry.active)} on "
           f"http://{opts.host}:{opts.port}/v1", flush=True)
     uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")

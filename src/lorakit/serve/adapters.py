@@ -157,19 +157,22 @@ class Registry:
     def scan(self, folder: Path) -> list[str]:
         """Load new or changed adapters of `folder` (each subfolder with adapter_config.json); returns names."""
         changed = []
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for run in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            # A subfolder is an adapter, or a `lorakit train` run folder whose adapter/ is republished
+            # atomically after every run: `--adapters-dir runs/` serves what training writes.
+            sub = run / "adapter" if (run / "adapter" / "adapter_config.json").is_file() else run
             if not (sub / "adapter_config.json").is_file():
                 continue
-            current = self.active.get(sub.name)
+            current = self.active.get(run.name)
             if current is not None and current.fingerprint == fingerprint(sub.resolve()):
                 continue
-            if self.errors.get(sub.name, "").startswith(f"[{fingerprint(sub)}]"):
+            if self.errors.get(run.name, "").startswith(f"[{fingerprint(sub)}]"):
                 continue  # the same broken files: do not retry on every scan
             try:
-                self.load(sub.name, sub)
-                changed.append(sub.name)
+                self.load(run.name, sub)
+                changed.append(run.name)
             except (ValueError, OSError, PermissionError) as e:
-                self.errors[sub.name] = f"[{fingerprint(sub)}] {e}"
+                self.errors[run.name] = f"[{fingerprint(sub)}] {e}"
         return changed
 
     def describe(self) -> dict[str, dict]:
