@@ -97,35 +97,37 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     report = merge.merge(args.adapter, args.out, base=args.base, dtype=args.dtype, force=args.force,
                          qlora=True if args.qlora else None)
-    print(f"merged into {args.out} ({args.dtype}); parity: max |logit diff| {report['max_abs_logit_diff']:.4g} "
-          f"<= tolerance {report['tolerance']:.4g} ({report['relative_tolerance']} × max |logit| "
-          f"{report['logit_scale']:.3g}), top-1 agreement {report['top1_agreement']:.1%} on {report['positions']} positions")
+    print(f"merged {'QLoRA (into the dequantized 4-bit base)' if report['qlora'] else 'LoRA'} into {args.out} "
+          f"({report['dtype']}), eos_token_id {report['eos_token_id']}")
+    checks = [("base+adapter", report)] + ([("4-bit base+adapter", report["vs_4bit"])] if "vs_4bit" in report else [])
+    for what, r in checks:
+        print(f"parity vs {what}: max |logit diff| {r['max_abs_logit_diff']:.4g} <= tolerance {r['tolerance']:.4g} "
+              f"({r['relative_tolerance']} x max |logit| {r['logit_scale']:.3g}), top-1 agreement "
+              f"{r['top1_agreement']:.1%} on {r['positions']} positions ({report['prompts']} prompts)")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from lorakit import export
 
-    from lorakit import export, merge
-
-    source = Path(args.source)
     if args.format == "vllm":
-        adapters = _pairs(args.adapter, "--adapter")
-        base = args.source
-        if not adapters:  # a run or adapter folder: serve its own adapter on its own base
-            adir, run_cfg = merge.source(source)
-            adapters = {source.name: adir}
-            base = args.base or (run_cfg.model if run_cfg else json_base(adir))
-        print(export.vllm_command(base, {n: Path(p) for n, p in adapters.items()}))
+        command, warnings = export.vllm_for(args.source, _pairs(args.adapter, "--adapter"), base=args.base,
+                                            force=args.force)
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(command)
         return 0
-    model_dir = source
-    if not (source / "config.json").is_file():  # an adapter or run folder: merge it first
-        model_dir = Path(args.out) / "merged"
-        report = merge.merge(source, model_dir, base=args.base, dtype="fp32", force=args.force)
-        print(f"merged {source} into {model_dir} (parity max |logit diff| {report['max_abs_logit_diff']:.3g})")
-    result = export.export_gguf(model_dir, args.out, outtype=args.outtype, pre=args.pre)
-    print(f"wrote {result['gguf']} and {result['modelfile']}; read back with transformers: max |logit diff| "
-          f"{result['max_abs_logit_diff']:.3g} <= tolerance {result['tolerance']:.3g}")
+    result = export.gguf_for(args.source, args.out, outtype=args.outtype, pre=args.pre, base=args.base, force=args.force)
+    if result["merged"]:
+        m = result["merged"]
+        print(f"merged {args.source} into {args.out}/merged (fp32; parity max |logit diff| "
+              f"{m['max_abs_logit_diff']:.3g} <= tolerance {m['tolerance']:.3g})")
+    print(f"wrote {result['gguf']} ({result['outtype']}); read back with transformers: tokenizer identical, "
+          f"max |logit diff| {result['max_abs_logit_diff']:.3g} <= tolerance {result['tolerance']:.3g} "
+          f"({result['relative_tolerance']} x max |logit|, {result['positions']} positions)")
+    print(f"wrote {result['modelfile']} (ollama create NAME -f {result['modelfile']})")
+    if result["modelfile_warning"]:
+        print(f"warning: {result['modelfile_warning']}", file=sys.stderr)
     return 0
 
 
@@ -213,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("adapter", help="adapter folder, or a run folder of `lorakit train`")
     mg.add_argument("out", help="new model folder (must not exist)")
     mg.add_argument("--base", help="base model (default: the run's model, else the adapter's base_model_name_or_path)")
-    mg.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
-                    help="dtype of the saved weights (default bf16; the merge itself runs in fp32)")
+    mg.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                    help="dtype of the saved weights; auto = the base's own if 16-bit, else bf16 (the merge itself "
+                    "runs in fp32; fp32 keeps it exact)")
     mg.add_argument("--qlora", action="store_true", help="the adapter was trained on a 4-bit base (detected for run folders)")
     mg.add_argument("--force", action="store_true", help="accept an adapter whose recorded base differs from --base")
     mg.set_defaults(func=cmd_merge)
@@ -225,14 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
         "read it back with transformers and check logits, and write an Ollama Modelfile beside it. "
         "--format vllm: print the `vllm serve ... --enable-lora --lora-modules ...` command for the adapters, "
         "after checking that vLLM accepts their ranks and target modules.")
-    ex.add_argument("source", help="gguf: a model folder, adapter folder or run folder; vllm: the base model, "
-                    "or a run/adapter folder")
+    ex.add_argument("source", help="gguf: a model folder, adapter folder or run folder; vllm: a run/adapter "
+                    "folder (served under its folder's name), or the base model for --adapter")
     ex.add_argument("out", nargs="?", default="export", help="gguf: output folder (default ./export)")
     ex.add_argument("--format", choices=["gguf", "vllm"], required=True, help="what to export")
     ex.add_argument("--outtype", choices=["f32", "f16"], default="f16", help="GGUF weight type (default f16)")
     ex.add_argument("--pre", help="llama.cpp pre-tokenizer name written in the GGUF (default: guessed)")
-    ex.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="vllm: an adapter (repeatable)")
-    ex.add_argument("--base", help="base model, when it cannot be read from the run folder")
+    ex.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="vllm: an adapter or run folder to serve as NAME (repeatable)")
+    ex.add_argument("--base", help="base model (default: the run's model, else the adapter's base_model_name_or_path)")
     ex.add_argument("--force", action="store_true", help="accept an adapter whose recorded base differs")
     ex.set_defaults(func=cmd_export)
 

@@ -2,7 +2,7 @@
 
 The merge itself runs in fp32 (peft's merge_and_unload) and only the saved copy is cast to the target
 dtype: merging in 16 bits would round W + BA twice. A QLoRA adapter was trained against the 4-bit
-base, so it is merged into those same 4-bit weights dequantized, never re-quantized.
+base, so it is merged into those same 4-bit weights dequantized, never into (or back to) 4-bit weights.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from lorakit import checkpoint, config, model
 from lorakit.errors import LorakitError
@@ -21,8 +22,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # |logit|, per saved dtype: fp32 only reorders sums; 16-bit weights carry a relative rounding error of
 # 2^-8 (bf16) or 2^-11 (fp16) per weight, which adds up over layers to about 1% of the logit scale.
 TOLERANCE = {"fp32": 1e-4, "fp16": 0.01, "bf16": 0.03}
-# A QLoRA reference runs bitsandbytes' 4-bit kernels, which compute in 16 bits: even an fp32 merge
-# differs from it by ~3% of the logit scale (measured on SmolLM2: 1.09 of 39.8).
+# The second check of a QLoRA merge compares with the 4-bit model the adapter was trained on, whose
+# bitsandbytes kernels compute in 16 bits: even an exact merge differs from it by ~3% of the logit scale
+# (SmolLM2: 1.09 of 39.8). Merging into the original fp32 weights instead would miss by far more (NF4
+# moves SmolLM2's logits by up to 26), so this still catches a merge into the wrong weights.
 QLORA_TOLERANCE = 0.05
 PARITY_PROMPTS = [
     [{"role": "user", "content": "How many employees work in Lisbon?"}],
@@ -35,53 +38,102 @@ def source(adapter_path: str | Path) -> tuple[Path, Any]:
     """The adapter folder and, when it comes from `lorakit train`, its run config (else None)."""
     from lorakit.adapter import adapter_dir
 
+    if (Path(adapter_path) / "model" / "config.json").is_file():
+        raise LorakitError(f"{adapter_path} is a full fine-tune: its model/ folder is already a plain model "
+                           "with nothing to merge; use it (or export it) as it is")
     adir = adapter_dir(adapter_path)
     run_config = adir.parent / "config.yaml"
     return adir, (config.load(run_config) if run_config.is_file() else None)
 
 
-def merge(adapter_path: str | Path, out: str | Path, base: str | None = None, dtype: str = "bf16",
+def merge(adapter_path: str | Path, out: str | Path, base: str | None = None, dtype: str = "auto",
           force: bool = False, qlora: bool | None = None) -> dict[str, Any]:
-    """Merge, save an HF model folder (atomically) and check logit parity; returns the parity report."""
+    """Merge, check logit parity on the saved files, then move them to `out` (atomically).
+
+    dtype: of the saved weights, "auto" = `default_dtype(base)`. qlora: None = from the run config.
+    Returns the parity report (max_abs_logit_diff, tolerance, ...; under "vs_4bit" for QLoRA).
+    """
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     out = Path(out)
     if out.exists():
-        raise LorakitError(f"output folder {out} exists; remove it or choose another OUT")
+        raise LorakitError(f"output folder {out} exists; remove it (rm -r {out}) or choose another OUT")
     adir, run_cfg = source(adapter_path)
     meta = json.loads((adir / "adapter_config.json").read_text())
+    if meta.get("peft_type", "LORA") != "LORA":
+        raise LorakitError(f"{adir} is a {meta['peft_type']} adapter; lorakit merges LoRA adapters only")
     base = base or (run_cfg.model if run_cfg else meta.get("base_model_name_or_path"))
     if not base:
         raise LorakitError(f"{adir}: the adapter does not name its base model; pass --base MODEL")
     check_base(meta, base, force, adir)
     qlora = (run_cfg is not None and run_cfg.method == "qlora") if qlora is None else qlora
-    tokenizer = AutoTokenizer.from_pretrained(adir) if (adir / "tokenizer_config.json").is_file() \
-        else model.load_tokenizer(base)
+    dtype = default_dtype(base) if dtype == "auto" else dtype
+    if dtype not in DTYPES:
+        raise LorakitError(f"--dtype {dtype}: use one of auto, {', '.join(DTYPES)}")
+    tokenizer = tokenizer_for(adir, base)
+    prompts, prompts_from = parity_prompts(run_cfg)
+    rows = parity_inputs(tokenizer, prompts)
+    quantized_reference = None
     if qlora:
-        # The reference is what the adapter was trained with: 4-bit base + adapter.
-        reference_net = PeftModel.from_pretrained(model.load_model(base, quantization="4bit"), adir).eval()
-        ids = parity_inputs(tokenizer)
-        reference = logits(reference_net, ids)
-        del reference_net
-        # A fresh 4-bit load, dequantized before any forward pass: on CPUs with AVX512-BF16,
-        # bitsandbytes 0.50 repacks 4-bit weights into a CPU layout at the first forward, and
-        # dequantizing after that returns wrong weights (measured: errors larger than the weights).
-        quantized = model.load_model(base, quantization="4bit")
-        quantized.dequantize()  # the exact weights the adapter saw, as plain tensors
-        net = PeftModel.from_pretrained(quantized.to(torch.float32), adir).eval()
+        # What the adapter was trained with: the 4-bit base + adapter, bitsandbytes kernels and all.
+        trained_as = PeftModel.from_pretrained(model.load_model(base, quantization="4bit"), adir).eval()
+        quantized_reference = logits(trained_as, rows)
+        del trained_as
+        base_model = dequantized_4bit(base)
     else:
-        net = PeftModel.from_pretrained(model.load_model(base, dtype=torch.float32), adir).eval()
-        ids = parity_inputs(tokenizer)
-        reference = logits(net, ids)
+        base_model = model.load_model(base, dtype=torch.float32)
+    net = PeftModel.from_pretrained(base_model, adir).eval()
+    reference = logits(net, rows)  # unmerged W x + B A x: what the merged W' = W + BA must reproduce
     merged = net.merge_and_unload().to(DTYPES[dtype])
     set_stop_tokens(merged, tokenizer)
     # Check parity on the saved files before they become OUT: a merge that fails it is never shipped.
     with checkpoint.atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        report = parity(tmp, ids, reference, dtype, max(TOLERANCE[dtype], QLORA_TOLERANCE) if qlora else None)
-    return report
+        report = parity(tmp, rows, reference, quantized_reference, dtype)
+    return {**report, "prompts": prompts_from, "qlora": qlora, "eos_token_id": merged.generation_config.eos_token_id}
+
+
+def default_dtype(base: str) -> str:
+    """The base's own dtype when it is 16-bit, else bf16.
+
+    16 bits halve the folder (fp32 is opt-in, for exact parity). Keeping a 16-bit base's own kind
+    matters: fp16 -> bf16 drops 3 mantissa bits, and bf16 -> fp16 can overflow (fp16 ends at 65504).
+    An fp32 base (our alias is an fp32 copy dequantized from GGUF) gets bf16, which has fp32's
+    range, so nothing overflows; it is also what hub checkpoints and GPUs use.
+    """
+    where = model.resolve(base)
+    saved = None
+    if where.kind in ("alias", "folder"):
+        cfg = json.loads((Path(where.path) / "config.json").read_text())
+        saved = cfg.get("dtype") or cfg.get("torch_dtype")
+    elif where.kind == "hub":
+        try:
+            from transformers import AutoConfig
+
+            saved = str(AutoConfig.from_pretrained(where.path).dtype or "")
+        except OSError:
+            saved = None
+    return "fp16" if saved and "float16" in saved and "bfloat16" not in saved else "bf16"
+
+
+def tokenizer_for(adir: Path, base: str) -> Any:
+    """The tokenizer saved with the adapter (the chat template it was trained with), else the base's."""
+    from transformers import AutoTokenizer
+
+    if (adir / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(adir)
+    return model.load_tokenizer(base)
+
+
+def dequantized_4bit(base: str) -> Any:
+    """The base as the 4-bit QLoRA model saw it (NF4 round trip), as plain fp32 weights."""
+    quantized = model.load_model(base, quantization="4bit")
+    # A fresh load, dequantized before any forward pass: on CPUs with AVX512-BF16, bitsandbytes 0.50
+    # repacks 4-bit weights into a CPU layout at the first forward, and dequantizing after that
+    # returns wrong weights (measured: errors larger than the weights).
+    quantized.dequantize()
+    return quantized.to(torch.float32)
 
 
 def check_base(meta: dict, base: str, force: bool, adir: Path) -> None:
@@ -103,46 +155,94 @@ def _resolvable(name: str) -> bool:
         return False
 
 
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`).
+
+    It is what the adapter learned to emit when done (lorakit trains on it), and it is not always
+    the tokenizer's EOS (a base model's EOS is often `<|endoftext|>`).
+    """
+    answer = "lorakit-parity-answer"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": answer}], tokenize=False)
+    except (TemplateError, ValueError):  # no template, or one that refuses this chat: nothing to add
+        return []
+    after = tokenizer(text[text.rfind(answer) + len(answer):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return [i for i in after if i in special][:1]
+
+
 def set_stop_tokens(merged: Any, tokenizer: Any) -> None:
-    """The merged model must stop where the adapter did: EOS ids = the tokenizer's EOS + the base's."""
+    """The merged model must stop where the adapter did: EOS ids = end-of-turn + tokenizer EOS + the base's."""
     gen = merged.generation_config
-    ids = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    ids = [i for i in [tokenizer.eos_token_id, *ids] if i is not None]
-    gen.eos_token_id = list(dict.fromkeys(ids)) if len(set(ids)) > 1 else ids[0]
+    base_ids = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    ids = [i for i in [*end_of_turn_ids(tokenizer), tokenizer.eos_token_id, *base_ids] if i is not None]
+    ids = list(dict.fromkeys(ids))
+    gen.eos_token_id = ids if len(ids) > 1 else ids[0]
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
 
 
-def parity_inputs(tokenizer: Any) -> torch.Tensor:
-    """A few fixed chats rendered with the adapter's template, truncated to a common length."""
-    rows = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
-                      add_special_tokens=False)["input_ids"] for c in PARITY_PROMPTS]
-    n = min(len(r) for r in rows)
-    return torch.tensor([r[:n] for r in rows])
+def parity_prompts(run_cfg: Any) -> tuple[list[list[dict]], str]:
+    """Up to 3 prompts of the run's held-out file (the adapter's own task), plus 3 general ones."""
+    from lorakit import formats, sources
+
+    held_out = run_cfg.data.eval if run_cfg is not None else None
+    if not isinstance(held_out, str):
+        return PARITY_PROMPTS, "built-in"
+    try:
+        rows = sources.read(held_out, limit=3)
+        chats = formats.convert(rows.records, rows.where, run_cfg.data.format, run_cfg.data.template,
+                                run_cfg.data.system_prompt, keep_unanswered=True).examples
+    except LorakitError:  # e.g. a relative path from another working directory: the built-in ones still test
+        return PARITY_PROMPTS, "built-in"
+    # Each chat up to its last user turn: the model's answer position is where the adapter matters most.
+    prompts = [m[: max(i for i, t in enumerate(m) if t["role"] == "user") + 1]
+               for m in (c.get("messages") or [] for c in chats) if any(t["role"] == "user" for t in m)]
+    return prompts + PARITY_PROMPTS, f"{len(prompts)} held-out from {held_out} + built-in"
 
 
-def logits(net: Any, ids: torch.Tensor) -> torch.Tensor:
+def parity_inputs(tokenizer: Any, prompts: list[list[dict]], max_tokens: int = 512) -> list[torch.Tensor]:
+    """Each chat rendered with the adapter's template, as a (1, seq <= max_tokens) id tensor (no padding).
+
+    A long chat keeps its last tokens: the answer position is the one that matters, and both models
+    see the same ids either way.
+    """
+    return [torch.tensor([tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                                    add_special_tokens=False)["input_ids"][-max_tokens:]]) for c in prompts]
+
+
+def logits(net: Any, rows: list[torch.Tensor]) -> torch.Tensor:
+    """fp32 logits of every position of every row, concatenated: (total positions, vocab)."""
     with torch.no_grad():
-        return net(input_ids=ids).logits.float()
+        return torch.cat([net(input_ids=ids).logits.float()[0] for ids in rows])
 
 
-def parity(folder: Path, ids: torch.Tensor, reference: torch.Tensor, dtype: str,
-           relative: float | None = None) -> dict[str, Any]:
-    """Reload the saved folder like a user would and compare its logits with base+adapter."""
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    got = logits(reloaded, ids)
+def compare(got: torch.Tensor, reference: torch.Tensor, relative: float) -> dict[str, Any]:
     diff = (got - reference).abs().max().item()
     scale = reference.abs().max().item()
-    relative = relative or TOLERANCE[dtype]
+    # Relative to the largest logit: logit scales differ by model (tiny random ones ~5, SmolLM2 ~40).
     tol = relative * max(scale, 1.0)
     top1 = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    report = {"max_abs_logit_diff": diff, "tolerance": tol, "relative_tolerance": relative,
-              "logit_scale": scale, "top1_agreement": top1, "dtype": dtype, "positions": int(ids.numel()),
-              "ok": diff <= tol}
-    if not report["ok"]:
-        raise LorakitError(f"merge parity FAILED: max |logit diff| {diff:.4g} > tolerance {tol:.4g} "
-                           f"({relative} × max |logit| {scale:.3g}, {dtype}); top-1 agreement {top1:.1%}. "
-                           "Nothing was written; try --dtype fp32.")
+    return {"max_abs_logit_diff": diff, "tolerance": tol, "relative_tolerance": relative, "logit_scale": scale,
+            "top1_agreement": top1, "positions": int(reference.shape[0]), "ok": diff <= tol}
+
+
+def parity(folder: Path, rows: list[torch.Tensor], reference: torch.Tensor, quantized_reference: torch.Tensor | None,
+           dtype: str) -> dict[str, Any]:
+    """Reload the saved folder like a user would and compare its logits with base+adapter (and 4-bit+adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    got = logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), rows)
+    report = {**compare(got, reference, TOLERANCE[dtype]), "dtype": dtype}
+    checks = [("base+adapter", report)]
+    if quantized_reference is not None:
+        report["vs_4bit"] = compare(got, quantized_reference, max(TOLERANCE[dtype], QLORA_TOLERANCE))
+        checks.append(("the 4-bit base+adapter it was trained as", report["vs_4bit"]))
+    for what, r in checks:
+        if not r["ok"]:
+            raise LorakitError(
+                f"merge parity FAILED against {what}: max |logit diff| {r['max_abs_logit_diff']:.4g} > tolerance "
+                f"{r['tolerance']:.4g} ({r['relative_tolerance']} x max |logit| {r['logit_scale']:.3g}, saved as "
+                f"{dtype}); top-1 agreement {r['top1_agreement']:.1%}. Nothing was written; try --dtype fp32.")
     return report

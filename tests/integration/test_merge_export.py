@@ -6,22 +6,53 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit import cli, export, merge
+from lorakit import cli, config, export, merge
 from lorakit import model as lkmodel
 from lorakit.errors import LorakitError
-from tiny import save_tiny
+from tiny import save_tiny, tiny_model, tiny_tokenizer
+
+IDS = torch.tensor([[3, 17, 42, 99, 120, 7]])
+# SmolLM2-135M-Instruct's chat template: ChatML that adds a default system turn.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def make_adapter(base_dir: Path, out: Path, r: int = 8, quantized: bool = False) -> Path:
+def make_adapter(base_dir: Path, out: Path, r: int = 8, **lora) -> Path:
+    """A LoRA of `base_dir` with random B: a fresh LoRA is a no-op, and parity against a no-op proves nothing."""
     torch.manual_seed(0)
-    base = lkmodel.load_model(str(base_dir), quantization="4bit" if quantized else None)
-    # Random B: a fresh LoRA is a no-op, and parity against a no-op proves nothing.
-    net = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False))
+    base = lkmodel.load_model(str(base_dir))
+    net = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False,
+                                          **lora))
     net.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     return out
+
+
+def train_qlora_adapter(base_dir: Path, out: Path) -> Path:
+    """A real QLoRA adapter: peft on the 4-bit tiny llama, a few optimizer steps from the usual B = 0 start."""
+    torch.manual_seed(0)
+    net = get_peft_model(lkmodel.load_model(str(base_dir), quantization="4bit"),
+                         LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-2)
+    ids = torch.randint(0, 600, (2, 24))
+    for _ in range(4):
+        net(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    net.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+def forward(net, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return net(input_ids=ids).logits
 
 
 @pytest.fixture(scope="module")
@@ -36,31 +67,69 @@ def test_lora_merge_matches_base_plus_adapter(tmp_path, bases, arch):
     assert report["ok"] and report["max_abs_logit_diff"] <= report["tolerance"] and report["top1_agreement"] == 1.0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bases[arch]), adapter).eval()
-    ids = torch.tensor([[3, 17, 42, 99, 120, 7]])
-    with torch.no_grad():
-        assert torch.allclose(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4)
-        with reference.disable_adapter():
-            base_logits = reference(input_ids=ids).logits
-        assert not torch.allclose(merged(input_ids=ids).logits, base_logits, atol=1e-2), "the adapter changed the model"
+    assert torch.allclose(forward(merged), forward(reference), atol=1e-4)
+    with reference.disable_adapter():
+        assert not torch.allclose(forward(merged), forward(reference), atol=1e-2), "the adapter changed the model"
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    assert tok.chat_template and merged.generation_config.eos_token_id in (tok.eos_token_id, [tok.eos_token_id])
+    assert tok.chat_template and merged.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
-def test_bf16_merge_is_bf16_within_tolerance(tmp_path, bases):
+def test_auto_dtype_is_bf16_for_fp32_bases_and_keeps_fp16(tmp_path, bases, capsys):
     adapter = make_adapter(bases["llama"], tmp_path / "adapter")
-    report = merge.merge(adapter, tmp_path / "merged", dtype="bf16")
-    assert report["ok"] and report["dtype"] == "bf16"
+    assert cli.main(["merge", str(adapter), str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "(bf16)" in out and "parity vs base+adapter: max |logit diff|" in out and "<= tolerance" in out
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    fp16 = tmp_path / "fp16-base"
+    fp16.mkdir()
+    (fp16 / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float16"}))
+    assert merge.default_dtype(str(fp16)) == "fp16" and merge.default_dtype(str(bases["llama"])) == "bf16"
+
+
+def test_stop_tokens_include_the_templates_end_of_turn(tmp_path):
+    tok = tiny_tokenizer("chatml", eos="<|endoftext|>")  # a base-model EOS; turns still end with <|im_end|>
+    model = tiny_model("llama", tok)
+    merge.set_stop_tokens(model, tok)
+    im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert model.generation_config.eos_token_id == [im_end, eot]
+    llama2 = tiny_tokenizer("llama2")
+    assert merge.end_of_turn_ids(llama2) == [llama2.convert_tokens_to_ids("</s>")]
+
+
+def test_failed_parity_writes_nothing(tmp_path, bases, monkeypatch, capsys):
+    adapter = make_adapter(bases["llama"], tmp_path / "adapter")
+    # A "merge" that drops the adapter: the parity check must catch it and keep OUT from appearing.
+    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self: self.base_model.unload(), raising=False)
+    assert cli.main(["merge", str(adapter), str(tmp_path / "merged"), "--dtype", "fp32"]) == 2
+    assert "merge parity FAILED against base+adapter" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
 
 
 def test_qlora_merge_uses_dequantized_base(tmp_path, bases):
     pytest.importorskip("bitsandbytes")
-    adapter = make_adapter(bases["llama"], tmp_path / "adapter", quantized=True)
-    report = merge.merge(adapter, tmp_path / "merged", base=str(bases["llama"]), dtype="fp32", qlora=True)
-    assert report["ok"] and report["top1_agreement"] > 0.9
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    run = tmp_path / "run"
+    adapter = train_qlora_adapter(bases["llama"], run / "adapter")
+    assert all(v.abs().max() > 0 for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k)
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text(json.dumps({"prompt": "the quick brown fox", "completion": "jumps"}) + "\n")
+    config.dump(config.validate({"model": str(bases["llama"]), "method": "qlora", "output_dir": str(run),
+                                 "data": {"train": str(held_out), "eval": str(held_out)}}), run / "config.yaml")
+    report = merge.merge(run, tmp_path / "merged", dtype="fp32")  # qlora detected from the run's config
+    assert report["qlora"] and report["ok"] and report["vs_4bit"]["ok"] and report["prompts"].startswith("1 held-out")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any("4bit" in type(m).__name__ for m in merged.modules()), "saved as plain weights, not 4-bit"
+    # Exact against the dequantized base + adapter; and not the fp32 base (QLoRA trained on NF4 weights).
+    reference = PeftModel.from_pretrained(merge.dequantized_4bit(str(bases["llama"])), adapter).eval()
+    assert torch.allclose(forward(merged), forward(reference), atol=1e-4)
+    with reference.disable_adapter():
+        assert not torch.allclose(forward(merged), forward(reference), atol=1e-2), "the adapter changed the model"
+    fp32_base = AutoModelForCausalLM.from_pretrained(bases["llama"]).eval()
+    fp32_merged = PeftModel.from_pretrained(fp32_base, adapter).merge_and_unload()
+    assert not torch.allclose(forward(merged), forward(fp32_merged), atol=1e-3)
+    # vLLM would run the adapter on the unquantized base: the command comes with a warning.
+    command, warnings = export.vllm_for(str(run), {})
+    assert "--lora-modules run=" in command and "trained with QLoRA" in warnings[0]
 
 
 def test_refusals(tmp_path, bases, capsys):
@@ -69,13 +138,12 @@ def test_refusals(tmp_path, bases, capsys):
         merge.merge(adapter, tmp_path / "m1", base=str(bases["qwen2"]))
     (tmp_path / "exists").mkdir()
     assert cli.main(["merge", str(adapter), str(tmp_path / "exists")]) == 2
-    assert "output folder" in capsys.readouterr().err
-    # --force merges anyway (shapes differ here, so peft itself refuses: still one clear path, exit 2 or 0).
+    assert "output folder" in (err := capsys.readouterr().err) and "rm -r" in err
     meta = json.loads((adapter / "adapter_config.json").read_text())
-    meta["base_model_name_or_path"] = "renamed/copy"
+    meta["base_model_name_or_path"] = "renamed/copy"  # same weights under another name
     (adapter / "adapter_config.json").write_text(json.dumps(meta))
-    with pytest.raises(LorakitError, match="renamed/copy"):
-        merge.merge(adapter, tmp_path / "m2", base=str(bases["llama"]))
+    assert cli.main(["merge", str(adapter), str(tmp_path / "m2"), "--base", str(bases["llama"])]) == 2
+    assert "trained on 'renamed/copy'" in capsys.readouterr().err and not (tmp_path / "m2").exists()
     assert merge.merge(adapter, tmp_path / "m3", base=str(bases["llama"]), force=True, dtype="fp32")["ok"]
 
 
@@ -88,15 +156,44 @@ def test_gguf_round_trip_and_modelfile(tmp_path, bases, outtype):
     gguf_path = Path(result["gguf"])
     back = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     assert back.config.num_hidden_layers == 2
+    back_tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    assert back_tok.eos_token == "<|im_end|>" and back_tok.chat_template == tiny_tokenizer().chat_template
     text = (tmp_path / "out" / "Modelfile").read_text()
-    assert text.startswith(f"FROM ./{gguf_path.name}\n")
-    assert "<|im_start|>assistant" in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert text.startswith(f"FROM ./{gguf_path.name}\n") and result["modelfile_warning"] is None
+    assert ('{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n'
+            '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n') in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text and "SYSTEM" not in text
     assert not list((tmp_path / "out").glob(".*.tmp")), "no temp file left"
 
 
+def test_export_cli_merges_a_run_and_writes_gguf(tmp_path, bases, capsys):
+    run = tmp_path / "run"
+    make_adapter(bases["llama"], run / "adapter")
+    assert cli.main(["export", str(run), str(tmp_path / "out"), "--format", "gguf", "--outtype", "f32"]) == 0
+    out = capsys.readouterr().out
+    assert "merged" in out and "tokenizer identical" in out and "<= tolerance" in out
+    assert (tmp_path / "out" / "merged" / "config.json").is_file() and (tmp_path / "out" / "Modelfile").is_file()
+    assert (tmp_path / "out" / "merged.f32.gguf").is_file()
+
+
+def test_modelfile_follows_the_chat_template():
+    tok = tiny_tokenizer("chatml")
+    tok.chat_template = SMOLLM2_TEMPLATE
+    gen = tiny_model("llama", tok).generation_config
+    text, warning = export.modelfile_text("m.gguf", tok, gen)
+    assert warning is None
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert 'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}' in text
+    # Llama 2 folds the system turn into the first user turn: no automatic TEMPLATE, a warning instead.
+    text, warning = export.modelfile_text("m.gguf", tiny_tokenizer("llama2"), gen)
+    assert not any(line.startswith("TEMPLATE") for line in text.splitlines()) and "write TEMPLATE by hand" in warning
+    assert text.splitlines()[1] == f"# {warning}" and 'PARAMETER stop "<|im_end|>"' in text
+
+
 def test_gguf_refuses_unsupported_architectures(tmp_path, bases):
-    with pytest.raises(LorakitError, match="supports llama models, not 'qwen2'"):
+    with pytest.raises(LorakitError, match="supports llama models .* not 'qwen2'"):
         export.export_gguf(bases["qwen2"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_vllm_command_and_rank_check(tmp_path, bases, capsys):
@@ -106,8 +203,15 @@ def test_vllm_command_and_rank_check(tmp_path, bases, capsys):
     assert cmd.startswith(f"vllm serve {Path(bases['llama']).resolve()} --enable-lora --lora-modules ")
     assert f"a={a.resolve()}" in cmd and f"b={b.resolve()}" in cmd and "--max-lora-rank 16" in cmd
     odd = make_adapter(bases["llama"], tmp_path / "odd", r=4)
-    args = ["export", str(bases["llama"]), "--format", "vllm", "--adapter", f"odd={odd}"]
-    assert cli.main(args) == 2
+    assert cli.main(["export", str(bases["llama"]), "--format", "vllm", "--adapter", f"odd={odd}"]) == 2
     assert "rank 4 is not one vLLM accepts" in capsys.readouterr().err
-    assert cli.main(["export", str(bases["llama"]), "--format", "vllm", "--adapter", f"a={a}"]) == 0
-    assert "--lora-modules a=" in capsys.readouterr().out
+    saved = make_adapter(bases["llama"], tmp_path / "saved", r=8, modules_to_save=["lm_head"])
+    with pytest.raises(LorakitError, match="modules_to_save"):
+        export.vllm_command(str(bases["llama"]), {"saved": saved})
+    with pytest.raises(LorakitError, match="was trained on"):
+        export.vllm_command(str(bases["qwen2"]), {"a": a})
+    # A run folder serves its own adapter under the run's name, plus any --adapter.
+    make_adapter(bases["llama"], tmp_path / "sql" / "adapter", r=8)
+    assert cli.main(["export", str(tmp_path / "sql"), "--format", "vllm", "--adapter", f"b={b}"]) == 0
+    out = capsys.readouterr().out
+    assert f"--lora-modules sql={(tmp_path / 'sql' / 'adapter').resolve()} b=" in out and "--max-lora-rank 16" in out
