@@ -5,7 +5,8 @@
 
 The app runs in this process behind httpx's ASGI transport (no network in the way), so the numbers are
 the serving stack and the model: requests/s, completion tokens/s, p50/p99 latency, errors. Compare
-`--batching on` (mixed-adapter batches) with `--batching off` (one request at a time).
+`--batching on` (mixed-adapter continuous batching) with `--batching off` (one request at a time, the
+active adapter switched per request), and checks that both modes give the same greedy answers.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ QUESTIONS = ["Who works in Lisbon?", "How many employees work in Sales?", "What 
              "What is the average salary in Finance?", "Which department is Emma in?", "Who works in Legal?"]
 
 
-async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> tuple[float, int, bool]:
+async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> tuple[float, int, str | None]:
+    """(latency, completion tokens, answer or None on error) of one greedy chat request."""
     t0 = time.perf_counter()
     r = await client.post("/v1/chat/completions", json={
         "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0})
-    ok = r.status_code == 200
-    return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"] if ok else 0, ok
+    if r.status_code != 200:
+        return time.perf_counter() - t0, 0, None
+    body = r.json()
+    return time.perf_counter() - t0, body["usage"]["completion_tokens"], body["choices"][0]["message"]["content"]
 
 
 async def load(app, models: list[str], n: int, concurrency: int, max_tokens: int) -> dict:
@@ -54,7 +58,8 @@ async def load(app, models: list[str], n: int, concurrency: int, max_tokens: int
             "requests_per_s": round(n / wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "p50_latency_s": round(statistics.median(latencies), 3),
             "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
-            "errors": sum(not r[2] for r in results), "completion_tokens": tokens}
+            "errors": sum(r[2] is None for r in results), "completion_tokens": tokens,
+            "answers": [r[2] for r in results]}
 
 
 def main() -> int:
@@ -77,10 +82,14 @@ def main() -> int:
             models = list(adapters) or ["base"]
             out[f"batching_{mode}"] = asyncio.run(load(app, models, args.requests, args.concurrency, args.max_tokens))
             out[f"batching_{mode}"]["engine_batches"] = serving.engine.batches
-            serving.engine.close()
+            out[f"batching_{mode}"]["joined_running_batch"] = serving.engine.joined
+            serving.close()
     except LorakitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    answers = [r.pop("answers") for r in out.values()]
+    if len(answers) == 2:  # greedy decoding: batching must not change a single answer
+        out["same_answers_both_modes"] = answers[0] == answers[1]
     print(json.dumps(out, indent=1))
     return 0
 

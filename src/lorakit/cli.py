@@ -137,15 +137,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     opts = serve.ServeOptions(
         model=args.model, served_model_name=args.served_model_name, adapters=_pairs(args.adapter, "--adapter"),
         adapters_dir=args.adapters_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"),
-        max_adapters=args.max_adapters, max_batch=args.max_batch, batching=args.batching == "on", watch=args.watch,
-        max_tokens_limit=args.max_tokens_limit, engine=args.engine)
+        max_adapters=args.max_adapters, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+        batching=args.batching == "on", watch=args.watch, watch_interval_s=args.watch_interval,
+        max_tokens_limit=args.max_tokens_limit, max_model_len=args.max_model_len, max_body_bytes=args.max_body_bytes,
+        device=args.device, dtype=args.dtype, quantization=args.quantization, engine=args.engine)
     return serve.run(opts)
-
-
-def json_base(adapter_dir: Any) -> str:
-    import json
-
-    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -254,10 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     sv.add_argument("--api-key", help="require Authorization: Bearer KEY on all but /health (or $LORAKIT_API_KEY)")
-    sv.add_argument("--max-adapters", type=int, help="keep at most N adapters loaded (least recently used go)")
+    sv.add_argument("--max-adapters", type=int, help="keep at most N adapters loaded: the least recently used is "
+                    "unloaded, and loaded again when a request names it")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
-    sv.add_argument("--batching", choices=["on", "off"], default="on", help="off: one request at a time")
+    sv.add_argument("--batching", choices=["on", "off"], default="on", help="off: one request at a time, switching "
+                    "the active adapter per request (the naive server, for comparison)")
     sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    sv.add_argument("--batch-window-ms", type=float, default=10.0,
+                    help="how long an idle server waits for more requests to batch with the first (default 10)")
+    sv.add_argument("--watch-interval", type=float, default=2.0, help="seconds between --watch rescans (default 2)")
+    sv.add_argument("--max-model-len", type=int, help="prompt + max_tokens at most (default: the model's context)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    sv.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:1, ...")
+    sv.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="weights dtype; auto = fp32 on CPU, bf16 (or fp16) on GPU")
+    sv.add_argument("--quantization", choices=["4bit", "8bit"],
+                    help="load the base with bitsandbytes (default: 4bit for a QLoRA run config, else none)")
     sv.add_argument("--engine", choices=["lorakit", "vllm"], default="lorakit",
                     help="vllm: exec vLLM's OpenAI server with the same model and adapters (GPU machines)")
     sv.set_defaults(func=cmd_serve)

@@ -1,27 +1,38 @@
-"""`lorakit serve` in process, driven by the official openai client (no ports, no sleeps)."""
+"""`lorakit serve` in process, driven by the official openai client (no port polling, no sleeps).
+
+Most tests go through FastAPI's TestClient; the streaming hot-reload test runs a real uvicorn in a thread
+on a socket bound beforehand, so the client can connect before the server loop starts.
+"""
 
 import asyncio
 import os
 import shutil
+import socket
+import threading
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 
 import openai
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import cli, serve
 from lorakit.generate import generate
 from lorakit.serve import protocol as p
-from tiny import save_tiny
 
 MSGS = [{"role": "user", "content": "the quick brown fox"}]
+CHATS = [MSGS, [{"role": "user", "content": "What is the capital of France? Explain like I am five."}],
+         [{"role": "system", "content": "be polite"}, {"role": "user", "content": "sum of two numbers"}]]
 
 
 def make_adapter(base_dir: Path, out: Path, r: int, targets: list[str], seed: int) -> Path:
+    """A LoRA with random non-zero B weights, published atomically as `lorakit train` does."""
     torch.manual_seed(seed)
     net = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
                          LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
@@ -29,7 +40,7 @@ def make_adapter(base_dir: Path, out: Path, r: int, targets: list[str], seed: in
     net.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
-    os.replace(tmp, out)  # atomic, as lorakit train writes adapters
+    os.replace(tmp, out)
     return out
 
 
@@ -42,183 +53,372 @@ def world(tmp_path_factory):
     return tmp, base
 
 
-def start(world, **kw):
+def start(world, adapters_dir=None, **kw):
     tmp, base = world
-    opts = serve.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(tmp / "adapters"), **kw)
+    opts = serve.ServeOptions(model=str(base), served_model_name="base",
+                              adapters_dir=str(adapters_dir or tmp / "adapters"), **kw)
     app, serving = serve.build(opts)
     http = TestClient(app)
-    return OpenAI(base_url="http://testserver/v1", api_key=kw.get("api_key") or "none", http_client=http), serving, http
+    client = OpenAI(base_url="http://testserver/v1", api_key=kw.get("api_key") or "none", http_client=http,
+                    max_retries=0)
+    return client, serving, http
 
 
-def offline(base: Path, adapter: Path | None, n: int = 8) -> str:
-    tok = AutoTokenizer.from_pretrained(base)
+def offline(base: Path, adapter: Path | None, chats=(MSGS,), n: int = 8) -> list[str]:
+    """The reference: lorakit.generate on plain transformers/peft, greedy."""
     net = AutoModelForCausalLM.from_pretrained(base)
     if adapter is not None:
         net = PeftModel.from_pretrained(net, adapter)
-    return generate(net, tok, [MSGS], max_new_tokens=n)[0]
+    return generate(net, AutoTokenizer.from_pretrained(base), list(chats), max_new_tokens=n)
+
+
+def chat(serving, model, msgs=MSGS, **kw):
+    req = p.ChatCompletionRequest(model=model, messages=msgs, **{"max_tokens": 8, "temperature": 0, **kw})
+    return asyncio.run(serving.chat(req))["choices"][0]["message"]["content"]
 
 
 def test_models_chat_completions_and_streaming_match_offline_peft(world):
     tmp, base = world
-    client, serving, _ = start(world)
+    client, _, http = start(world)
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"base", "a", "b"}
     assert models["a"].model_extra["parent"] == "base" and models["base"].model_extra["parent"] is None
     outs = {}
     for name, adapter in (("base", None), ("a", tmp / "adapters" / "a"), ("b", tmp / "adapters" / "b")):
         r = client.chat.completions.create(model=name, messages=MSGS, max_tokens=8, temperature=0)
-        assert r.choices[0].message.content == offline(base, adapter)
+        assert r.choices[0].message.content == offline(base, adapter)[0]
         assert r.usage.completion_tokens == 8 and r.usage.total_tokens == r.usage.prompt_tokens + 8
-        chunks = list(client.chat.completions.create(model=name, messages=MSGS, max_tokens=8, temperature=0, stream=True))
-        assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
-        assert chunks[-1].choices[0].finish_reason == "length"
+        chunks = list(client.chat.completions.create(model=name, messages=MSGS, max_tokens=8, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+        assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 8
         outs[name] = r.choices[0].message.content
     assert len(set(outs.values())) == 3, "each adapter answers differently"
-    c = client.completions.create(model="a", prompt="the quick brown", max_tokens=5, temperature=0)
+    parts = client.chat.completions.create(model="a", max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "the quick "}, {"type": "text", "text": "brown fox"}]}])
+    assert parts.choices[0].message.content == outs["a"], "content parts are joined"
+    c = client.completions.create(model="a", prompt=["the quick brown", "hello"], max_tokens=5, temperature=0)
     s = list(client.completions.create(model="a", prompt="the quick brown", max_tokens=5, temperature=0, stream=True))
-    assert c.choices[0].text == "".join(x.choices[0].text for x in s) and c.usage.completion_tokens == 5
+    assert c.choices[0].text == "".join(x.choices[0].text for x in s) and c.usage.completion_tokens == 10
     n2 = client.chat.completions.create(model="b", messages=MSGS, max_tokens=4, temperature=0.8, seed=3, n=2)
-    assert len(n2.choices) == 2
     again = client.chat.completions.create(model="b", messages=MSGS, max_tokens=4, temperature=0.8, seed=3, n=2)
+    assert len(n2.choices) == 2 and n2.usage.completion_tokens == 8
     assert [x.message.content for x in n2.choices] == [x.message.content for x in again.choices], "seeded sampling"
     stop = client.chat.completions.create(model="a", messages=MSGS, max_tokens=8, temperature=0, stop=[outs["a"][2:4]])
     assert stop.choices[0].message.content == outs["a"][:outs["a"].find(outs["a"][2:4])]
     assert stop.choices[0].finish_reason == "stop"
-    metrics = client._client.get("http://testserver/metrics").text
-    assert 'lorakit_requests_total{model="a"}' in metrics and "lorakit_queue_depth" in metrics
+    metrics = http.get("/metrics").text
+    assert 'lorakit_requests_total{model="a"}' in metrics and "lorakit_queue_depth 0" in metrics
+    assert 'lorakit_request_latency_seconds_count{model="b"} 4' in metrics
+    assert 'lorakit_completion_tokens_total{model="base"} 16' in metrics and "lorakit_adapters_loaded 2" in metrics
 
 
-def test_mixed_adapter_batch_equals_one_by_one(world):
-    _, serving, _ = start(world, max_batch=8)
-    reqs = [p.ChatCompletionRequest(model=m, messages=MSGS, max_tokens=6, temperature=0) for m in ("a", "base", "b", "a")]
+def test_mixed_adapter_batch_equals_offline_one_by_one(world):
+    tmp, base = world
+    # A long window: the engine starts once max_batch requests are there, so they surely share one batch.
+    _, serving, _ = start(world, max_batch=6, batch_window_ms=60_000)
+    rows = [(m, c) for m in ("a", "base", "b") for c in CHATS[:2]]
 
     async def together():
-        return await asyncio.gather(*(serving.complete(r, [serving.chat_prompt(r)], chat=True) for r in reqs))
+        reqs = [p.ChatCompletionRequest(model=m, messages=c, max_tokens=6, temperature=0) for m, c in rows]
+        return await asyncio.gather(*(serving.chat(r) for r in reqs))
 
-    async def alone():
-        return [await serving.complete(r, [serving.chat_prompt(r)], chat=True) for r in reqs]
-
-    before = serving.engine.batches
-    batched = asyncio.run(together())
-    assert serving.engine.batches - before < len(reqs), "requests shared a batch"
-    single = asyncio.run(alone())
-    text = lambda rs: [r["choices"][0]["message"]["content"] for r in rs]  # noqa: E731
-    assert text(batched) == text(single)
+    batched = [r["choices"][0]["message"]["content"] for r in asyncio.run(together())]
+    assert serving.engine.batches == 1, "all six rows, of three adapters and two prompt lengths, in one batch"
+    expected = {m: offline(base, None if m == "base" else tmp / "adapters" / m, CHATS[:2], 6) for m in ("a", "b", "base")}
+    assert batched == [expected[m][CHATS.index(c)] for m, c in rows]
 
 
-def test_hot_reload_keeps_in_flight_requests_and_serves_new_weights(world, tmp_path):
+def test_a_request_joins_rows_already_decoding(world):
+    tmp, base = world
+    _, serving, _ = start(world, max_batch=4, batch_window_ms=0)
+    done = {k: threading.Event() for k in "xy"}
+    first = p.ChatCompletionRequest(model="a", messages=CHATS[1], max_tokens=10, temperature=0)
+    second = p.ChatCompletionRequest(model="b", messages=CHATS[2], max_tokens=6, temperature=0)
+    [x] = serving.prepare(first, [serving.chat_prompt(first)])
+    [y] = serving.prepare(second, [serving.chat_prompt(second)])
+    y.emit = lambda text, end, reason: end and done["y"].set()
+
+    def on_x(text: str, end: bool, reason: str | None) -> None:
+        if not done["y"].is_set() and not getattr(on_x, "sent", False):
+            on_x.sent = True
+            serving.engine.submit(y)  # arrives while x is decoding
+        if end:
+            done["x"].set()
+
+    x.emit = on_x
+    serving.engine.submit(x)
+    assert done["x"].wait(60) and done["y"].wait(60)
+    assert serving.engine.batches == 1 and serving.engine.joined == 1
+    assert x.text == offline(base, tmp / "adapters" / "a", [CHATS[1]], 10)[0]
+    assert y.text == offline(base, tmp / "adapters" / "b", [CHATS[2]], 6)[0]
+
+
+def test_batching_off_switches_the_active_adapter_per_request(world):
+    tmp, base = world
+    _, serving, _ = start(world, batching=False)
+    for name in ("a", "base", "b", "a"):
+        assert chat(serving, name) == offline(base, None if name == "base" else tmp / "adapters" / name)[0]
+    assert serving.engine.joined == 0
+
+
+@contextmanager
+def uvicorn_in_thread(app):
+    """A real server on a socket bound (and listening) before it starts: connections wait in the backlog."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def test_hot_reload_while_requests_stream(world, tmp_path, monkeypatch):
     tmp, base = world
     adapters = tmp_path / "adapters"
     shutil.copytree(tmp / "adapters", adapters)
-    app, serving = serve.build(serve.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(adapters)))
+    # The three streams start together (max_batch 3, a long window) and are held after their first token
+    # until the reload is done, so they are surely in flight during it.
+    app, serving = serve.build(serve.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(adapters),
+                                                  max_batch=3, batch_window_ms=60_000))
+    held, go, step = threading.Event(), threading.Event(), serving.engine._step
+
+    def gated(rows):
+        held.set()
+        assert go.wait(60)
+        return step(rows)
+
+    monkeypatch.setattr(serving.engine, "_step", gated)
+    watcher = serve.watch(serving, adapters, interval_s=None)  # only the wake event (what SIGHUP sets) scans
+    old = {m: offline(base, adapters / m, [CHATS[1]], 40)[0] for m in ("a", "b")}
+    texts, failures = {}, []
+
+    with uvicorn_in_thread(app) as url:
+        client = OpenAI(base_url=url, api_key="none", max_retries=0)
+
+        def stream(model: str, key: str) -> None:
+            try:
+                chunks = client.chat.completions.create(model=model, messages=CHATS[1], max_tokens=40, temperature=0,
+                                                        stream=True)
+                texts[key] = "".join(c.choices[0].delta.content or "" for c in chunks)
+            except Exception as e:  # noqa: BLE001 - reported below
+                failures.append(e)
+
+        threads = [threading.Thread(target=stream, args=(m, k)) for k, m in (("a", "a"), ("a2", "a"), ("b", "b"))]
+        for t in threads:
+            t.start()
+        assert held.wait(60)
+        serving.engine.window_s = 0.0  # later requests start without waiting for company
+        old_internal = serving.registry.active["a"].internal
+        make_adapter(base, adapters / "a", 4, ["q_proj", "v_proj"], 99)  # retrained: new weights, same name
+        watcher.wake.set()
+        assert watcher.scanned.wait(60)
+        assert serving.registry.active["a"].internal != old_internal, "the public name switched"
+        assert old_internal in serving.registry.net.peft_config, "the old version stays while streams use it"
+        go.set()
+        fresh = client.chat.completions.create(model="a", messages=CHATS[1], max_tokens=40, temperature=0)
+        for t in threads:
+            t.join(60)
+    watcher.stop.set()
+    assert not failures, failures
+    assert texts == {"a": old["a"], "a2": old["a"], "b": old["b"]}, "requests in flight finish on the old weights"
+    new = offline(base, adapters / "a", [CHATS[1]], 40)[0]
+    assert fresh.choices[0].message.content == new != old["a"], "new requests get the new weights"
+    assert old_internal not in serving.registry.net.peft_config, "and the old version is gone once unused"
+
+
+def test_old_version_lives_until_unused_and_broken_versions_never_replace_it(world, tmp_path):
+    tmp, base = world
+    adapters = tmp_path / "adapters"
+    shutil.copytree(tmp / "adapters", adapters)
+    _, serving, http = start(world, adapters_dir=adapters)
     req = p.ChatCompletionRequest(model="a", messages=MSGS, max_tokens=8, temperature=0)
-    old_answer = offline(base, adapters / "a")
     in_flight = serving.prepare(req, [serving.chat_prompt(req)])  # pins version 1 of "a"
     old_internal = in_flight[0].adapter
-    make_adapter(base, adapters / "a", 4, ["q_proj", "v_proj"], 99)  # retrain: new weights, same name
+    make_adapter(base, adapters / "a", 4, ["q_proj", "v_proj"], 99)
     assert serving.registry.scan(adapters) == ["a"]
     assert old_internal in serving.registry.net.peft_config, "old version kept while a request uses it"
 
     async def finish():
-        return [item async for item in serving.run(in_flight)]
+        async with aclosing(serving.run(in_flight)) as events:
+            return "".join([e[1] async for e in events])
 
-    events = asyncio.run(finish())
-    assert "".join(e[1] for e in events) == old_answer, "the in-flight request finished on the old weights"
+    assert asyncio.run(finish()) == offline(base, tmp / "adapters" / "a")[0], "finished on the old weights"
     assert old_internal not in serving.registry.net.peft_config, "old version freed once unused"
-    fresh = asyncio.run(serving.complete(req, [serving.chat_prompt(req)], chat=True))
-    assert fresh["choices"][0]["message"]["content"] == offline(base, adapters / "a") != old_answer
-
-    # A half-written or broken version never replaces the working one.
+    fresh = chat(serving, "a")
+    assert fresh == offline(base, adapters / "a")[0]
+    # A half-written or broken version never replaces the working one; the error shows in /v1/models.
     (adapters / "a" / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    serving.registry.scan(adapters)
-    models = {m["id"]: m for m in serving.models()["data"]}
-    assert "error" in models["a"]
-    again = asyncio.run(serving.complete(req, [serving.chat_prompt(req)], chat=True))
-    assert again["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+    assert serving.registry.scan(adapters) == [] and serving.registry.scan(adapters) == [], "no retry loop"
+    models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert "error" in models["a"] and models["a"]["loaded"]
+    assert chat(serving, "a") == fresh
 
 
-def test_load_unload_and_lru(world, tmp_path):
+def test_unloading_every_adapter_leaves_the_base_serving(world):
+    tmp, base = world
+    client, serving, http = start(world)
+    for name in ("a", "b"):
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+    r = client.chat.completions.create(model="base", messages=MSGS, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == offline(base, None)[0]
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": "b"}).status_code == 200
+    assert chat(serving, "b") == offline(base, tmp / "adapters" / "b")[0]
+
+
+def test_lru_eviction_reloads_on_demand_and_unload(world):
     tmp, base = world
     client, serving, http = start(world, max_adapters=1)
-    assert list(serving.registry.active) == ["b"], "LRU cap applied at start: a was loaded first, then evicted"
+    assert list(serving.registry.active) == ["b"], "cap applied at start: a loaded first, then evicted"
+    models = {m.id: m.model_extra for m in client.models.list().data}
+    assert not models["a"]["loaded"] and models["b"]["loaded"], "evicted adapters stay listed"
+    assert chat(serving, "a") == offline(base, tmp / "adapters" / "a")[0], "an evicted adapter loads again on demand"
+    assert list(serving.registry.active) == ["a"]
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "a2", "lora_path": "a"})
     assert r.status_code == 200, r.text
-    assert [m.id for m in client.models.list().data] == ["base", "a2"], "b was least recently used"
+    assert list(serving.registry.active) == ["a2"] and serving.registry.scan(tmp / "adapters") == [], \
+        "a rescan does not bring evicted adapters back"
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "a2"}).status_code == 200
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="a2", messages=MSGS, max_tokens=2)
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "a2"}).status_code == 404
 
 
-def test_path_traversal_symlinks_and_pickle_are_refused(world, tmp_path):
+def test_a_client_that_leaves_cancels_its_row(world):
+    _, serving, _ = start(world)
+    req = p.ChatCompletionRequest(model="a", messages=MSGS, max_tokens=200, temperature=0)
+    [job] = serving.prepare(req, [serving.chat_prompt(req)])
+
+    async def leave_after_first_token():
+        async with aclosing(serving.run([job])) as events:
+            await anext(events)
+            serving.engine.lock.acquire()  # hold the engine at its next forward while the client leaves
+        serving.engine.lock.release()
+
+    asyncio.run(leave_after_first_token())
+    chat(serving, "b")  # served after the cancelled row was settled
+    assert job.finish_reason == "cancelled" and job.completion_tokens < 200
+
+
+def test_paths_outside_the_adapters_folder_and_pickles_are_refused(world, tmp_path):
     tmp, base = world
-    _, serving, http = start(world)
+    adapters = tmp_path / "adapters"
+    shutil.copytree(tmp / "adapters", adapters)
+    _, serving, http = start(world, adapters_dir=adapters)
     outside = make_adapter(base, tmp_path / "outside", 4, ["q_proj"], 5)
-    link = tmp / "adapters" / "sneaky"
-    link.symlink_to(outside, target_is_directory=True)
-    try:
-        for path in ("../base", str(outside), "sneaky"):
-            r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
-            assert r.status_code == 403, (path, r.text)
-    finally:
-        link.unlink()
-    pickled = tmp / "adapters" / "pickled"
-    pickled.mkdir()
-    shutil.copy(tmp / "adapters" / "a" / "adapter_config.json", pickled)
-    (pickled / "adapter_model.bin").write_bytes(b"pickle")
-    try:
-        r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "pickled"})
-        assert r.status_code == 400 and "pickle" in r.json()["error"]["message"]
-    finally:
-        shutil.rmtree(pickled)
+    (adapters / "sneaky").symlink_to(outside, target_is_directory=True)
+    (adapters / "half").mkdir()
+    shutil.copy(adapters / "a" / "adapter_config.json", adapters / "half")
+    (adapters / "half" / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    for path in ("../outside", str(outside), "sneaky", "half", "a/../../outside"):
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", (path, r.text)
+    (adapters / "pickled").mkdir()
+    shutil.copy(adapters / "a" / "adapter_config.json", adapters / "pickled")
+    (adapters / "pickled" / "adapter_model.bin").write_bytes(b"pickle")
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "pickled"})
+    assert r.status_code == 400 and "pickle" in r.json()["error"]["message"]
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "nothing"}).status_code == 404
+    assert "x" not in serving.registry.known
+    # Without --adapters-dir nothing can be loaded at run time.
+    app, _ = serve.build(serve.ServeOptions(model=str(base), adapters={"a": str(adapters / "a")}))
+    r = TestClient(app).post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapters / "b")})
+    assert r.status_code == 403
 
 
-def test_bad_inputs_are_4xx_and_the_server_keeps_serving(world):
-    client, serving, http = start(world, api_key="secret", max_tokens_limit=64)
-    headers = {"Authorization": "Bearer secret"}
+def test_bad_inputs_are_4xx_in_openai_shape_and_the_server_keeps_serving(world):
+    client, _, http = start(world, api_key="secret", max_tokens_limit=64, max_body_bytes=4096, max_model_len=256)
+    headers = {"Authorization": "Bearer secret", "content-type": "application/json"}
     assert http.get("/health").status_code == 200
     assert http.get("/v1/models").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=http).models.list()
-    r = http.post("/v1/chat/completions", content=b"{not json", headers={**headers, "content-type": "application/json"})
+    r = http.post("/v1/chat/completions", content=b"{not json", headers=headers)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="ghost", messages=MSGS, max_tokens=2)
-    for kwargs in ({"messages": []}, {"messages": MSGS, "max_tokens": 0}, {"messages": MSGS, "max_tokens": 65},
-                   {"messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 8}):
-        with pytest.raises(openai.BadRequestError):
-            client.chat.completions.create(model="a", **{"max_tokens": 4, **kwargs})
-    big = http.post("/v1/completions", content=b"x" * (2 << 20), headers={**headers, "content-type": "application/json"})
-    assert big.status_code == 413
+    assert e.value.body["param"] == "model"
+    for kwargs in ({"messages": []}, {"max_tokens": 0}, {"max_tokens": -3}, {"max_tokens": 65},
+                   {"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 8},
+                   {"messages": [{"role": "wizard", "content": "hi"}]}, {"temperature": 5}, {"n": 0},
+                   {"logprobs": True}, {"stop": ["x"] * 17}, {"extra_body": {"frequency_penalty": 0.5}}):
+        with pytest.raises(openai.BadRequestError, match="Error code: 400"):
+            client.chat.completions.create(model="a", **{"messages": MSGS, "max_tokens": 4, **kwargs})
+            pytest.fail(f"accepted {kwargs}")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="a", prompt="", max_tokens=2)
+    assert http.post("/v1/completions", content=b"x" * 5000, headers=headers).status_code == 413
+    chunked = http.post("/v1/completions", content=iter([b"x" * 3000] * 2), headers=headers)  # no Content-Length
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == 413
+    assert http.get("/v1/nothing", headers=headers).json()["error"]["code"] == 404
     ok = client.chat.completions.create(model="a", messages=MSGS, max_tokens=3, temperature=0)
     assert ok.choices[0].message.content is not None
+    metrics = http.get("/metrics", headers=headers).text
+    assert 'lorakit_request_errors_total{status="400"}' in metrics and 'status="413"} 2' in metrics
+
+
+def test_engine_failure_is_a_500_for_that_request_only(world, monkeypatch):
+    client, serving, _ = start(world)
+    real = serving.engine._forward
+    calls = iter([RuntimeError("boom")])
+
+    def flaky(*args):
+        err = next(calls, None)
+        if err:
+            raise err
+        return real(*args)
+
+    monkeypatch.setattr(serving.engine, "_forward", flaky)
+    with pytest.raises(openai.InternalServerError, match="boom"):
+        client.chat.completions.create(model="a", messages=MSGS, max_tokens=3)
+    assert client.chat.completions.create(model="a", messages=MSGS, max_tokens=3).choices[0].message.content is not None
 
 
 def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
     tmp, base = world
     opts = serve.ServeOptions(model=str(base), served_model_name="tiny", adapters={"b": str(tmp / "adapters" / "b")},
-                              port=9000, api_key="k")
-    cmd = serve.vllm_command(opts)
+                              port=9000, api_key="k", max_model_len=512)
+    cmd, env = serve.vllm_command(opts)
     assert cmd[:3] == ["vllm", "serve", str(Path(base).resolve())] and "--enable-lora" in cmd
-    assert f"b={(tmp / 'adapters' / 'b').resolve()}" in cmd and "--served-model-name" in cmd and "9000" in cmd
+    assert f"b={(tmp / 'adapters' / 'b').resolve()}" in cmd and "9000" in cmd
+    assert cmd[cmd.index("--served-model-name") + 1] == "tiny" and cmd[cmd.index("--max-model-len") + 1] == "512"
+    assert env == {"VLLM_API_KEY": "k"} and "k" not in cmd, "the key stays out of the process list"
     with pytest.raises(Exception, match="rank 4 is not one vLLM accepts"):  # adapter "a" has rank 4
         serve.vllm_command(serve.ServeOptions(model=str(base), adapters_dir=str(tmp / "adapters")))
     monkeypatch.setattr(serve.shutil, "which", lambda name: None)
     monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
     assert cli.main(["serve", "--model", str(base), "--adapter", f"b={tmp / 'adapters' / 'b'}", "--engine", "vllm"]) == 2
-    assert "needs vLLM" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs vLLM" in err and "vllm serve" in err
+
+
+def test_a_run_config_serves_its_base_and_trained_adapter(world, tmp_path, capsys):
+    tmp, base = world
+    shutil.copytree(tmp / "adapters" / "b", tmp_path / "sql" / "adapter")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {base}\ndata: {{train: x.jsonl}}\noutput_dir: {tmp_path / 'sql'}\n")
+    _, serving = serve.build(serve.ServeOptions(model=str(cfg)))
+    assert serving.served_name == str(base) and list(serving.registry.known) == ["sql"]
+    assert chat(serving, "sql") == offline(base, tmp / "adapters" / "b")[0]
+    assert cli.main(["serve", "--model", str(base), "--watch"]) == 2, "--watch without --adapters-dir"
+    assert "--watch needs --adapters-dir" in capsys.readouterr().err
 
 
 def test_watcher_picks_up_a_training_run_folder(world, tmp_path):
-    tmp, base = world
+    _, base = world
     runs = tmp_path / "runs"
     runs.mkdir()
     _, serving = serve.build(serve.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(runs)))
-    watcher = serve.watch(serving, runs, interval_s=3600)  # only the wake event triggers a scan here
+    watcher = serve.watch(serving, runs, interval_s=None)
     make_adapter(base, runs / "sql" / "adapter", 8, ["q_proj", "v_proj"], 7)  # what `lorakit train` writes
     watcher.wake.set()  # what SIGHUP does
     assert watcher.scanned.wait(timeout=60)
-    assert "sql" in serving.registry.active and serving.registry.active["sql"].path == (runs / "sql" / "adapter").resolve()
-    req = p.ChatCompletionRequest(model="sql", messages=MSGS, max_tokens=6, temperature=0)
-    out = asyncio.run(serving.complete(req, [serving.chat_prompt(req)], chat=True))
-    assert out["choices"][0]["message"]["content"] == offline(base, runs / "sql" / "adapter", 6)
+    watcher.stop.set()
+    assert serving.registry.active["sql"].path == (runs / "sql" / "adapter").resolve()
+    assert chat(serving, "sql", max_tokens=6) == offline(base, runs / "sql" / "adapter", n=6)[0]

@@ -1,9 +1,11 @@
-"""The adapters a server holds: public names, versions, locks, LRU eviction and hot reload.
+"""The adapters a server knows: public names, versions, locks, LRU eviction and hot reload.
 
-Each load gets a fresh internal name (`name@N`). The public name switches to it in one assignment,
-so a request sees either the old version or the new one. A version is deleted from the model only
-when no in-flight request still uses it. A broken or half-written adapter never replaces a working
-one: its error is recorded and shown in /v1/models.
+A known adapter is a public name and a folder. It is loaded at start, by the load endpoint, by a
+folder scan, or on demand when a request names it after `--max-adapters` evicted it (as vLLM's
+LoRA cache does). Each load gets a fresh internal name (`name@N`); the public name switches to it in
+one assignment, so a request sees either the old version or the new one. A version leaves the model
+only when no in-flight request still uses it. A broken or half-written adapter never replaces a
+working one: its error is recorded and shown in /v1/models.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 log = logging.getLogger("lorakit.serve")
+FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
@@ -31,47 +33,65 @@ class Version:
 def fingerprint(path: Path) -> str:
     """Changes whenever the adapter's files change (size and mtime of its config and weights)."""
     parts = []
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
+    for name in FILES:
         f = path / name
         st = f.stat() if f.exists() else None
         parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}" if st else f"{name}:-")
     return "|".join(parts)
 
 
+def adapter_folder(path: Path) -> Path | None:
+    """`path` if it is an adapter, its adapter/ if it is a `lorakit train` run folder, else None."""
+    for p in (path / "adapter", path):
+        if (p / "adapter_config.json").is_file():
+            return p
+    return None
+
+
 class Registry:
     def __init__(self, base_model: Any, model_lock: threading.Lock, allowed_dir: Path | None = None,
                  max_adapters: int | None = None):
-        self.net = base_model  # becomes a PeftModel at the first load
+        self.net = base_model  # a PeftModel while at least one adapter is loaded
         self.model_lock = model_lock
         self.allowed_dir = allowed_dir.resolve() if allowed_dir else None
         self.max_adapters = max_adapters
-        self.active: OrderedDict[str, Version] = OrderedDict()  # public name -> version, LRU order
-        self.errors: dict[str, str] = {}
+        # public name -> (folder, confined to allowed_dir, fingerprint of the version last loaded)
+        self.known: dict[str, tuple[Path, bool, str]] = {}
+        self.active: OrderedDict[str, Version] = OrderedDict()  # loaded: public name -> version, LRU order
+        self.errors: dict[str, str] = {}  # public name -> why its newest files did not load
+        self._failed: dict[str, str] = {}  # public name -> fingerprint of those files (not retried until changed)
         self._name_locks: dict[str, threading.Lock] = {}
-        self._meta = threading.Lock()
+        self._meta = threading.Lock()  # guards known/active/users; never held while loading
         self._counter = 0
 
     # ---- loading ----
-    def check_path(self, path: str | Path, name: str) -> Path:
-        """Adapters load from the allowed folder only: no `..`, no symlinks out, safetensors only."""
+    def check_path(self, path: str | Path, confined: bool = True) -> Path:
+        """The adapter folder to read. Confined: inside the allowed folder (no `..`, no symlink out, for
+        the folder and its files). Always: safetensors weights, since a pickle (.bin) runs code on load."""
         p = Path(path)
-        if self.allowed_dir is not None:
-            if not p.is_absolute():
-                p = self.allowed_dir / p
-            resolved = p.resolve()
-            if resolved != self.allowed_dir and self.allowed_dir not in resolved.parents:
-                raise PermissionError(f"adapter path {path} is outside the allowed adapters folder")
-            p = resolved
-        if not (p / "adapter_config.json").is_file():
+        if confined:
+            if self.allowed_dir is None:
+                raise PermissionError("loading adapters at run time needs the server started with --adapters-dir")
+            p = p if p.is_absolute() else self.allowed_dir / p
+            p = p / "adapter" if (p / "adapter" / FILES[0]).is_file() else p  # a run folder
+            for f in (p, *(p / name for name in FILES)):
+                resolved = f.resolve()
+                if resolved != self.allowed_dir and self.allowed_dir not in resolved.parents:
+                    raise PermissionError(f"adapter path {path} is outside the allowed adapters folder")
+        p = p.resolve()
+        if not (p / FILES[0]).is_file():
             raise FileNotFoundError(f"no adapter_config.json in {path}")
-        if not (p / "adapter_model.safetensors").is_file():
+        if not (p / FILES[1]).is_file():
             raise ValueError(f"{path} has no adapter_model.safetensors (pickle .bin adapters are refused)")
         return p
 
-    def load(self, name: str, path: str | Path) -> Version:
-        """Load (or reload) `name` from `path`; the previous version keeps serving until this succeeds."""
+    def load(self, name: str, path: str | Path, confined: bool = True, pin: bool = False) -> Version:
+        """Load (or reload) `name` from `path`; the previous version keeps serving until this succeeds.
+
+        pin: count the new version as used by one request (see `acquire`) before anything can evict it.
+        """
         with self._lock_for(name):
-            p = self.check_path(path, name)
+            p = self.check_path(path, confined)
             fp = fingerprint(p)
             with self._meta:
                 self._counter += 1
@@ -79,19 +99,21 @@ class Registry:
             try:
                 with self.model_lock:
                     self._attach(p, internal)
-            except Exception as e:
-                self.errors[name] = f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - any broken file: keep serving the previous version
                 log.error("adapter %s from %s failed to load: %s", name, p, e)
                 raise ValueError(f"adapter {name} could not be loaded from {path}: {e}") from None
+            version = Version(internal, p, fp, users=int(pin))
             with self._meta:
                 old = self.active.get(name)
-                self.active[name] = Version(internal, p, fp)  # the atomic switch
+                self.known[name] = (p, confined, fp)
+                self.active[name] = version  # the atomic switch
                 self.active.move_to_end(name)
                 self.errors.pop(name, None)
+                self._failed.pop(name, None)
             if old is not None:
                 self._retire(old)
-            self._evict()
-            return self.active[name]
+        self._evict()
+        return version
 
     def _attach(self, path: Path, internal: str) -> None:
         from peft import PeftModel
@@ -103,12 +125,16 @@ class Registry:
         self.net.eval()
 
     def unload(self, name: str) -> None:
+        """Forget `name` (KeyError if unknown); its loaded version goes once no request uses it."""
         with self._lock_for(name):
             with self._meta:
+                if self.known.pop(name, None) is None:
+                    raise KeyError(name)
                 version = self.active.pop(name, None)
-            if version is None:
-                raise KeyError(name)
-            self._retire(version)
+                self.errors.pop(name, None)
+                self._failed.pop(name, None)
+            if version is not None:
+                self._retire(version)
 
     def _retire(self, version: Version) -> None:
         with self._meta:
@@ -119,19 +145,26 @@ class Registry:
 
     def _delete(self, version: Version) -> None:
         with self.model_lock:
-            if hasattr(self.net, "peft_config") and version.internal in self.net.peft_config:
+            if not hasattr(self.net, "peft_config") or version.internal not in self.net.peft_config:
+                return
+            if len(self.net.peft_config) == 1:
+                # peft cannot run a PeftModel left with no adapter: take the LoRA layers out instead.
+                self.net = self.net.unload()
+            else:
                 self.net.delete_adapter(version.internal)
+                if self.net.active_adapter not in self.net.peft_config:
+                    # peft leaves a deleted active adapter named active, and then every forward fails.
+                    self.net.set_adapter(next(iter(self.net.peft_config)), inference_mode=True)
 
     def _evict(self) -> None:
-        if not self.max_adapters:
-            return
-        while True:
+        """Unload least recently used versions over `max_adapters`; they stay known and load again on demand."""
+        while self.max_adapters:
             with self._meta:
                 if len(self.active) <= self.max_adapters:
                     return
-                name = next(iter(self.active))  # least recently used
+                name, version = self.active.popitem(last=False)
             log.info("unloading %s (least recently used; --max-adapters %d)", name, self.max_adapters)
-            self.unload(name)
+            self._retire(version)
 
     def _lock_for(self, name: str) -> threading.Lock:
         with self._meta:
@@ -139,12 +172,15 @@ class Registry:
 
     # ---- use by requests ----
     def acquire(self, name: str) -> Version:
-        """Pin the current version of `name` for one request (KeyError if unknown)."""
+        """Pin the current version of `name` for one request, loading it if it was evicted (KeyError if unknown)."""
         with self._meta:
-            version = self.active[name]
-            self.active.move_to_end(name)
-            version.users += 1
-            return version
+            version = self.active.get(name)
+            if version is not None:
+                self.active.move_to_end(name)
+                version.users += 1
+                return version
+            path, confined, _ = self.known[name]
+        return self.load(name, path, confined, pin=True)
 
     def release(self, version: Version) -> None:
         with self._meta:
@@ -155,30 +191,36 @@ class Registry:
 
     # ---- folder scan (hot reload) ----
     def scan(self, folder: Path) -> list[str]:
-        """Load new or changed adapters of `folder` (each subfolder with adapter_config.json); returns names."""
+        """Load new or changed adapters of `folder`; returns their names.
+
+        Each subfolder is an adapter, or a `lorakit train` run folder whose adapter/ training republishes
+        atomically: `--adapters-dir runs/` serves what training writes. Evicted adapters whose files did
+        not change stay unloaded until a request names them.
+        """
         changed = []
-        for run in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            # A subfolder is an adapter, or a `lorakit train` run folder whose adapter/ is republished
-            # atomically after every run: `--adapters-dir runs/` serves what training writes.
-            sub = run / "adapter" if (run / "adapter" / "adapter_config.json").is_file() else run
-            if not (sub / "adapter_config.json").is_file():
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            name, found = sub.name, adapter_folder(sub)
+            if found is None:
                 continue
-            current = self.active.get(run.name)
-            if current is not None and current.fingerprint == fingerprint(sub.resolve()):
-                continue
-            if self.errors.get(run.name, "").startswith(f"[{fingerprint(sub)}]"):
-                continue  # the same broken files: do not retry on every scan
+            fp = fingerprint(found)
+            with self._meta:
+                known = self.known.get(name)
+            unchanged = known is not None and known[0] == found.resolve() and known[2] == fp
+            if unchanged or self._failed.get(name) == fp:
+                continue  # unchanged (loaded, or evicted until a request names it), or the same broken files
             try:
-                self.load(run.name, sub)
-                changed.append(run.name)
-            except (ValueError, OSError, PermissionError) as e:
-                self.errors[run.name] = f"[{fingerprint(sub)}] {e}"
+                self.load(name, found)
+                changed.append(name)
+            except (ValueError, OSError) as e:  # PermissionError is an OSError
+                self.errors[name], self._failed[name] = str(e), fp
         return changed
 
     def describe(self) -> dict[str, dict]:
+        """Public name -> {path, loaded, version?, error?} for every known or failed adapter."""
         with self._meta:
-            out = {n: {"path": str(v.path), "version": v.internal} for n, v in self.active.items()}
-        for n, err in self.errors.items():
-            out.setdefault(n, {})["error"] = err
+            out = {n: {"path": str(k[0]), "loaded": n in self.active} for n, k in self.known.items()}
+            for n, v in self.active.items():
+                out[n]["version"] = v.internal
+            for n, err in self.errors.items():
+                out.setdefault(n, {"path": None, "loaded": False})["error"] = err
         return out
-

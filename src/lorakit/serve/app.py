@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,41 +18,46 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.serve import protocol as p
 from lorakit.serve.serving import APIError, Serving
 
+log = logging.getLogger("lorakit.serve")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               422: "invalid_request_error"}
+               404: "not_found_error", 413: "invalid_request_error", 500: "server_error"}
 
 
 def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None)
-    app.state.serving = serving
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        serving.close()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        # Authentication and body size are checked before any route parses the request.
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "invalid or missing API key (Authorization: Bearer KEY)")
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body_bytes:
-            return _error(413, f"request body over {max_body_bytes} bytes")
-        return await call_next(request)
+    app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.serving = serving
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, errors=serving.errors)
+
+    def error(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
+        serving.errors[status] += 1
+        return _error(status, message, type_, param)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return _error(e.status, e.message, e.type, e.param)
+        return error(e.status, e.message, e.type, e.param)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error(400, "the request body is not valid JSON")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return _error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "malformed request body",
-                      param=where or None)
+        return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "malformed request body",
+                     param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def bug(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error(500, f"internal error: {type(e).__name__}: {e}")
 
     @app.get("/health")
     async def health() -> dict:
@@ -64,32 +73,56 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
 
     @app.post("/v1/chat/completions")
     async def chat(req: p.ChatCompletionRequest) -> Any:
-        prompts = [serving.chat_prompt(req)]
-        if req.stream:
-            return _sse(serving.stream(req, serving.prepare(req, prompts), chat=True))
-        return await serving.complete(req, prompts, chat=True)
+        return _respond(await serving.chat(req))
 
     @app.post("/v1/completions")
     async def completions(req: p.CompletionRequest) -> Any:
-        prompts = serving.text_prompts(req)
-        if req.stream:
-            return _sse(serving.stream(req, serving.prepare(req, prompts), chat=False))
-        return await serving.complete(req, prompts, chat=False)
+        return _respond(await serving.completions(req))
 
     @app.post("/v1/load_lora_adapter")
     async def load(req: p.LoadLoraRequest) -> PlainTextResponse:
-        import asyncio
-
         # Loading reads files and waits for the model lock: keep it off the event loop.
         return PlainTextResponse(await asyncio.to_thread(serving.load_adapter, req))
 
     @app.post("/v1/unload_lora_adapter")
     async def unload(req: p.UnloadLoraRequest) -> PlainTextResponse:
-        import asyncio
-
         return PlainTextResponse(await asyncio.to_thread(serving.unload_adapter, req))
 
     return app
+
+
+class Guard:
+    """ASGI middleware: the API key on all but /health, and the body size, before any route parses a request.
+
+    The size is counted as the body arrives, so a chunked upload without Content-Length is stopped too.
+    """
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, errors: dict[int, int]):
+        self.app, self.api_key, self.max_body_bytes, self.errors = app, api_key, max_body_bytes, errors
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
+        if self.api_key and scope["path"] != "/health" and not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            self.errors[401] += 1
+            return await _error(401, "invalid or missing API key (Authorization: Bearer KEY)")(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            self.errors[413] += 1
+            return await _error(413, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body_bytes:
+                raise StarletteHTTPException(413, f"request body over {self.max_body_bytes} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _error(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
@@ -97,9 +130,12 @@ def _error(status: int, message: str, type_: str | None = None, param: str | Non
                         status_code=status)
 
 
-def _sse(chunks: Any) -> StreamingResponse:
-    async def frames() -> Any:
-        async for chunk in chunks:
+def _respond(result: dict | AsyncIterator[dict]) -> Any:
+    if isinstance(result, dict):
+        return result
+
+    async def frames() -> AsyncIterator[str]:
+        async for chunk in result:
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
 

@@ -1,10 +1,15 @@
 """Batched generation for the server: no HTTP here.
 
-Requests wait in a queue; a worker thread takes up to `max_batch` of them (waiting `window_s` for
-company), and decodes them together with a KV cache. Rows of different adapters share each forward
-pass through peft's per-row `adapter_names`, instead of switching the active adapter per request.
-Each row has its own sampling settings, stop sequences and token budget, and streams its text
-as it is produced.
+Requests wait in a queue. A worker thread decodes the running rows together, one token per forward
+pass, with a KV cache. Between steps it admits waiting jobs (up to `max_batch` rows): they are
+prefilled on their own, then joined to the running rows, so a request never waits for a whole batch
+to finish (continuous batching). A row leaves the batch, and its cache rows are dropped, as soon as
+it ends. Rows of different adapters share each forward pass through peft's per-row `adapter_names`
+instead of switching the active adapter per request. Each row has its own sampling settings, stop
+strings and token budget, and streams its text as it is produced.
+
+`per_row_adapters=False` is the naive server kept for comparison (bench/serve_load.py): one job at a
+time, with the active adapter switched by peft's `set_adapter` before its forward passes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -35,21 +42,39 @@ class Job:
     seed: int | None = None
     emit: Callable[[str, bool, str | None], None] = lambda text, done, reason: None
     release: Callable[[], None] = lambda: None  # called once the job no longer uses its adapter
+    cancelled: bool = False  # set by the caller (client gone): the row stops at the next step
     # Filled by the engine:
     text: str = ""
     completion_tokens: int = 0
     finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Rows:
+    """Rows decoding together. Invariant: mask is (B, T) with T = the cache's length, and `last`
+    holds each row's newest token, picked but not yet fed to the model."""
+
+    jobs: list[Job]
+    cache: DynamicCache
+    mask: torch.Tensor  # (B, T) 1 = real token, 0 = left padding
+    pos: torch.Tensor  # (B,) position id of each row's next token
+    last: list[int]
+    tokens: list[list[int]]  # generated ids per row
+    gens: list[torch.Generator | None]
 
 
 class Engine:
     def __init__(self, get_model: Callable[[], Any], tokenizer: Any, eos_ids: list[int], max_batch: int = 8,
-                 window_s: float = 0.01, model_lock: threading.Lock | None = None):
+                 window_s: float = 0.01, model_lock: threading.Lock | None = None, per_row_adapters: bool = True):
         self.get_model, self.tokenizer, self.eos_ids = get_model, tokenizer, set(eos_ids)
-        self.max_batch, self.window_s = max_batch, window_s
+        self.max_batch, self.window_s, self.per_row_adapters = max_batch, window_s, per_row_adapters
         self.lock = model_lock or threading.Lock()  # held during every forward; adapter loads take it too
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
-        self.batches = 0
+        self.batches = 0  # times decoding started from idle
+        self.joined = 0  # jobs admitted into rows already decoding
+        self.running = 0  # rows decoding now
         self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
         self._thread.start()
 
@@ -64,37 +89,56 @@ class Engine:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        rows: Rows | None = None
         while True:
+            new = self._take(rows)
+            if new is None:
+                return
+            fresh = None
+            try:
+                fresh = self._prefill(new) if new else None
+            except Exception as e:  # noqa: BLE001 - failing requests must not stop the rows already running
+                self._fail(new, e)
+            try:
+                rows = self._join(rows, fresh)
+                if rows is not None:
+                    rows = self._step(rows)
+            except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
+                self._fail((rows.jobs if rows else []) + (fresh.jobs if fresh else []), e)
+                rows = None
+            self.running = len(rows.jobs) if rows else 0
+
+    def _take(self, rows: Rows | None) -> list[Job] | None:
+        """Jobs to admit now: when idle, block for one and wait `window_s` for company; else never wait."""
+        room = self.max_batch - (len(rows.jobs) if rows else 0)
+        jobs: list[Job] = []
+        if rows is None:
             first = self.queue.get()
             if first is None:
-                return
-            jobs = [first]
-            deadline = time.monotonic() + self.window_s
-            while len(jobs) < self.max_batch:
-                try:
-                    nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self.queue.put(None)
-                    break
-                jobs.append(nxt)
+                return None
+            jobs, deadline = [first], time.monotonic() + self.window_s
+        elif not self.per_row_adapters or not _joinable(rows.cache):
+            return []
+        while len(jobs) < room:
             try:
-                self.generate(jobs)
-            except Exception as e:  # one bad batch must not stop the server
-                for job in jobs:
-                    if job.finish_reason is None:
-                        job.finish_reason = "error"
-                        job.emit(f"[engine error: {e}]", True, "error")
-            finally:
-                for job in jobs:
-                    job.release()
+                nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic())) if rows is None \
+                    else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self.queue.put(None)  # stop once the running rows are done
+                break
+            jobs.append(nxt)
+        for job in [j for j in jobs if j.cancelled]:  # the client left while its job waited
+            jobs.remove(job)
+            job.release()
+        self.batches += rows is None and bool(jobs)
+        self.joined += 0 if rows is None else len(jobs)
+        return jobs
 
     @torch.inference_mode()
-    def generate(self, jobs: list[Job]) -> None:
-        """Decode all jobs together until each hits EOS, a stop string or its token budget."""
-        self.batches += 1
-        net = self.get_model()
+    def _prefill(self, jobs: list[Job]) -> Rows | None:
+        """Run the prompts (left padded) and pick each row's first token."""
         width = max(len(j.prompt_ids) for j in jobs)
         # Left padding: every row's next token is then at the same position, the last column.
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
@@ -102,30 +146,93 @@ class Engine:
         for b, job in enumerate(jobs):
             ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
             mask[b, width - len(job.prompt_ids):] = 1
-        device = next(net.parameters()).device
+        device = self._device()
         ids, mask = ids.to(device), mask.to(device)
-        kwargs = {}
-        if hasattr(net, "peft_config"):
-            kwargs["adapter_names"] = [j.adapter or BASE_ROW for j in jobs]
-        gens = [torch.Generator().manual_seed(j.seed) if j.seed is not None else None for j in jobs]
-        generated: list[list[int]] = [[] for _ in jobs]
-        active = [True] * len(jobs)
         cache = DynamicCache()
-        step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
-        for _ in range(max(j.max_tokens for j in jobs)):
-            with self.lock:
-                out = net(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True, **kwargs)
-            logits = out.logits[:, -1, :].float().cpu()
-            next_ids = [self._pick(logits[b], job, gens[b]) for b, job in enumerate(jobs)]
-            for b, job in enumerate(jobs):
-                if active[b]:
-                    active[b] = self._advance(job, generated[b], next_ids[b])
-            if not any(active):
-                break
-            step_ids = torch.tensor(next_ids, device=device)[:, None]
-            mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=mask.dtype, device=device)], dim=1)
-            positions = positions[:, -1:] + 1
+        logits = self._forward(jobs, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
+        gens = [torch.Generator().manual_seed(j.seed) if j.seed is not None else None for j in jobs]
+        rows = Rows(jobs, cache, mask, mask.sum(-1), [0] * len(jobs), [[] for _ in jobs], gens)
+        return self._settle(rows, logits)
+
+    @torch.inference_mode()
+    def _step(self, rows: Rows) -> Rows | None:
+        """Feed each row's newest token and pick the next one."""
+        ids = torch.tensor(rows.last, device=rows.mask.device)[:, None]
+        rows.mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
+        logits = self._forward(rows.jobs, ids, rows.mask, rows.pos[:, None], rows.cache)
+        rows.pos = rows.pos + 1
+        return self._settle(rows, logits)
+
+    def _forward(self, jobs: list[Job], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        """Next-token logits (B, vocab) in fp32 on the CPU."""
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache,
+                  "use_cache": True, "logits_to_keep": 1}  # logits of the last position only: vocab x prompt is big
+        with self.lock:
+            # The model is fetched under the lock: the registry wraps it in peft at the first adapter load
+            # and unwraps it when the last one goes, and the base weights (so this cache) stay valid.
+            net = self.get_model()
+            if not hasattr(net, "peft_config"):
+                out = net(**kwargs)
+            elif self.per_row_adapters:
+                out = net(**kwargs, adapter_names=[j.adapter or BASE_ROW for j in jobs])
+            elif jobs[0].adapter is None:
+                with net.disable_adapter():
+                    out = net(**kwargs)
+            else:
+                if net.active_adapter != jobs[0].adapter:
+                    net.set_adapter(jobs[0].adapter, inference_mode=True)
+                out = net(**kwargs)
+        return out.logits[:, -1, :].float().cpu()
+
+    def _settle(self, rows: Rows, logits: torch.Tensor) -> Rows | None:
+        """Pick and record each row's next token; drop finished rows (and their cache rows)."""
+        keep = []
+        for b, job in enumerate(rows.jobs):
+            token = self._pick(logits[b], job, rows.gens[b])
+            if job.cancelled:  # the client is gone: nobody to tell
+                job.finish_reason = "cancelled"
+                job.release()
+            elif self._advance(job, rows.tokens[b], token):
+                rows.last[b] = token
+                keep.append(b)
+        if len(keep) == len(rows.jobs):
+            return rows
+        if not keep:
+            return None
+        idx = torch.tensor(keep, device=rows.mask.device)
+        rows.cache.batch_select_indices(idx)
+        rows.mask, rows.pos = rows.mask[idx], rows.pos[idx]
+        rows.jobs, rows.last, rows.tokens, rows.gens = ([xs[b] for b in keep] for xs in
+                                                        (rows.jobs, rows.last, rows.tokens, rows.gens))
+        return rows
+
+    @staticmethod
+    def _join(a: Rows | None, b: Rows | None) -> Rows | None:
+        """One batch of both: the shorter cache is left-padded (masked) to the longer one's length."""
+        if a is None or b is None:
+            return a or b
+        width = max(a.mask.shape[1], b.mask.shape[1])
+        for r in (a, b):
+            pad = width - r.mask.shape[1]
+            r.mask = F.pad(r.mask, (pad, 0))
+            for layer in r.cache.layers:  # keys/values: (B, heads, T, head_dim)
+                layer.keys, layer.values = F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            la.keys, la.values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])
+        a.mask, a.pos = torch.cat([a.mask, b.mask]), torch.cat([a.pos, b.pos])
+        a.jobs, a.last, a.tokens, a.gens = a.jobs + b.jobs, a.last + b.last, a.tokens + b.tokens, a.gens + b.gens
+        return a
+
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        for job in jobs:
+            if job.finish_reason is None:
+                job.error = f"{type(e).__name__}: {e}"
+                _finish(job, "", "error")
+
+    def _device(self) -> torch.device:
+        with self.lock:
+            return next(self.get_model().parameters()).device
 
     def _pick(self, logits: torch.Tensor, job: Job, gen: torch.Generator | None) -> int:
         if job.temperature <= 0:
@@ -140,33 +247,46 @@ class Engine:
     def _advance(self, job: Job, tokens: list[int], token: int) -> bool:
         """Record one token; emit the new text; return whether the row goes on."""
         if token in self.eos_ids:
-            job.finish_reason = "stop"
-            job.emit("", True, "stop")
+            # Text held back (a possible stop-string start, a half-decoded character) is final now.
+            rest = self.tokenizer.decode(tokens, skip_special_tokens=True)[len(job.text):] if tokens else ""
+            job.text += rest
+            _finish(job, rest, "stop")
             return False
         tokens.append(token)
         job.completion_tokens += 1
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
         if cut >= 0:
-            delta, job.text, job.finish_reason = text[len(job.text):cut], text[:cut], "stop"
-            job.emit(delta, True, "stop")
+            delta, job.text = text[len(job.text):cut], text[:cut]
+            _finish(job, delta, "stop")
             return False
         # Hold back text that could be the start of a stop string, and half-decoded UTF-8.
-        safe = len(text)
+        safe = len(text.rstrip("\ufffd"))
         for s in job.stop:
             for k in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:k]):
                     safe = min(safe, len(text) - k)
                     break
-        if text.endswith("\ufffd"):
-            safe = min(safe, len(text) - 1)
         delta = text[len(job.text):safe] if safe > len(job.text) else ""
         job.text = text[:max(safe, len(job.text))]
         if job.completion_tokens >= job.max_tokens:
             rest = text[len(job.text):]
-            job.text, job.finish_reason = text, "length"
-            job.emit(delta + rest, True, "length")
+            job.text = text
+            _finish(job, delta + rest, "length")
             return False
         if delta:
             job.emit(delta, False, None)
         return True
+
+
+def _finish(job: Job, delta: str, reason: str) -> None:
+    """End a row. Its adapter version is released before the last event goes out, so a client that
+    has its whole answer never finds that version still pinned (a retired one is already freed)."""
+    job.finish_reason = reason
+    job.release()
+    job.emit(delta, True, reason)
+
+
+def _joinable(cache: DynamicCache) -> bool:
+    # Plain layers only: a sliding-window layer keeps the last W positions, which left padding would shift.
+    return all(type(layer) is DynamicLayer for layer in cache.layers)

@@ -1,22 +1,40 @@
-"""OpenAI-compatible request and response models (the subset lorakit serves), plus vLLM's adapter bodies."""
+"""OpenAI-compatible request models (the subset lorakit serves), vLLM's adapter bodies, and the error shape."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Fields that change what a completion means; ignoring them silently would return a wrong answer.
+UNSUPPORTED = {"logprobs": False, "top_logprobs": None, "echo": False, "best_of": 1, "tools": None,
+               "functions": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0, "suffix": None}
 
 
 class _Req(BaseModel):
-    # Clients send fields we do not use (logprobs, user, ...): accept and ignore them, as OpenAI does.
-    model_config = ConfigDict(extra="ignore")
+    # Clients send fields we do not use (user, metadata, ...): accept and ignore them, as OpenAI does.
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def render(self) -> dict[str, str]:
+        """The message as chat templates expect it; `developer` is OpenAI's newer name for `system`."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class SamplingFields(_Req):
@@ -28,13 +46,37 @@ class SamplingFields(_Req):
     seed: int | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return v
+
+    @model_validator(mode="after")
+    def _supported(self) -> SamplingFields:
+        extra: dict[str, Any] = self.model_extra or {}
+        used = [k for k, default in UNSUPPORTED.items() if extra.get(k, default) not in (default, None)]
+        if used:
+            raise ValueError(f"not supported by lorakit serve: {', '.join(used)}")
+        return self
 
     def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        # An empty stop string would match at once and end every completion before its first token.
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> ChatCompletionRequest:
+        if self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 class CompletionRequest(SamplingFields):
@@ -42,7 +84,7 @@ class CompletionRequest(SamplingFields):
 
 
 class LoadLoraRequest(_Req):
-    lora_name: str
+    lora_name: str = Field(min_length=1, max_length=200)
     lora_path: str
 
 

@@ -7,12 +7,15 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from lorakit.serve import protocol as p
 from lorakit.serve.adapters import Registry
 from lorakit.serve.engine import Engine, Job
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
 
 class APIError(Exception):
@@ -26,86 +29,76 @@ class APIError(Exception):
 class Serving:
     def __init__(self, base_model: Any, tokenizer: Any, served_name: str, *, adapters_dir: Path | None = None,
                  max_adapters: int | None = None, max_batch: int = 8, window_s: float = 0.01,
-                 max_tokens_limit: int = 1024, default_max_tokens: int = 256):
+                 per_row_adapters: bool = True, max_tokens_limit: int = 1024, max_model_len: int | None = None,
+                 default_max_tokens: int = 256):
         self.tokenizer, self.served_name = tokenizer, served_name
-        self.adapters_dir = adapters_dir
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
-        self.context = int(getattr(base_model.config, "max_position_embeddings", 2048))
+        self.context = max_model_len or int(getattr(base_model.config, "max_position_embeddings", 2048))
         lock = threading.Lock()
         self.registry = Registry(base_model.eval(), lock, adapters_dir, max_adapters)
         gen = base_model.generation_config
         eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
         eos_ids = [i for i in {tokenizer.eos_token_id, *eos} if i is not None]
-        self.engine = Engine(lambda: self.registry.net, tokenizer, eos_ids, max_batch, window_s, lock)
+        self.engine = Engine(lambda: self.registry.net, tokenizer, eos_ids, max_batch, window_s, lock,
+                             per_row_adapters)
         self.stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.errors: dict[int, int] = defaultdict(int)
         self.started = p.now()
+
+    def close(self) -> None:
+        self.engine.close()
 
     # ---- models ----
     def models(self) -> dict:
         data = [{"id": self.served_name, "object": "model", "created": self.started, "owned_by": "lorakit",
-                 "root": self.served_name, "parent": None}]
+                 "root": self.served_name, "parent": None, "max_model_len": self.context}]
         for name, info in self.registry.describe().items():
-            entry = {"id": name, "object": "model", "created": self.started, "owned_by": "lorakit",
-                     "root": info.get("path"), "parent": self.served_name}
-            if "error" in info:
-                entry["error"] = info["error"]
-            data.append(entry)
+            data.append({"id": name, "object": "model", "created": self.started, "owned_by": "lorakit",
+                         "root": info["path"], "parent": self.served_name, **info})
         return {"object": "list", "data": data}
 
     def load_adapter(self, req: p.LoadLoraRequest) -> str:
         if req.lora_name == self.served_name:
-            raise APIError(400, f"'{req.lora_name}' is the base model's name")
+            raise APIError(400, f"'{req.lora_name}' is the base model's name", param="lora_name")
         try:
             self.registry.load(req.lora_name, req.lora_path)
         except PermissionError as e:
-            raise APIError(403, str(e), "permission_error") from None
+            raise APIError(403, str(e), "permission_error", "lora_path") from None
         except FileNotFoundError as e:
-            raise APIError(404, str(e), "not_found_error") from None
+            raise APIError(404, str(e), "not_found_error", "lora_path") from None
         except ValueError as e:
-            raise APIError(400, str(e)) from None
-        return f"adapter {req.lora_name} loaded"
+            raise APIError(400, str(e), param="lora_path") from None
+        return f"Success: LoRA adapter '{req.lora_name}' added successfully."
 
     def unload_adapter(self, req: p.UnloadLoraRequest) -> str:
         try:
             self.registry.unload(req.lora_name)
         except KeyError:
-            raise APIError(404, f"adapter '{req.lora_name}' is not loaded", "not_found_error") from None
-        return f"adapter {req.lora_name} unloaded"
+            raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", "not_found_error",
+                           "lora_name") from None
+        return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
     # ---- completions ----
-    def prepare(self, req: p.SamplingFields, prompts: list[list[int]]) -> list[Job]:
-        """Validate limits and pin the adapter version for each of the request's rows."""
-        max_tokens = self.default_max_tokens if req.max_tokens is None else req.max_tokens
-        if max_tokens <= 0 or max_tokens > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_limit}, got {max_tokens}",
-                           param="max_tokens")
-        for ids in prompts:
-            if len(ids) + max_tokens > self.context:
-                raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                               f"length {self.context}", param="messages")
-        jobs = []
-        for ids in prompts:
-            for i in range(req.n):
-                version = self._pin(req.model)
-                jobs.append(Job(ids, version.internal if version else None, max_tokens, req.temperature, req.top_p,
-                                req.stops(), None if req.seed is None else req.seed + i,
-                                release=(lambda v=version: self.registry.release(v)) if version else (lambda: None)))
-        return jobs
+    async def chat(self, req: p.ChatCompletionRequest) -> dict | AsyncIterator[dict]:
+        """A chat.completion dict, or (stream=True) an iterator of chat.completion.chunk dicts."""
+        prompts = [self.chat_prompt(req)]
+        jobs = await asyncio.to_thread(self.prepare, req, prompts)  # may load an evicted adapter
+        return self.stream(req, jobs, chat=True) if req.stream else await self.complete(req, jobs, chat=True)
 
-    def _pin(self, model: str) -> Any:
-        if model == self.served_name:
-            return None
-        try:
-            return self.registry.acquire(model)
-        except KeyError:
-            raise APIError(404, f"The model '{model}' does not exist: known models are "
-                           f"{[self.served_name, *self.registry.active]}", "not_found_error", "model") from None
+    async def completions(self, req: p.CompletionRequest) -> dict | AsyncIterator[dict]:
+        """A text_completion dict, or (stream=True) an iterator of its chunks."""
+        prompts = self.text_prompts(req)
+        jobs = await asyncio.to_thread(self.prepare, req, prompts)
+        return self.stream(req, jobs, chat=False) if req.stream else await self.complete(req, jobs, chat=False)
 
     def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
-        text = self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
-                                                  tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template([m.render() for m in req.messages], add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception as e:  # noqa: BLE001 - no template, or one that rejects these roles (must alternate...)
+            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds any BOS
 
     def text_prompts(self, req: p.CompletionRequest) -> list[list[int]]:
@@ -114,58 +107,115 @@ class Serving:
             raise APIError(400, "prompt must not be empty", param="prompt")
         return [self.tokenizer(s)["input_ids"] for s in prompts]
 
+    def prepare(self, req: p.SamplingFields, prompts: list[list[int]]) -> list[Job]:
+        """Check limits and pin the adapter version for each of the request's rows (prompts x n)."""
+        max_tokens = self.default_max_tokens if req.max_tokens is None else req.max_tokens
+        if max_tokens <= 0 or max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_limit}, got {max_tokens}",
+                           param="max_tokens")
+        for ids in prompts:
+            if len(ids) + max_tokens > self.context:
+                raise APIError(400, f"This model's maximum context length is {self.context} tokens: the prompt "
+                               f"({len(ids)} tokens) + max_tokens ({max_tokens}) is over it", param="messages")
+        jobs: list[Job] = []
+        try:
+            for ids in prompts:
+                for i in range(req.n):
+                    version = self._pin(req.model)
+                    jobs.append(Job(ids, version.internal if version else None, max_tokens, req.temperature,
+                                    req.top_p, req.stops(), None if req.seed is None else req.seed + i,
+                                    release=(lambda v=version: self.registry.release(v)) if version else lambda: None))
+        except APIError:
+            for job in jobs:
+                job.release()
+            raise
+        return jobs
+
+    def _pin(self, model: str) -> Any:
+        if model == self.served_name:
+            return None
+        try:
+            return self.registry.acquire(model)
+        except KeyError:
+            raise APIError(404, f"The model `{model}` does not exist. Known models: "
+                           f"{[self.served_name, *self.registry.known]}", "not_found_error", "model") from None
+        except (ValueError, OSError) as e:  # evicted, and its files have changed into something unloadable
+            raise APIError(500, f"adapter {model} could not be loaded again: {e}", "server_error", "model") from None
+
     async def run(self, jobs: list[Job]) -> AsyncIterator[tuple[int, str, bool, str | None]]:
-        """Submit jobs and yield (row, delta_text, finished, finish_reason) as the engine produces them."""
+        """Submit jobs and yield (row, delta_text, finished, finish_reason) as the engine produces them.
+
+        Leaving early (the client went away) cancels the rows still running.
+        """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for i, job in enumerate(jobs):
             job.emit = lambda text, done, reason, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, text, done, reason))
             self.engine.submit(job)
         remaining = len(jobs)
-        while remaining:
-            item = await events.get()
-            remaining -= item[2]
-            yield item
+        try:
+            while remaining:
+                item = await events.get()
+                remaining -= item[2]
+                yield item
+        finally:
+            for job in jobs:
+                job.cancelled = job.finish_reason is None
 
-    async def complete(self, req: p.SamplingFields, prompts: list[list[int]], chat: bool) -> dict:
+    async def complete(self, req: p.SamplingFields, jobs: list[Job], chat: bool) -> dict:
         t0 = time.perf_counter()
-        jobs = self.prepare(req, prompts)
         texts = [""] * len(jobs)
         reasons: list[str | None] = [None] * len(jobs)
-        async for i, delta, done, reason in self.run(jobs):
-            texts[i] += delta
-            if done:
-                reasons[i] = reason
+        async with aclosing(self.run(jobs)) as events:
+            async for i, delta, done, reason in events:
+                texts[i] += delta
+                if done:
+                    reasons[i] = reason
+        failed = [j.error for j in jobs if j.error]
+        if failed:
+            raise APIError(500, f"generation failed: {failed[0]}", "server_error")
         self._count(req.model, jobs, time.perf_counter() - t0)
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
                        for i, (t, r) in enumerate(zip(texts, reasons))]
         else:
             choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
                        for i, (t, r) in enumerate(zip(texts, reasons))]
-        prompt_tokens = sum(len(j.prompt_ids) for j in jobs[:: req.n])
-        completion_tokens = sum(j.completion_tokens for j in jobs)
         return {"id": p.new_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion" if chat else "text_completion",
-                "created": p.now(), "model": req.model, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+                "created": p.now(), "model": req.model, "choices": choices, "usage": self._usage(req, jobs)}
 
     async def stream(self, req: p.SamplingFields, jobs: list[Job], chat: bool) -> AsyncIterator[dict]:
-        """OpenAI stream chunks; the caller frames them as SSE and ends with [DONE]."""
+        """OpenAI stream chunks; the caller frames them as SSE and ends with [DONE]. A failure mid-stream is
+        one chunk in OpenAI's error shape (the openai client raises it)."""
         t0 = time.perf_counter()
         rid, created = p.new_id("chatcmpl" if chat else "cmpl"), p.now()
-        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": req.model}
         if chat:
             for i in range(len(jobs)):
-                yield {"id": rid, "object": obj, "created": created, "model": req.model,
-                       "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-        async for i, delta, done, reason in self.run(jobs):
-            if not delta and not done:
-                continue
-            choice = ({"index": i, "delta": {"content": delta} if delta else {}, "finish_reason": reason if done else None}
-                      if chat else {"index": i, "text": delta, "finish_reason": reason if done else None, "logprobs": None})
-            yield {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [choice]}
+                yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]}
+        async with aclosing(self.run(jobs)) as events:
+            async for i, delta, done, reason in events:
+                if jobs[i].error:
+                    self.errors[500] += 1
+                    yield p.error_body(f"generation failed: {jobs[i].error}", "server_error", 500)
+                    return
+                if not delta and not done:
+                    continue
+                end = reason if done else None
+                choice = ({"index": i, "delta": {"content": delta} if delta else {}, "finish_reason": end} if chat
+                          else {"index": i, "text": delta, "finish_reason": end, "logprobs": None})
+                yield {**head, "choices": [choice]}
         self._count(req.model, jobs, time.perf_counter() - t0)
+        if req.stream_options and req.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": self._usage(req, jobs)}
+
+    @staticmethod
+    def _usage(req: p.SamplingFields, jobs: list[Job]) -> dict:
+        prompt = sum(len(j.prompt_ids) for j in jobs[:: req.n])  # n samples of one prompt read it once
+        completion = sum(j.completion_tokens for j in jobs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     # ---- metrics ----
     def _count(self, model: str, jobs: list[Job], seconds: float) -> None:
@@ -173,16 +223,30 @@ class Serving:
         s["requests"] += 1
         s["completion_tokens"] += sum(j.completion_tokens for j in jobs)
         s["prompt_tokens"] += sum(len(j.prompt_ids) for j in jobs)
-        s["latency_seconds_sum"] += seconds
+        s["latency_sum"] += seconds
+        for le in LATENCY_BUCKETS:
+            s[f"le_{le}"] += seconds <= le
 
     def metrics(self) -> str:
-        """Prometheus text exposition: per-model counters and the queue depth."""
+        """Prometheus text exposition: per-model requests, tokens and latency; queue, rows, adapters, errors."""
+        def label(v: Any) -> str:
+            return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
         lines = ["# TYPE lorakit_queue_depth gauge", f"lorakit_queue_depth {self.engine.depth()}",
-                 "# TYPE lorakit_batches_total counter", f"lorakit_batches_total {self.engine.batches}"]
-        names = {"requests": "lorakit_requests_total", "completion_tokens": "lorakit_completion_tokens_total",
-                 "prompt_tokens": "lorakit_prompt_tokens_total", "latency_seconds_sum": "lorakit_request_latency_seconds_sum"}
-        for key, metric in names.items():
-            lines.append(f"# TYPE {metric} counter")
-            for model, s in sorted(self.stats.items()):
-                lines.append(f'{metric}{{model="{model}"}} {s[key]:g}')
+                 "# TYPE lorakit_running_rows gauge", f"lorakit_running_rows {self.engine.running}",
+                 "# TYPE lorakit_adapters_loaded gauge", f"lorakit_adapters_loaded {len(self.registry.active)}",
+                 "# TYPE lorakit_batches_total counter", f"lorakit_batches_total {self.engine.batches}",
+                 "# TYPE lorakit_joined_rows_total counter", f"lorakit_joined_rows_total {self.engine.joined}",
+                 "# TYPE lorakit_request_errors_total counter"]
+        lines += [f'lorakit_request_errors_total{{status="{k}"}} {v}' for k, v in sorted(self.errors.items())]
+        for key in ("requests", "prompt_tokens", "completion_tokens"):
+            lines.append(f"# TYPE lorakit_{key}_total counter")
+            lines += [f'lorakit_{key}_total{{model="{label(m)}"}} {s[key]:g}' for m, s in sorted(self.stats.items())]
+        lines.append("# TYPE lorakit_request_latency_seconds histogram")
+        for m, s in sorted(self.stats.items()):
+            for le in LATENCY_BUCKETS:
+                bound = "+Inf" if le == float("inf") else f"{le:g}"
+                lines.append(f'lorakit_request_latency_seconds_bucket{{model="{label(m)}",le="{bound}"}} {s[f"le_{le}"]:g}')
+            lines.append(f'lorakit_request_latency_seconds_sum{{model="{label(m)}"}} {s["latency_sum"]:g}')
+            lines.append(f'lorakit_request_latency_seconds_count{{model="{label(m)}"}} {s["requests"]:g}')
         return "\n".join(lines) + "\n"
