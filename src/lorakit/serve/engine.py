@@ -14,6 +14,7 @@ time, with the active adapter switched by peft's `set_adapter` before its forwar
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -72,6 +73,8 @@ class Engine:
         self.lock = model_lock or threading.Lock()  # held during every forward; adapter loads take it too
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+        # transformers renamed `past_key_values` to `cache` (the old name goes in 5.40): use what this model takes.
+        self.cache_kw = "cache" if "cache" in inspect.signature(get_model().forward).parameters else "past_key_values"
         self.batches = 0  # times decoding started from idle
         self.joined = 0  # jobs admitted into rows already decoding
         self.running = 0  # rows decoding now
@@ -166,7 +169,7 @@ class Engine:
     def _forward(self, jobs: list[Job], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: DynamicCache) -> torch.Tensor:
         """Next-token logits (B, vocab) in fp32 on the CPU."""
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache,
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self.cache_kw: cache,
                   "use_cache": True, "logits_to_keep": 1}  # logits of the last position only: vocab x prompt is big
         with self.lock:
             # The model is fetched under the lock: the registry wraps it in peft at the first adapter load
