@@ -17,7 +17,11 @@ def attach(model: Any, cfg: RunConfig) -> Any:
     """Return the model to train: a peft `PeftModel` for lora/qlora, the model itself for full."""
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads hacks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it (the old name warns, and goes in v6).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

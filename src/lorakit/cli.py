@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any
 
 from pydantic import BaseModel
@@ -111,9 +112,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lorakit import export
 
     if args.format == "vllm":
-        command, warnings = export.vllm_for(args.source, _pairs(args.adapter, "--adapter"), base=args.base,
-                                            force=args.force)
-        for w in warnings:
+        command, notes = export.vllm_for(args.source, _pairs(args.adapter, "--adapter"), base=args.base,
+                                         force=args.force)
+        for w in notes:
             print(f"warning: {w}", file=sys.stderr)
         print(command)
         return 0
@@ -314,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 0 if not argv and args.command is None else 2
+    # peft reads transformers' deprecated `is_gradient_checkpointing` on every PeftModel: a warning on
+    # each run that the user can do nothing about.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     try:
         return func(args)
     except LorakitError as e:
