@@ -198,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metric", action="append", default=[],
                     help="metric to compute (repeatable): exact_match, contains, token_f1, rouge_l, bleu, chrf, "
                     "or module:function for your own; default: all built-ins")
-    ev.add_argument("--harness", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated)")
-    ev.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    ev.add_argument("--harness", metavar="TASKS", help="also run lm-evaluation-harness tasks on the base and each "
+                    "adapter (comma-separated names, or paths of task YAML files; pip install 'lorakit[harness]')")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N examples (of the held-out set and of each "
+                    "harness task)")
     ev.add_argument("--force", action="store_true", help="accept adapters trained on a different base")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     ev.set_defaults(func=cmd_eval)

@@ -50,6 +50,7 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     out = _claim(Path(opts.output or Path(cfg.output_dir) / "eval"), opts.overwrite)
     adapters = {name: adapter_dir(p) for name, p in (opts.adapters or _run_adapter(cfg)).items()}
     builtin, user = metrics.resolve(opts.metrics)
+    tasks = harness_tasks(opts.harness) if opts.harness else []  # a missing package fails before any work
     conv = data.held_out(cfg.data, opts.data)
     examples = conv.examples[: opts.limit] if opts.limit else conv.examples
     if any("messages" not in ex for ex in examples):
@@ -78,9 +79,8 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
         for name, preds in outputs.items():
             totals, per_example[name] = metrics.score(preds, refs, builtin, user, opts.normalize)
             results[name].update(totals)
-    if opts.harness:
-        for name, scores in harness(cfg, adapters, opts.harness).items():
-            results[name]["harness"] = scores
+    for name in results if tasks else []:
+        results[name]["harness"] = harness(net, tokenizer, name, tasks, opts.batch_size, opts.limit)
     report = {
         "models": results,
         "examples": [{"id": i, "prompt": p, "reference": r or None,
@@ -124,7 +124,10 @@ def load_models(cfg: RunConfig, adapters: dict[str, Path], force: bool) -> Any:
 @contextmanager
 def active(net: Any, name: str) -> Iterator[None]:
     """Run the base (adapters switched off) or one named adapter."""
-    if not hasattr(net, "set_adapter"):
+    from peft import PeftModel
+
+    # Not hasattr(net, "set_adapter"): transformers models have one too (their own adapter integration).
+    if not isinstance(net, PeftModel):
         with nullcontext():
             yield
     elif name == BASE:
@@ -148,26 +151,47 @@ def held_out_loss(net: Any, encoded: list[render.Encoded], tokenizer: Any, batch
     return total / max(count, 1)
 
 
-def harness(cfg: RunConfig, adapters: dict[str, Path], tasks: str) -> dict[str, dict]:
-    """EleutherAI lm-evaluation-harness scores for the base and each adapter (its `peft=` argument)."""
+def harness_tasks(spec: str) -> list[str]:
+    """lm-evaluation-harness tasks: names from its registry (most download their data from the hub), or
+    paths of task YAML files (lm-eval's format; `dataset_path: json` with local `data_files` runs offline)."""
     try:
-        import lm_eval
+        import lm_eval  # noqa: F401
     except ImportError:
         raise LorakitError("--harness needs EleutherAI's lm-evaluation-harness: pip install 'lorakit[harness]' "
                            "(or pip install lm-eval)") from None
-    base_path = model.resolve(cfg.model).path
-    out = {}
-    for name, path in {BASE: None, **adapters}.items():
-        args = f"pretrained={base_path}" + (f",peft={path}" if path else "")
-        res = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=tasks.split(","))
-        out[name] = {task: {k: v for k, v in vals.items() if isinstance(v, int | float)}
-                     for task, vals in res["results"].items()}
-    return out
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tasks:
+        raise LorakitError("--harness: name at least one task (comma-separated), e.g. --harness arc_easy,hellaswag")
+    return tasks
+
+
+def harness(net: Any, tokenizer: Any, name: str, tasks: list[str], batch_size: int,
+            limit: int | None) -> dict[str, dict]:
+    """lm-evaluation-harness scores of `name` (the base or an adapter), on the already loaded model.
+
+    The harness gets our model object, so it shares the one base copy and adapter switch of this eval
+    instead of loading the base again per adapter.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    try:
+        with active(net, name):
+            res = lm_eval.simple_evaluate(model=HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size),
+                                          tasks=tasks, limit=limit)
+    except Exception as e:  # noqa: BLE001 - the harness raises many kinds; one clear message instead
+        raise LorakitError(f"lm-evaluation-harness failed on {name}: {type(e).__name__}: {e}. Its built-in tasks "
+                           "download their data from the Hugging Face hub; offline, give a task YAML file with local "
+                           "data (dataset_path: json)") from None
+    return {task: {k: v for k, v in vals.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            for task, vals in res["results"].items()}
 
 
 def print_table(report: dict) -> None:
-    models = report["models"]
-    keys = [k for k in next(iter(models.values())) if k != "harness"]
+    from lorakit.report import flat
+
+    models = {name: flat(v) for name, v in report["models"].items()}
+    keys = list(next(iter(models.values())))
     width = max(len(n) for n in models) + 2
     print(f"{'model':<{width}}" + "".join(f"{k:>13}" for k in keys))
     for name, vals in models.items():
@@ -181,7 +205,7 @@ def _fmt(key: str, v: Any) -> str:
         return "-"
     if key in ("exact_match", "contains", "token_f1", "rouge_l"):
         return f"{v:.1%}"
-    return f"{v:.3f}" if key in ("loss", "perplexity") else f"{v:.1f}"
+    return f"{v:.3f}" if key in ("loss", "perplexity") or ":" in key else f"{v:.1f}"
 
 
 def _tokenizer(cfg: RunConfig, adapters: dict[str, Path]) -> Any:

@@ -58,11 +58,20 @@ def is_changed(ex: dict) -> bool:
     return any(o.strip() != outs[0].strip() for o in outs[1:])
 
 
+def flat(scores: dict[str, Any]) -> dict[str, Any]:
+    """One model's metrics as table columns: harness scores become `task:metric` (their stderr left out)."""
+    out = {k: v for k, v in scores.items() if k != "harness"}
+    for task, vals in (scores.get("harness") or {}).items():
+        out |= {f"{task}:{m.removesuffix(',none')}": v for m, v in vals.items() if "stderr" not in m}
+    return out
+
+
 def _metrics_table(models: dict[str, dict]) -> str:
-    keys = [k for k in next(iter(models.values()), {}) if k != "harness"]
+    table = {name: flat(v) for name, v in models.items()}
+    keys = list(next(iter(table.values()), {}))
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     rows = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(v.get(k))}</td>" for k in keys) + "</tr>"
-                   for name, v in models.items())
+                   for name, v in table.items())
     return f"<table class='metrics'><tr><th>model</th>{head}</tr>{rows}</table>"
 
 

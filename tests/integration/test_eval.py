@@ -1,6 +1,7 @@
 """`lorakit eval`: base + two adapters on one base copy, eval.json shape, eval.html, bad inputs."""
 
 import json
+import math
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -86,6 +87,14 @@ def test_generation_only_without_references(setup, capsys):
     assert all(len(ex["outputs"]) == 3 and ex["reference"] is None for ex in report["examples"])
 
 
+def test_the_base_alone_before_any_training(setup, tmp_path):
+    """No adapter yet (the run has not trained): the base model is evaluated on its own."""
+    tmp, cfg, _ = setup
+    report = evaluate.run(cfg, evaluate.EvalOptions(output=str(tmp_path / "out"), max_new_tokens=4))
+    assert list(report["models"]) == ["base"] and "loss" in report["models"]["base"]
+    assert all(list(ex["outputs"]) == ["base"] for ex in report["examples"])
+
+
 def test_bad_inputs(setup, tmp_path, capsys):
     tmp, cfg, adapters = setup
     cfg_path = tmp_path / "run.yaml"
@@ -110,3 +119,43 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert cli.main(base_args + ["--adapter", f"x={other}", "--force", "--output", str(tmp_path / "o3")]) == 0
     assert cli.main(base_args + ["--adapter", f"x={other}", "--force", "--output", str(tmp_path / "o3")]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_harness_scores_each_model_on_the_shared_base(setup, tmp_path, capsys):
+    """lm-evaluation-harness on a local task, each model's score checked against the same computation by hand."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lorakit[harness]')")
+    from transformers import AutoTokenizer
+
+    tmp, cfg, adapters = setup
+    docs = [{"question": f"item {i} is", "answer": [" red", " green blue", " one two three"][i % 3]} for i in range(6)]
+    (tmp_path / "ll.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "ll.yaml").write_text(yaml.safe_dump({
+        "task": "lk_ll", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "ll.jsonl")}},
+        "test_split": "test", "output_type": "loglikelihood", "doc_to_text": "{{question}}",
+        "doc_to_target": "{{answer}}", "target_delimiter": "", "metric_list": [{"metric": "perplexity", "aggregation": "perplexity",
+                                                        "higher_is_better": False}]}))
+    opts = evaluate.EvalOptions(adapters=adapters, output=str(tmp_path / "out"), max_new_tokens=2,
+                                harness=str(tmp_path / "ll.yaml"))
+    report = evaluate.run(cfg, opts)
+
+    # By hand: exp(-mean over docs of the answer's summed log-probability after the question).
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    net = evaluate.load_models(cfg, {n: Path(p) for n, p in adapters.items()}, force=False)
+
+    def perplexity(name: str) -> float:
+        total = 0.0
+        with evaluate.active(net, name), torch.no_grad():
+            for d in docs:
+                ctx = tok(d["question"], add_special_tokens=False)["input_ids"]
+                whole = tok(d["question"] + d["answer"], add_special_tokens=False)["input_ids"]
+                logp = net(input_ids=torch.tensor([whole])).logits[0, :-1].log_softmax(-1)
+                total += sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+        return math.exp(-total / len(docs))
+
+    expected = {name: perplexity(name) for name in ("base", "a", "b")}
+    assert len({round(v, 3) for v in expected.values()}) == 3, "each adapter changes the score: switching is tested"
+    got = {name: report["models"][name]["harness"]["lk_ll"]["perplexity,none"] for name in expected}
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert "<th>lk_ll:perplexity</th>" in (tmp_path / "out" / "eval.html").read_text()
+    evaluate.print_table(report)
+    assert "lk_ll:perplexity" in capsys.readouterr().out
