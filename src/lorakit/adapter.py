@@ -32,7 +32,10 @@ def attach(model: Any, cfg: RunConfig) -> Any:
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     check_targets(model, cfg.adapter.target_modules)
     a = cfg.adapter
-    lora = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+    # peft reads a lone string as a regex of full module paths; lorakit means a module name, as in a list.
+    targets = [a.target_modules] if isinstance(a.target_modules, str) and a.target_modules != "all-linear" \
+        else a.target_modules
+    lora = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
                       use_rslora=a.use_rslora, use_dora=a.use_dora, modules_to_save=a.modules_to_save,
                       bias="none", task_type="CAUSAL_LM")
     try:

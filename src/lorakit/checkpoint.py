@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorakit import config
@@ -57,7 +58,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError, RuntimeError) as e:
+        # safetensors and torch.save report a full disk as their own errors, not as OSError.
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(path, e) from None
     except BaseException:
@@ -65,8 +67,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
-def _write_error(path: Path, e: OSError) -> LorakitError:
-    return LorakitError(f"could not write {path}: {e.strerror or e}. Nothing half-written was left there. "
+def _write_error(path: Path, e: Exception) -> LorakitError:
+    return LorakitError(f"could not write {path}: {getattr(e, 'strerror', None) or e}. Nothing half-written was left there. "
                         "Free disk space or fix permissions, then run again (`lorakit train ... --resume` "
                         "continues a training run from its last checkpoint).")
 
@@ -79,6 +81,8 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     """
     out = Path(cfg.output_dir)
     saved = out / "config.yaml"  # also the resolved config that later stages read
+    if overwrite and out.exists():
+        check_overwritable(out, cfg)
     try:
         if overwrite and out.exists():
             shutil.rmtree(out)
@@ -106,6 +110,21 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
         raise LorakitError(f"--resume: {out} has no checkpoint to resume from; run without --resume.")
     config.dump(cfg, saved)
     return out
+
+
+def check_overwritable(out: Path, cfg: RunConfig) -> None:
+    """--overwrite deletes an earlier run's folder, never a folder of the user's own."""
+    target, here = out.resolve(), Path.cwd().resolve()
+    why = None
+    if target == here or target in here.parents:
+        why = "is the working folder or one above it"
+    elif any(target in Path(p).resolve().parents for p in (cfg.data.train, cfg.data.eval) if isinstance(p, str)):
+        why = "holds this run's data"
+    elif any(out.iterdir()) and not (out / "config.yaml").is_file():
+        why = "is not a lorakit run folder (it has no config.yaml)"
+    if why:
+        raise LorakitError(f"--overwrite: output_dir {out} {why}; lorakit only deletes its own runs. "
+                           "Set output_dir=runs/NAME (a new or earlier run folder).")
 
 
 def _diff(a: Any, b: Any, prefix: tuple = ()) -> set[tuple]:

@@ -325,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the command reads or writes (disk full, permissions): one message, not a trace
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: could not read or write{where}: {e.strerror or e}. Free disk space or fix permissions, "
+              "then run again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

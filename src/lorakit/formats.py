@@ -292,6 +292,9 @@ def _from_template(rec: dict, loc: str, t: TemplateConfig) -> dict:
         except KeyError as e:
             raise LorakitError(f"{loc}: data.template.{key} names column {e} that this row lacks; "
                                f"the row has {sorted(rec)}") from None
+        except (ValueError, TypeError, IndexError, AttributeError) as e:  # e.g. {n:d} on a CSV's text value
+            raise LorakitError(f"{loc}: data.template.{key} {getattr(t, key)!r} cannot be filled from this row "
+                               f"({e}). CSV/TSV values are text: use plain {{column}} fields") from None
 
     completion = fill("completion")
     if not completion.strip():

@@ -57,6 +57,8 @@ def read(source: str, split: str = "train", limit: int | None = None) -> Rows:
         where += locs
         if limit and len(records) >= limit:
             break
+    if not records:
+        raise LorakitError(f"{source}: no rows to read: the data set is empty. Point data.train at a file with rows")
     if limit:
         records, where = records[:limit], where[:limit]
     digest.update(f"limit={limit}".encode())
@@ -85,7 +87,18 @@ def _read_file(path: Path) -> tuple[list[dict], list[str]]:
     if ext not in readers:
         raise LorakitError(f"{path}: unsupported file type '{ext or '(none)'}'. Use one of "
                            f"{', '.join(EXTENSIONS)}, or convert the file.")
-    records, where = readers[ext](path)
+    try:
+        # utf-8-sig: Excel and Windows tools often start a UTF-8 file with a BOM, which is no part of the data.
+        records, where = readers[ext](path)
+    except UnicodeDecodeError:
+        raw = path.read_bytes()  # the reader's error counts from its buffer: find the place in the file
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise LorakitError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}). Save the file "
+                               "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        raise
     for rec, loc in zip(records, where):
         if not isinstance(rec, dict):
             raise LorakitError(f"{loc}: each row must be an object with named fields, got "
@@ -94,7 +107,7 @@ def _read_file(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -117,7 +130,7 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     records, where = [], []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -133,7 +146,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     csv.field_size_limit(1 << 30)
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if not reader.fieldnames:
             raise LorakitError(f"{path}: empty file or no header row; the first line must name the columns")

@@ -126,8 +126,12 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                checkpoint.save(out, step, adapter.trainable_state(accelerator.unwrap_model(net)), optimizer,
-                                scheduler, dict(state), cfg.train.keep_checkpoints)
+                plain = accelerator.unwrap_model(net)
+                # The adapter in peft's format too, so any checkpoint can be evaluated, merged or served as is
+                # (a full fine-tune's weights are already all in trainable.safetensors).
+                extra = None if cfg.method == "full" else lambda d: plain.save_pretrained(d / "adapter")
+                checkpoint.save(out, step, adapter.trainable_state(plain), optimizer, scheduler, dict(state),
+                                cfg.train.keep_checkpoints, save_extra=extra)
         _fault_injection(step)
     bar.close()
 

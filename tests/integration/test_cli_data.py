@@ -84,6 +84,10 @@ def bad_cases(tmp_path: Path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"prompt": "a", "completion": ""}) + "\n")
     (tmp_path / "data.xlsx").write_text("x")
+    (tmp_path / "nothing.jsonl").write_text("")
+    (tmp_path / "latin1.csv").write_bytes("prompt,completion\ncaf\xe9,ok\n".encode("latin-1"))
+    scores = tmp_path / "scores.tsv"
+    scores.write_text("q\tscore\nhow good?\t5\n")
     return [
         ("missing file", {"train": str(tmp_path / "nope.jsonl")}, "data file not found"),
         ("unknown extension", {"train": str(tmp_path / "data.xlsx")}, "unsupported file type '.xlsx'"),
@@ -91,6 +95,10 @@ def bad_cases(tmp_path: Path):
         ("row of wrong type", {"train": str(wrong_type)}, "wrong_type.jsonl:2: field 'output' must be str"),
         ("missing field", {"train": str(missing)}, "missing.jsonl:2: missing field 'output'"),
         ("empty after filtering", {"train": str(empty)}, "no usable rows left after filtering"),
+        ("empty file", {"train": str(tmp_path / "nothing.jsonl")}, "nothing.jsonl: no rows to read"),
+        ("not UTF-8", {"train": str(tmp_path / "latin1.csv")}, "latin1.csv:2: not UTF-8 text (invalid continuation byte at byte 21)"),
+        ("template fill", {"train": str(scores), "template": {"prompt": "{q}", "completion": "{score:d}"}},
+         "scores.tsv:2: data.template.completion '{score:d}' cannot be filled from this row"),
         ("eval fraction", {"train": str(good), "eval": 1.5}, "data.eval: an eval fraction must be between 0 and 1"),
         ("template column", {"train": str(good), "template": {"prompt": "{questoin}", "completion": "{answer}"}},
          "data.template.prompt names column(s) ['questoin']"),

@@ -72,21 +72,24 @@ def test_lora_lowers_the_loss_and_reloads_with_plain_peft(tmp_path, arch_dirs, a
         assert torch.allclose(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits, atol=1e-5)
 
 
-def test_full_fine_tuning_saves_a_model_folder(tmp_path, arch_dirs):
-    cfg = make_config(tmp_path, arch_dirs["llama"], method="full", **{"train.lr": 3e-3})
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "bloom"])
+def test_full_fine_tuning_saves_a_model_folder(tmp_path, arch_dirs, arch):
+    cfg = make_config(tmp_path, arch_dirs[arch], method="full", **{"train.lr": 3e-3})
     result = train.run(cfg, progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
     assert result.summary["trainable_params"] == result.summary["total_params"]
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
     ids = torch.tensor([[5, 17, 42, 99]])
+    assert saved.config.model_type == AutoModelForCausalLM.from_pretrained(arch_dirs[arch]).config.model_type
     with torch.no_grad():
         assert torch.allclose(saved(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits, atol=1e-5)
 
 
-def test_qlora_trains_on_cpu(tmp_path, arch_dirs):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "bloom"])
+def test_qlora_trains_on_cpu(tmp_path, arch_dirs, arch):
     pytest.importorskip("bitsandbytes")
-    cfg = make_config(tmp_path, arch_dirs["llama"], method="qlora")
+    cfg = make_config(tmp_path, arch_dirs[arch], method="qlora")
     result = train.run(cfg, progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
@@ -148,6 +151,13 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, arch_dirs):
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11)), "resumed metrics continue without duplicates"
+    ckpts = sorted((tmp_path / "killed" / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step-0000006", "step-0000009"], "only the newest keep_checkpoints=2 stay"
+    # Each checkpoint holds its adapter in peft's format: usable without lorakit.
+    net = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(arch_dirs["llama"]), ckpts[-1] / "adapter")
+    saved = load_file(ckpts[-1] / "trainable.safetensors")
+    lora_a = next(k for k in saved if "lora_A" in k)
+    assert torch.equal(dict(net.named_parameters())[lora_a], saved[lora_a])
 
 
 def test_tensorboard_tracker_writes_offline(tmp_path, arch_dirs):
@@ -168,6 +178,52 @@ def test_output_dir_of_another_run_is_not_overwritten(tmp_path, arch_dirs):
         train.run(other, resume=True, progress=False)
     train.run(other, overwrite=True, progress=False)
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_overwrite_only_deletes_lorakit_runs(tmp_path, arch_dirs, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    cfg = make_config(tmp_path, arch_dirs["llama"], output_dir=str(mine), **{"train.max_steps": 1})
+    with pytest.raises(LorakitError, match="is not a lorakit run folder"):
+        train.run(cfg, overwrite=True, progress=False)
+    with pytest.raises(LorakitError, match="holds this run's data"):
+        train.run(cfg.model_copy(update={"output_dir": str(tmp_path)}), overwrite=True, progress=False)
+    monkeypatch.chdir(mine)
+    with pytest.raises(LorakitError, match="is the working folder"):
+        train.run(cfg.model_copy(update={"output_dir": "."}), overwrite=True, progress=False)
+    assert (mine / "notes.txt").read_text() == "my notes" and (tmp_path / "task.jsonl").is_file()
+
+
+def test_a_full_disk_is_one_message_and_leaves_nothing_half_written(tmp_path, arch_dirs):
+    """A real write failure (a file size limit: EFBIG, as a full disk gives ENOSPC) in a real run."""
+    import resource
+
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.max_steps": 2, "train.save_every": 1})
+    train.run(cfg, progress=False)  # tokenizes into the cache, so the limited run fails while saving
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over the limit then fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+
+    exe = Path(sys.executable).parent / "lorakit"
+    done = subprocess.run([str(exe), "train", str(path), "--overwrite", "--no-progress"], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=small_files)
+    assert done.returncode == 2, done.stderr
+    messages = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(messages) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "could not write" in done.stderr and "File too large" in done.stderr, done.stderr
+    leftovers = [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name]
+    assert not leftovers, leftovers
+
+
+def test_one_target_module_as_a_string(tmp_path, arch_dirs):
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"adapter.target_modules": "q_proj", "train.max_steps": 1})
+    train.run(cfg, progress=False)
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["q_proj"]
 
 
 def write_yaml(tmp_path, cfg_dict):

@@ -24,6 +24,16 @@ def test_each_file_type_reads_the_same_rows(tmp_path):
     assert sources.read(str(tmp_path / "a.jsonl")).where == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'a.jsonl'}:2"]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    """Excel's "CSV UTF-8" and many Windows tools start files with a BOM."""
+    bom = "\ufeff"
+    (tmp_path / "a.csv").write_text(bom + "instruction,input,output\nSay hi,,hi\nAdd,1+1,2\n")
+    (tmp_path / "a.json").write_text(bom + json.dumps(ROWS))
+    (tmp_path / "a.jsonl").write_text(bom + "\n".join(json.dumps(r) for r in ROWS))
+    for ext in ("csv", "json", "jsonl"):
+        assert sources.read(str(tmp_path / f"a.{ext}")).records == ROWS, ext
+
+
 def test_folder_reads_all_files_and_limit_applies(tmp_path):
     for i in range(3):
         (tmp_path / f"part{i}.jsonl").write_text(json.dumps({"text": f"doc {i}"}) + "\n")
