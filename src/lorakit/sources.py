@@ -42,7 +42,8 @@ def read(source: str, split: str = "train", limit: int | None = None) -> Rows:
         files = [path]
     elif _is_local_looking(source):
         raise LorakitError(f"data file not found: {source}. Check the path (relative paths are taken "
-                           f"from the current directory: {Path.cwd()}).")
+                           f"from the current directory: {Path.cwd()}); a Hugging Face dataset is named "
+                           "as org/name.")
     else:
         return _read_hub(source, split, limit)
 

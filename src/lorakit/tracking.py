@@ -12,8 +12,11 @@ from lorakit.errors import LorakitError
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
-def check_trackers(names: list[str]) -> None:
-    """Fail before training, not after the first step, when a tracker's package is missing."""
+def check_trackers(names: list[str], out: Path) -> None:
+    """Fail before training, not after the first step, when a tracker's package is missing.
+
+    Offline logs go into the run folder `out`, beside metrics.jsonl, not into the working folder.
+    """
     import importlib.util
 
     for name in names:
@@ -23,8 +26,9 @@ def check_trackers(names: list[str]) -> None:
     # Trackers must work without network: default the ones that phone home to their offline modes.
     if "wandb" in names:
         os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(out.resolve()))
     if "mlflow" in names:
-        os.environ.setdefault("MLFLOW_TRACKING_URI", "file:./mlruns")
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (out.resolve() / "mlruns").as_uri())
 
 
 def append(path: Path, record: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
     """Train one run; the adapter (or model), metrics, plot and summary land in output_dir."""
     # ---- setup ----
     out = checkpoint.claim_output_dir(cfg, resume, overwrite)  # also writes out/config.yaml
-    tracking.check_trackers(cfg.track)
+    tracking.check_trackers(cfg.track, out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = model.pick_dtype(cfg.train.precision, device)
     accelerator = Accelerator(mixed_precision=MIXED[dtype], log_with=cfg.track or None, project_dir=str(out))
