@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
 from pathlib import Path
 
@@ -261,6 +262,58 @@ def test_old_version_lives_until_unused_and_broken_versions_never_replace_it(wor
     assert chat(serving, "a") == fresh
 
 
+def test_a_broken_adapter_leaves_the_model_as_it_was(world, tmp_path):
+    tmp, base = world
+    adapters = tmp_path / "adapters"
+    make_adapter(base, adapters / "half", 4, ["q_proj", "v_proj"], 5)
+    (adapters / "half" / "adapter_model.safetensors").write_bytes(b"\0" * 64)  # half-written upload
+    _, serving, http = start(world, adapters_dir=adapters)  # the only adapter fails: the base stays plain
+    assert "half" in serving.registry.errors and not hasattr(serving.registry.net, "peft_config")
+    assert not any("lora" in n for n, _ in serving.registry.net.named_modules())
+    assert chat(serving, "base") == offline(base, None)[0]
+    shutil.copytree(tmp / "adapters" / "a", adapters / "sql-v1.5")  # a dotted name, as versions often are
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "sql-v1.5", "lora_path": "sql-v1.5"})
+    assert r.status_code == 200, r.text
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "half", "lora_path": "half"})
+    assert r.status_code == 400
+    assert list(serving.registry.net.peft_config) == [serving.registry.active["sql-v1.5"].internal], \
+        "the failed version left nothing behind"
+    assert chat(serving, "sql-v1.5") == offline(base, tmp / "adapters" / "a")[0]
+    assert chat(serving, "base") == offline(base, None)[0]
+
+
+def test_requests_for_an_evicted_adapter_share_one_reload(world):
+    _, serving, _ = start(world, max_adapters=1)
+    assert "a" not in serving.registry.active
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda _: serving.registry.acquire("a"), range(4)))
+    assert len({v.internal for v in versions}) == 1 and versions[0].users == 4
+    for v in versions:
+        serving.registry.release(v)
+
+
+def test_a_stream_left_before_it_started_releases_its_adapter(world):
+    _, serving, _ = start(world)
+    req = p.ChatCompletionRequest(model="a", messages=MSGS, max_tokens=4, n=2, stream=True)
+
+    async def leave_at_the_first_role_chunk():
+        chunks = await serving.chat(req)
+        await anext(chunks)
+        await chunks.aclose()
+
+    asyncio.run(leave_at_the_first_role_chunk())
+    assert serving.registry.active["a"].users == 0
+
+
+def test_metrics_counts_are_exact_integers(world):
+    _, serving, http = start(world)
+    chat(serving, "a")
+    serving.stats["a"]["completion_tokens"] = 1_234_567
+    text = http.get("/metrics").text
+    assert 'lorakit_completion_tokens_total{model="a"} 1234567\n' in text
+    assert 'lorakit_requests_total{model="a"} 1\n' in text
+
+
 def test_unloading_every_adapter_leaves_the_base_serving(world):
     tmp, base = world
     client, serving, http = start(world)
@@ -347,12 +400,27 @@ def test_bad_inputs_are_4xx_in_openai_shape_and_the_server_keeps_serving(world):
     for kwargs in ({"messages": []}, {"max_tokens": 0}, {"max_tokens": -3}, {"max_tokens": 65},
                    {"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 8},
                    {"messages": [{"role": "wizard", "content": "hi"}]}, {"temperature": 5}, {"n": 0},
-                   {"logprobs": True}, {"stop": ["x"] * 17}, {"extra_body": {"frequency_penalty": 0.5}}):
+                   {"logprobs": True}, {"stop": ["x"] * 17}, {"extra_body": {"frequency_penalty": 0.5}},
+                   {"seed": 2**64}, {"response_format": {"type": "json_object"}}):
         with pytest.raises(openai.BadRequestError, match="Error code: 400"):
             client.chat.completions.create(model="a", **{"messages": MSGS, "max_tokens": 4, **kwargs})
             pytest.fail(f"accepted {kwargs}")
+    with pytest.raises(openai.BadRequestError, match="not supported by lorakit serve: logprobs") as e:
+        client.chat.completions.create(model="a", messages=MSGS, max_tokens=2, logprobs=True)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="a", prompt="", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="over 64 completions"):
+        client.completions.create(model="a", prompt=["hi"] * 9, n=8, max_tokens=2)
+    # "Off" values of unsupported fields and explicit nulls are what many clients send: accepted.
+    r = http.post("/v1/chat/completions", headers=headers, json={
+        "model": "a", "messages": MSGS, "max_tokens": 2, "temperature": None, "top_p": None, "n": None, "stream": None,
+        "tools": [], "logit_bias": {}, "logprobs": False, "top_logprobs": 0, "presence_penalty": 0})
+    assert r.status_code == 200, r.text
+    # Without max_tokens, the answer may fill the rest of the context (256 here), not default past it.
+    long_prompt = [{"role": "user", "content": "word " * 100}]  # about 210 tokens of the 256
+    r = client.chat.completions.create(model="a", messages=long_prompt, temperature=0)
+    assert r.usage.prompt_tokens + 64 > 256, "the default max_tokens (64 here) would not fit"
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= 256 and r.choices[0].finish_reason in ("length", "stop")
     assert http.post("/v1/completions", content=b"x" * 5000, headers=headers).status_code == 413
     chunked = http.post("/v1/completions", content=iter([b"x" * 3000] * 2), headers=headers)  # no Content-Length
     assert chunked.status_code == 413 and chunked.json()["error"]["code"] == 413
@@ -361,6 +429,25 @@ def test_bad_inputs_are_4xx_in_openai_shape_and_the_server_keeps_serving(world):
     assert ok.choices[0].message.content is not None
     metrics = http.get("/metrics", headers=headers).text
     assert 'lorakit_request_errors_total{status="400"}' in metrics and 'status="413"} 2' in metrics
+
+
+def test_a_row_that_fails_ends_alone_and_tiny_temperatures_work(world):
+    tmp, base = world
+    _, serving, _ = start(world, max_batch=4, batch_window_ms=60_000)
+    reqs = [p.ChatCompletionRequest(model=m, messages=MSGS, max_tokens=8, temperature=0) for m in ("a", "b")]
+    jobs = [job for r in reqs for job in serving.prepare(r, [serving.chat_prompt(r)])]
+    jobs[1].temperature = float("nan")  # its sampling fails at the first token
+    serving.engine.window_s = 0.0
+
+    async def run_all():
+        async with aclosing(serving.run(jobs)) as events:
+            return [e async for e in events]
+
+    asyncio.run(run_all())
+    assert jobs[1].error and jobs[0].error is None
+    assert jobs[0].text == offline(base, tmp / "adapters" / "a")[0], "its batch mate finished as if alone"
+    assert all(v.users == 0 for v in serving.registry.active.values())
+    assert chat(serving, "a", temperature=1e-45, seed=3) == offline(base, tmp / "adapters" / "a")[0]
 
 
 def test_engine_failure_is_a_500_for_that_request_only(world, monkeypatch):
@@ -383,8 +470,10 @@ def test_engine_failure_is_a_500_for_that_request_only(world, monkeypatch):
 def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
     tmp, base = world
     opts = serve.ServeOptions(model=str(base), served_model_name="tiny", adapters={"b": str(tmp / "adapters" / "b")},
-                              port=9000, api_key="k", max_model_len=512)
+                              port=9000, api_key="k", max_model_len=512, dtype="bf16", max_adapters=3)
     cmd, env = serve.vllm_command(opts)
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16" and cmd[cmd.index("--max-cpu-loras") + 1] == "3"
+    assert cmd[cmd.index("--max-loras") + 1] == "1", "one adapter here"
     assert cmd[:3] == ["vllm", "serve", str(Path(base).resolve())] and "--enable-lora" in cmd
     assert f"b={(tmp / 'adapters' / 'b').resolve()}" in cmd and "9000" in cmd
     assert cmd[cmd.index("--served-model-name") + 1] == "tiny" and cmd[cmd.index("--max-model-len") + 1] == "512"

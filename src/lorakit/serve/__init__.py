@@ -150,6 +150,13 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
             "--max-num-seqs", str(opts.max_batch if opts.batching else 1)]
     if opts.max_model_len:
         cmd += ["--max-model-len", str(opts.max_model_len)]
+    if opts.dtype != "auto":
+        cmd += ["--dtype", {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[opts.dtype]]
+    if opts.max_adapters and adapters:
+        # vLLM holds up to --max-cpu-loras adapters in memory and batches up to --max-loras (<= the former) at once.
+        at_once = cmd.index("--max-loras") + 1
+        cmd[at_once] = str(min(int(cmd[at_once]), opts.max_adapters))
+        cmd += ["--max-cpu-loras", str(opts.max_adapters)]
     if opts.quantization == "4bit":
         cmd += ["--quantization", "bitsandbytes"]
     return cmd, {"VLLM_API_KEY": opts.api_key} if opts.api_key else {}

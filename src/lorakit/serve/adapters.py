@@ -11,6 +11,7 @@ working one: its error is recorded and shown in /v1/models.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class Registry:
         self.active: OrderedDict[str, Version] = OrderedDict()  # loaded: public name -> version, LRU order
         self.errors: dict[str, str] = {}  # public name -> why its newest files did not load
         self._failed: dict[str, str] = {}  # public name -> fingerprint of those files (not retried until changed)
-        self._name_locks: dict[str, threading.Lock] = {}
+        self._name_locks: dict[str, threading.RLock] = {}
         self._meta = threading.Lock()  # guards known/active/users; never held while loading
         self._counter = 0
 
@@ -95,7 +96,8 @@ class Registry:
             fp = fingerprint(p)
             with self._meta:
                 self._counter += 1
-                internal = f"{name}@{self._counter}"
+                # peft names modules after adapters: no "." there (a public name like sql-v1.5 is fine).
+                internal = f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)}@{self._counter}"
             try:
                 with self.model_lock:
                     self._attach(p, internal)
@@ -116,12 +118,27 @@ class Registry:
         return version
 
     def _attach(self, path: Path, internal: str) -> None:
-        from peft import PeftModel
+        """Add the adapter at `path` as `internal`; if that fails, the model is left exactly as it was."""
+        from peft import PeftConfig, PeftModel
 
-        if hasattr(self.net, "peft_config"):
-            self.net.load_adapter(str(path), adapter_name=internal)
+        if isinstance(self.net, PeftModel):
+            try:
+                self.net.load_adapter(str(path), adapter_name=internal)
+            except BaseException:
+                if internal in self.net.peft_config:  # the layers were added before the weights failed
+                    self._remove(internal)
+                raise
         else:
-            self.net = PeftModel.from_pretrained(self.net, str(path), adapter_name=internal)
+            # As PeftModel.from_pretrained, in two steps, so that a failure can take the new layers out again.
+            cfg = PeftConfig.from_pretrained(str(path))
+            cfg.inference_mode = True
+            wrapped = PeftModel(self.net, cfg, adapter_name=internal)
+            try:
+                wrapped.load_adapter(str(path), adapter_name=internal)
+            except BaseException:
+                self.net = wrapped.unload()
+                raise
+            self.net = wrapped
         self.net.eval()
 
     def unload(self, name: str) -> None:
@@ -145,16 +162,19 @@ class Registry:
 
     def _delete(self, version: Version) -> None:
         with self.model_lock:
-            if not hasattr(self.net, "peft_config") or version.internal not in self.net.peft_config:
-                return
-            if len(self.net.peft_config) == 1:
-                # peft cannot run a PeftModel left with no adapter: take the LoRA layers out instead.
-                self.net = self.net.unload()
-            else:
-                self.net.delete_adapter(version.internal)
-                if self.net.active_adapter not in self.net.peft_config:
-                    # peft leaves a deleted active adapter named active, and then every forward fails.
-                    self.net.set_adapter(next(iter(self.net.peft_config)), inference_mode=True)
+            if hasattr(self.net, "peft_config") and version.internal in self.net.peft_config:
+                self._remove(version.internal)
+
+    def _remove(self, internal: str) -> None:
+        """Take one adapter out of the model (the caller holds the model lock)."""
+        if len(self.net.peft_config) == 1:
+            # peft cannot run a PeftModel left with no adapter: take the LoRA layers out instead.
+            self.net = self.net.unload()
+        else:
+            self.net.delete_adapter(internal)
+            if self.net.active_adapter not in self.net.peft_config:
+                # peft leaves a deleted active adapter named active, and then every forward fails.
+                self.net.set_adapter(next(iter(self.net.peft_config)), inference_mode=True)
 
     def _evict(self) -> None:
         """Unload least recently used versions over `max_adapters`; they stay known and load again on demand."""
@@ -166,9 +186,10 @@ class Registry:
             log.info("unloading %s (least recently used; --max-adapters %d)", name, self.max_adapters)
             self._retire(version)
 
-    def _lock_for(self, name: str) -> threading.Lock:
+    def _lock_for(self, name: str) -> threading.RLock:
         with self._meta:
-            return self._name_locks.setdefault(name, threading.Lock())
+            # Reentrant: an on-demand reload (acquire) holds it while it calls load, which takes it again.
+            return self._name_locks.setdefault(name, threading.RLock())
 
     # ---- use by requests ----
     def acquire(self, name: str) -> Version:
@@ -180,7 +201,14 @@ class Registry:
                 version.users += 1
                 return version
             path, confined, _ = self.known[name]
-        return self.load(name, path, confined, pin=True)
+        with self._lock_for(name):
+            with self._meta:  # requests that waited for this lock find the version the first one loaded
+                version = self.active.get(name)
+                if version is not None:
+                    self.active.move_to_end(name)
+                    version.users += 1
+                    return version
+            return self.load(name, path, confined, pin=True)
 
     def release(self, version: Version) -> None:
         with self._meta:

@@ -47,8 +47,10 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
         if first.get("type") == "json_invalid":
             return error(400, "the request body is not valid JSON")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "malformed request body",
-                     param=where or None)
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        if not where and first.get("type") not in ("value_error", "missing"):  # a body that is not an object
+            message = "malformed request body: send a JSON object"
+        return error(400, f"{where}: {message}" if where else message, param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:

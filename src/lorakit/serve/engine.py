@@ -192,11 +192,17 @@ class Engine:
         """Pick and record each row's next token; drop finished rows (and their cache rows)."""
         keep = []
         for b, job in enumerate(rows.jobs):
-            token = self._pick(logits[b], job, rows.gens[b])
             if job.cancelled:  # the client is gone: nobody to tell
                 job.finish_reason = "cancelled"
                 job.release()
-            elif self._advance(job, rows.tokens[b], token):
+                continue
+            try:
+                token = self._pick(logits[b], job, rows.gens[b])
+                goes_on = self._advance(job, rows.tokens[b], token)
+            except Exception as e:  # noqa: BLE001 - one row's failure (its sampling, its text) ends that row only
+                self._fail([job], e)
+                continue
+            if goes_on:
                 rows.last[b] = token
                 keep.append(b)
         if len(keep) == len(rows.jobs):
@@ -240,7 +246,8 @@ class Engine:
     def _pick(self, logits: torch.Tensor, job: Job, gen: torch.Generator | None) -> int:
         if job.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / job.temperature, dim=-1)
+        # Shifted so the largest is 0: a tiny temperature then gives -inf (probability 0), never inf - inf = nan.
+        probs = torch.softmax((logits - logits.max()) / job.temperature, dim=-1)
         if job.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < job.top_p  # smallest set whose mass reaches top_p

@@ -8,9 +8,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Fields that change what a completion means; ignoring them silently would return a wrong answer.
-UNSUPPORTED = {"logprobs": False, "top_logprobs": None, "echo": False, "best_of": 1, "tools": None,
-               "functions": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0, "suffix": None}
+# Fields that change what a completion means; ignoring them silently would return a wrong answer. Their
+# "off" values (false, 0, 1, [], {}, null) are fine: clients often send those.
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "functions", "logit_bias", "presence_penalty",
+               "frequency_penalty", "suffix")
+SEED_MAX = 2**63 - 1 - 8  # torch seeds are signed 64-bit; n <= 8 rows use seed, seed + 1, ...
 
 
 class _Req(BaseModel):
@@ -40,13 +42,21 @@ class StreamOptions(BaseModel):
 class SamplingFields(_Req):
     model: str
     max_tokens: int | None = Field(None, description="new tokens at most")
+    # OpenAI's API takes null for these, meaning the default.
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-SEED_MAX, le=SEED_MAX)
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in ("temperature", "top_p", "n", "stream"))}
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -58,7 +68,12 @@ class SamplingFields(_Req):
     @model_validator(mode="after")
     def _supported(self) -> SamplingFields:
         extra: dict[str, Any] = self.model_extra or {}
-        used = [k for k, default in UNSUPPORTED.items() if extra.get(k, default) not in (default, None)]
+        used = [k for k in UNSUPPORTED if extra.get(k) not in (None, False, 0, [], {})]
+        if (extra.get("best_of") or 1) != 1:
+            used.append("best_of")
+        fmt = extra.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type", "text") != "text":  # json_object / json_schema: not enforced
+            used.append(f"response_format {fmt.get('type')}")
         if used:
             raise ValueError(f"not supported by lorakit serve: {', '.join(used)}")
         return self

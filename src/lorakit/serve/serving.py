@@ -15,6 +15,7 @@ from lorakit.serve import protocol as p
 from lorakit.serve.adapters import Registry
 from lorakit.serve.engine import Engine, Job
 
+MAX_ROWS = 64  # completions (prompts x n) in one request: one client cannot queue unbounded work
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
 
@@ -109,17 +110,27 @@ class Serving:
 
     def prepare(self, req: p.SamplingFields, prompts: list[list[int]]) -> list[Job]:
         """Check limits and pin the adapter version for each of the request's rows (prompts x n)."""
-        max_tokens = self.default_max_tokens if req.max_tokens is None else req.max_tokens
+        if len(prompts) * req.n > MAX_ROWS:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} is over {MAX_ROWS} completions in one request; "
+                           "split it", param="prompt")
+        given = req.max_tokens is not None
+        max_tokens = req.max_tokens if given else min(self.default_max_tokens, self.max_tokens_limit)
         if max_tokens <= 0 or max_tokens > self.max_tokens_limit:
             raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_limit}, got {max_tokens}",
                            param="max_tokens")
+        budgets = []
         for ids in prompts:
-            if len(ids) + max_tokens > self.context:
+            room = self.context - len(ids)
+            # Without max_tokens the answer may run to the end of the context, as in OpenAI's API.
+            budget = max_tokens if given else min(max_tokens, room)
+            if budget < 1 or len(ids) + budget > self.context:
+                asked = f" + max_tokens ({max_tokens})" if given else ""
                 raise APIError(400, f"This model's maximum context length is {self.context} tokens: the prompt "
-                               f"({len(ids)} tokens) + max_tokens ({max_tokens}) is over it", param="messages")
+                               f"({len(ids)} tokens){asked} is over it", param="messages")
+            budgets.append(budget)
         jobs: list[Job] = []
         try:
-            for ids in prompts:
+            for ids, max_tokens in zip(prompts, budgets):
                 for i in range(req.n):
                     version = self._pin(req.model)
                     jobs.append(Job(ids, version.internal if version else None, max_tokens, req.temperature,
@@ -191,10 +202,17 @@ class Serving:
         rid, created = p.new_id("chatcmpl" if chat else "cmpl"), p.now()
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": req.model}
-        if chat:
-            for i in range(len(jobs)):
-                yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None}]}
+        submitted = False
+        try:
+            if chat:
+                for i in range(len(jobs)):
+                    yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "finish_reason": None}]}
+            submitted = True  # from here on the engine releases each row's adapter version
+        finally:
+            if not submitted:  # the client left during the role chunks: the rows never reached the engine
+                for job in jobs:
+                    job.release()
         async with aclosing(self.run(jobs)) as events:
             async for i, delta, done, reason in events:
                 if jobs[i].error:
@@ -241,12 +259,17 @@ class Serving:
         lines += [f'lorakit_request_errors_total{{status="{k}"}} {v}' for k, v in sorted(self.errors.items())]
         for key in ("requests", "prompt_tokens", "completion_tokens"):
             lines.append(f"# TYPE lorakit_{key}_total counter")
-            lines += [f'lorakit_{key}_total{{model="{label(m)}"}} {s[key]:g}' for m, s in sorted(self.stats.items())]
+            lines += [f'lorakit_{key}_total{{model="{label(m)}"}} {_num(s[key])}' for m, s in sorted(self.stats.items())]
         lines.append("# TYPE lorakit_request_latency_seconds histogram")
         for m, s in sorted(self.stats.items()):
             for le in LATENCY_BUCKETS:
                 bound = "+Inf" if le == float("inf") else f"{le:g}"
-                lines.append(f'lorakit_request_latency_seconds_bucket{{model="{label(m)}",le="{bound}"}} {s[f"le_{le}"]:g}')
-            lines.append(f'lorakit_request_latency_seconds_sum{{model="{label(m)}"}} {s["latency_sum"]:g}')
-            lines.append(f'lorakit_request_latency_seconds_count{{model="{label(m)}"}} {s["requests"]:g}')
+                lines.append(f'lorakit_request_latency_seconds_bucket{{model="{label(m)}",le="{bound}"}} {_num(s[f"le_{le}"])}')
+            lines.append(f'lorakit_request_latency_seconds_sum{{model="{label(m)}"}} {_num(s["latency_sum"])}')
+            lines.append(f'lorakit_request_latency_seconds_count{{model="{label(m)}"}} {_num(s["requests"])}')
         return "\n".join(lines) + "\n"
+
+
+def _num(v: float) -> str:
+    """A Prometheus sample value: counts as exact integers (":g" would print 1.23457e+06), sums in full."""
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
