@@ -195,20 +195,22 @@ class Registry:
     def acquire(self, name: str) -> Version:
         """Pin the current version of `name` for one request, loading it if it was evicted (KeyError if unknown)."""
         with self._meta:
-            version = self.active.get(name)
-            if version is not None:
-                self.active.move_to_end(name)
-                version.users += 1
+            if (version := self._pin_loaded(name)) is not None:
                 return version
             path, confined, _ = self.known[name]
         with self._lock_for(name):
             with self._meta:  # requests that waited for this lock find the version the first one loaded
-                version = self.active.get(name)
-                if version is not None:
-                    self.active.move_to_end(name)
-                    version.users += 1
+                if (version := self._pin_loaded(name)) is not None:
                     return version
             return self.load(name, path, confined, pin=True)
+
+    def _pin_loaded(self, name: str) -> Version | None:
+        """The loaded version of `name`, counted as used by one more request (the caller holds _meta)."""
+        version = self.active.get(name)
+        if version is not None:
+            self.active.move_to_end(name)
+            version.users += 1
+        return version
 
     def release(self, version: Version) -> None:
         with self._meta:
