@@ -59,7 +59,7 @@ def read(source: str, split: str = "train", limit: int | None = None) -> Rows:
         if limit and len(records) >= limit:
             break
     if not records:
-        raise LorakitError(f"{source}: no rows to read: the data set is empty. Point data.train at a file with rows")
+        raise LorakitError(f"{source}: no rows to read: the data set is empty. Point at a file that has rows")
     if limit:
         records, where = records[:limit], where[:limit]
     digest.update(f"limit={limit}".encode())
