@@ -5,6 +5,7 @@ on a socket bound beforehand, so the client can connect before the server loop s
 """
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -232,6 +233,46 @@ def test_hot_reload_while_requests_stream(world, tmp_path, monkeypatch):
     new = offline(base, adapters / "a", [CHATS[1]], 40)[0]
     assert fresh.choices[0].message.content == new != old["a"], "new requests get the new weights"
     assert old_internal not in serving.registry.net.peft_config, "and the old version is gone once unused"
+
+
+def test_a_client_that_hangs_up_on_a_plain_request_stops_its_row(world, monkeypatch):
+    tmp, base = world
+    app, serving = serve.build(serve.ServeOptions(model=str(base), served_model_name="base"))
+    held, go, step = threading.Event(), threading.Event(), serving.engine._step
+
+    def gated(rows):  # the first decoding step waits until the client has hung up and the server noticed
+        if not held.is_set():
+            held.set()
+            assert go.wait(60)
+        return step(rows)
+
+    jobs, left, real_run = [], threading.Event(), serving.run
+
+    async def watched_run(batch):
+        jobs.extend(batch)
+        try:
+            async with aclosing(real_run(batch)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            left.set()
+
+    monkeypatch.setattr(serving.engine, "_step", gated)
+    monkeypatch.setattr(serving, "run", watched_run)
+    with uvicorn_in_thread(app) as url:
+        body = json.dumps({"model": "base", "messages": MSGS, "max_tokens": 200, "temperature": 0}).encode()
+        port = int(url.split(":")[2].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert held.wait(60)
+        assert left.wait(60), "the server noticed the hang-up while the row was decoding"
+        go.set()
+        # Served after the abandoned row was settled (they share the next decoding step).
+        OpenAI(base_url=url, api_key="none", max_retries=0).chat.completions.create(
+            model="base", messages=MSGS, max_tokens=2)
+    assert jobs[0].finish_reason == "cancelled" and jobs[0].completion_tokens < 200
+    assert serving.errors[499] == 1
 
 
 def test_old_version_lives_until_unused_and_broken_versions_never_replace_it(world, tmp_path):

@@ -74,12 +74,12 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
         return serving.models()
 
     @app.post("/v1/chat/completions")
-    async def chat(req: p.ChatCompletionRequest) -> Any:
-        return _respond(await serving.chat(req))
+    async def chat(req: p.ChatCompletionRequest, request: Request) -> Any:
+        return _respond(await serving.chat(req, gone=lambda: _disconnected(request)))
 
     @app.post("/v1/completions")
-    async def completions(req: p.CompletionRequest) -> Any:
-        return _respond(await serving.completions(req))
+    async def completions(req: p.CompletionRequest, request: Request) -> Any:
+        return _respond(await serving.completions(req, gone=lambda: _disconnected(request)))
 
     @app.post("/v1/load_lora_adapter")
     async def load(req: p.LoadLoraRequest) -> PlainTextResponse:
@@ -125,6 +125,15 @@ class Guard:
             return message
 
         await self.app(scope, counted, send)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed its connection (the server's ASGI http.disconnect message).
+
+    The body was read already, so the next message the server sends is that one (or none at all).
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:

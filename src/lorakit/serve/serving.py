@@ -6,8 +6,8 @@ import asyncio
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from lorakit.serve import protocol as p
 from lorakit.serve.adapters import Registry
 from lorakit.serve.engine import Engine, Job
 
+Gone = Callable[[], Awaitable[None]]  # returns once the client has disconnected
 MAX_ROWS = 64  # completions (prompts x n) in one request: one client cannot queue unbounded work
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
@@ -80,17 +81,21 @@ class Serving:
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
     # ---- completions ----
-    async def chat(self, req: p.ChatCompletionRequest) -> dict | AsyncIterator[dict]:
-        """A chat.completion dict, or (stream=True) an iterator of chat.completion.chunk dicts."""
+    async def chat(self, req: p.ChatCompletionRequest, gone: Gone | None = None) -> dict | AsyncIterator[dict]:
+        """A chat.completion dict, or (stream=True) an iterator of chat.completion.chunk dicts.
+
+        gone: returns once the client has left; a non-streamed request then stops its rows (a stream
+        stops when its consumer does).
+        """
         prompts = [self.chat_prompt(req)]
         jobs = await asyncio.to_thread(self.prepare, req, prompts)  # may load an evicted adapter
-        return self.stream(req, jobs, chat=True) if req.stream else await self.complete(req, jobs, chat=True)
+        return self.stream(req, jobs, chat=True) if req.stream else await self.complete(req, jobs, True, gone)
 
-    async def completions(self, req: p.CompletionRequest) -> dict | AsyncIterator[dict]:
+    async def completions(self, req: p.CompletionRequest, gone: Gone | None = None) -> dict | AsyncIterator[dict]:
         """A text_completion dict, or (stream=True) an iterator of its chunks."""
         prompts = self.text_prompts(req)
         jobs = await asyncio.to_thread(self.prepare, req, prompts)
-        return self.stream(req, jobs, chat=False) if req.stream else await self.complete(req, jobs, chat=False)
+        return self.stream(req, jobs, chat=False) if req.stream else await self.complete(req, jobs, False, gone)
 
     def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
         if not req.messages:
@@ -173,15 +178,31 @@ class Serving:
             for job in jobs:
                 job.cancelled = job.finish_reason is None
 
-    async def complete(self, req: p.SamplingFields, jobs: list[Job], chat: bool) -> dict:
+    async def complete(self, req: p.SamplingFields, jobs: list[Job], chat: bool, gone: Gone | None = None) -> dict:
         t0 = time.perf_counter()
         texts = [""] * len(jobs)
         reasons: list[str | None] = [None] * len(jobs)
-        async with aclosing(self.run(jobs)) as events:
-            async for i, delta, done, reason in events:
-                texts[i] += delta
-                if done:
-                    reasons[i] = reason
+
+        async def collect() -> None:
+            async with aclosing(self.run(jobs)) as events:
+                async for i, delta, done, reason in events:
+                    texts[i] += delta
+                    if done:
+                        reasons[i] = reason
+
+        work = asyncio.ensure_future(collect())
+        if gone is not None:
+            left = asyncio.ensure_future(gone())
+            try:
+                await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                left.cancel()
+            if not work.done():  # nobody waits for this answer: stop its rows (run() cancels them on exit)
+                work.cancel()
+                with suppress(asyncio.CancelledError):
+                    await work
+                raise APIError(499, "the client closed the connection before the answer was ready", "client_closed")
+        await work
         failed = [j.error for j in jobs if j.error]
         if failed:
             raise APIError(500, f"generation failed: {failed[0]}", "server_error")
