@@ -78,12 +78,17 @@ def is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def adapter_dir(path: str | Path) -> Path:
-    """An adapter folder, or a run folder holding `adapter/`."""
+def find_adapter(path: str | Path) -> Path | None:
+    """The adapter folder at `path`: its `adapter/` if it is a `lorakit train` run folder, else `path`
+    itself if it holds an adapter; None if neither."""
     p = Path(path)
-    if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        return p
+    return next((d for d in (p / "adapter", p) if (d / "adapter_config.json").is_file()), None)
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """An adapter folder, or a run folder holding `adapter/` (LorakitError if neither)."""
+    if (found := find_adapter(path)) is not None:
+        return found
+    p = Path(path)
     raise LorakitError(f"--adapter {path}: no adapter_config.json there (nor in {p / 'adapter'}); give an adapter "
                        "folder or a run folder of `lorakit train`")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from jinja2.exceptions import TemplateError
 
+from lorakit.adapter import find_adapter
 from lorakit.errors import LorakitError
 
 SUPPORTED = ("llama",)  # llama-family layouts: Llama 1-3.0, SmolLM 1/2, TinyLlama
@@ -329,12 +330,6 @@ def vllm_command(base: str, adapters: dict[str, Path], port: int = 8000, force: 
             f"--max-lora-rank {max(ranks)} --max-loras {len(adapters)} --port {port}")
 
 
-def is_adapter(path: str | Path) -> bool:
-    """An adapter folder, or a run folder holding adapter/."""
-    p = Path(path)
-    return (p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file()
-
-
 def vllm_for(source: str, adapters: dict[str, str], base: str | None = None,
              force: bool = False) -> tuple[str, list[str]]:
     """`export --format vllm`: SOURCE is a run/adapter folder (served under its folder's name) or the base.
@@ -344,7 +339,7 @@ def vllm_for(source: str, adapters: dict[str, str], base: str | None = None,
     from lorakit import merge
 
     found = {n: Path(p) for n, p in adapters.items()}
-    if is_adapter(source):
+    if find_adapter(source) is not None:
         adir, run_cfg = merge.source(source)
         declared = json.loads((adir / "adapter_config.json").read_text()).get("base_model_name_or_path")
         base = base or (run_cfg.model if run_cfg else declared)
@@ -375,7 +370,7 @@ def gguf_for(source: str, out: str | Path, outtype: str = "f16", pre: str | None
 
     out = Path(out)
     merged = None
-    if is_adapter(source):
+    if find_adapter(source) is not None:
         model_dir = out / "merged"
         # fp32: the GGUF's own --outtype decides the precision; rounding twice would only add error.
         merged = merge.merge(source, model_dir, base=base, dtype="fp32", force=force)

@@ -131,15 +131,14 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
     where any local user could read it in the process list.
     """
     from lorakit import export, model
-    from lorakit.adapter import adapter_dir
-    from lorakit.serve.adapters import adapter_folder
+    from lorakit.adapter import adapter_dir, find_adapter
 
     opts = resolve_model(opts)
     if opts.watch:
         raise LorakitError("--watch is a feature of lorakit's own engine; vLLM loads its adapters at start")
     adapters = {n: adapter_dir(p) for n, p in opts.adapters.items()}
     if opts.adapters_dir:
-        found = {d.name: adapter_folder(d) for d in sorted(Path(opts.adapters_dir).iterdir()) if d.is_dir()}
+        found = {d.name: find_adapter(d) for d in sorted(Path(opts.adapters_dir).iterdir()) if d.is_dir()}
         adapters |= {n: p for n, p in found.items() if p is not None and n not in adapters}
     if adapters:
         cmd = shlex.split(export.vllm_command(opts.model, adapters, opts.port))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.adapter import find_adapter
+
 log = logging.getLogger("lorakit.serve")
 FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -39,14 +41,6 @@ def fingerprint(path: Path) -> str:
         st = f.stat() if f.exists() else None
         parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}" if st else f"{name}:-")
     return "|".join(parts)
-
-
-def adapter_folder(path: Path) -> Path | None:
-    """`path` if it is an adapter, its adapter/ if it is a `lorakit train` run folder, else None."""
-    for p in (path / "adapter", path):
-        if (p / "adapter_config.json").is_file():
-            return p
-    return None
 
 
 class Registry:
@@ -74,7 +68,7 @@ class Registry:
             if self.allowed_dir is None:
                 raise PermissionError("loading adapters at run time needs the server started with --adapters-dir")
             p = p if p.is_absolute() else self.allowed_dir / p
-            p = p / "adapter" if (p / "adapter" / FILES[0]).is_file() else p  # a run folder
+            p = find_adapter(p) or p  # a run folder stands for its adapter/
             for f in (p, *(p / name for name in FILES)):
                 resolved = f.resolve()
                 if resolved != self.allowed_dir and self.allowed_dir not in resolved.parents:
@@ -229,7 +223,7 @@ class Registry:
         """
         changed = []
         for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            name, found = sub.name, adapter_folder(sub)
+            name, found = sub.name, find_adapter(sub)
             if found is None:
                 continue
             fp = fingerprint(found)
