@@ -73,6 +73,8 @@ class Engine:
         self.lock = model_lock or threading.Lock()  # held during every forward; adapter loads take it too
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+        # Adapters come and go (peft wraps and unwraps the model), but the weights never move device.
+        self.device = next(get_model().parameters()).device
         # transformers renamed `past_key_values` to `cache` (the old name goes in 5.40): use what this model takes.
         self.cache_kw = "cache" if "cache" in inspect.signature(get_model().forward).parameters else "past_key_values"
         self.batches = 0  # times decoding started from idle
@@ -149,8 +151,7 @@ class Engine:
         for b, job in enumerate(jobs):
             ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
             mask[b, width - len(job.prompt_ids):] = 1
-        device = self._device()
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
         logits = self._forward(jobs, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
         gens = [torch.Generator().manual_seed(j.seed) if j.seed is not None else None for j in jobs]
@@ -238,10 +239,6 @@ class Engine:
             if job.finish_reason is None:
                 job.error = f"{type(e).__name__}: {e}"
                 _finish(job, "", "error")
-
-    def _device(self) -> torch.device:
-        with self.lock:
-            return next(self.get_model().parameters()).device
 
     def _pick(self, logits: torch.Tensor, job: Job, gen: torch.Generator | None) -> int:
         if job.temperature <= 0:
