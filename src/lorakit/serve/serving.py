@@ -165,8 +165,14 @@ class Serving:
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        def emit(i: int, text: str, done: bool, reason: str | None) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (i, text, done, reason))
+            except RuntimeError:  # the loop is closed: its client is gone, and the row is (being) cancelled
+                pass
+
         for i, job in enumerate(jobs):
-            job.emit = lambda text, done, reason, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, text, done, reason))
+            job.emit = lambda text, done, reason, i=i: emit(i, text, done, reason)
             self.engine.submit(job)
         remaining = len(jobs)
         try:
