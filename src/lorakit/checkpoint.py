@@ -1,4 +1,4 @@
-"""Atomic checkpoints that resume bit-for-bit, and the guard that keeps runs from overwriting each other.
+"""Checkpoints that resume bit-for-bit, and the guard that keeps runs from overwriting each other.
 
 A checkpoint folder holds the trainable weights (safetensors), optimizer and scheduler state, every
 RNG state, and the data position. It is written under a temporary name and renamed in one step, so a
@@ -8,22 +8,18 @@ run killed at any moment leaves either the previous checkpoint or the new one, n
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorakit import config
+from lorakit import config, files
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 
@@ -31,46 +27,6 @@ CHECKPOINTS = "checkpoints"
 # Keys that may change between a run and its resume: they extend or shorten it, not change it.
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "save_every"),
                      ("train", "eval_every"), ("train", "keep_checkpoints"), ("train", "log_every")}
-
-
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; on success it replaces `path` in one rename.
-
-    A failed write (disk full, permissions) removes the temp folder, keeps what `path` held, and
-    becomes one LorakitError naming the folder.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        # mkdtemp makes the folder private (0700); the result should have the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except (OSError, SafetensorError, RuntimeError) as e:
-        # safetensors and torch.save report a full disk as their own errors, not as OSError.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(path, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_error(path: Path, e: Exception) -> LorakitError:
-    return LorakitError(f"could not write {path}: {getattr(e, 'strerror', None) or e}. Nothing half-written was left there. "
-                        "Free disk space or fix permissions, then run again (`lorakit train ... --resume` "
-                        "continues a training run from its last checkpoint).")
 
 
 def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
@@ -136,22 +92,16 @@ def _diff(a: Any, b: Any, prefix: tuple = ()) -> set[tuple]:
     return set() if a == b else {prefix}
 
 
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def save(out: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
          state: dict, keep: int, save_extra: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`."""
     final = out / CHECKPOINTS / f"step-{step:07d}"
-    with atomic_dir(final) as tmp:
+    with files.atomic_dir(final) as tmp:
         save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        write_json(tmp / "state.json", {**state, "step": step})
+        files.write_json(tmp / "state.json", {**state, "step": step})
         if save_extra:
             save_extra(tmp)  # e.g. the adapter in peft format, so any checkpoint is usable as is
     for old in sorted((out / CHECKPOINTS).glob("step-*"))[:-keep]:

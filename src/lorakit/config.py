@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lorakit import files
 from lorakit.errors import LorakitError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -201,4 +202,4 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def dump(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config (what actually ran) as YAML beside a stage's outputs."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    files.write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

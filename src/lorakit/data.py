@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import datasets
 
-from lorakit import formats, model, render, sources
+from lorakit import files, formats, model, render, sources
 from lorakit.config import DataConfig
 from lorakit.errors import LorakitError
 
@@ -179,20 +177,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def _save(path: Path, train: datasets.Dataset, ev: datasets.Dataset | None, stats: dict) -> None:
-    # Write to a temp folder and rename: a run killed mid-write never leaves a cache that looks complete.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    # Atomic: a run killed mid-write never leaves a cache that looks complete.
     datasets.disable_progress_bars()  # saving takes milliseconds; its bars would only add noise
     try:
-        train.save_to_disk(str(tmp / "train"))
-        if ev is not None:
-            ev.save_to_disk(str(tmp / "eval"))
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with files.atomic_dir(path) as tmp:
+            train.save_to_disk(str(tmp / "train"))
+            if ev is not None:
+                ev.save_to_disk(str(tmp / "eval"))
+            files.write_json(tmp / "stats.json", stats)
     finally:
         datasets.enable_progress_bars()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lorakit import data, loss, metrics, model, packing, render
+from lorakit import data, files, loss, metrics, model, packing, render
 from lorakit.adapter import adapter_dir
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
@@ -92,7 +92,7 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
                      "normalize": opts.normalize, "base_model": cfg.model},
         "note": None if has_refs else "some examples have no reference answer: generation only, metrics skipped",
     }
-    (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    files.write_json(out / "eval.json", report)
     from lorakit import report as html_report
 
     html_report.write(out / "eval.html", report)

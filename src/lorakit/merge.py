@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from jinja2.exceptions import TemplateError
 
-from lorakit import checkpoint, config, model
+from lorakit import config, files, model
 from lorakit.errors import LorakitError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,7 +87,7 @@ def merge(adapter_path: str | Path, out: str | Path, base: str | None = None, dt
     merged = net.merge_and_unload().to(DTYPES[dtype])
     set_stop_tokens(merged, tokenizer)
     # Check parity on the saved files before they become OUT: a merge that fails it is never shipped.
-    with checkpoint.atomic_dir(out) as tmp:
+    with files.atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         report = parity(tmp, rows, reference, quantized_reference, dtype)

@@ -92,6 +92,8 @@ def alias_folder() -> Path:
             shutil.rmtree(target)  # an incomplete folder left by hand; ours only ever appear whole
         try:
             # Rename is atomic: other processes see no folder or a complete one, never half a model.
+            # Not files.atomic_dir, which replaces what is there: here the first finished copy wins, so a
+            # process already loading it never sees it swapped.
             os.replace(tmp, target)
         except OSError:
             if not (target / "config.json").is_file():

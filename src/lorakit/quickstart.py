@@ -11,14 +11,13 @@ split, so a high eval score means the adapter learned the mapping, not the rows.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from lorakit import files
 from lorakit.errors import LorakitError
 
 SYSTEM = (
@@ -107,16 +106,7 @@ def _example(rng: random.Random, pool: dict[str, list]) -> dict:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    # Temp file in the same folder + os.replace: a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)

@@ -6,9 +6,10 @@ filtered, because those are the ones that tell what fine-tuning changed. One sel
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Any
+
+from lorakit import files
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222}
@@ -32,9 +33,7 @@ document.getElementById('only-changed').addEventListener('change', e => {
 
 def write(path: Path, report: dict[str, Any]) -> None:
     """Render the report to `path` (atomically: a viewer never sees half a page)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render(report), encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_text(path, render(report))
 
 
 def render(report: dict[str, Any]) -> str:

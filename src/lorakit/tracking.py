@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lorakit import files
 from lorakit.errors import LorakitError
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
@@ -46,9 +47,7 @@ def read(path: Path) -> list[dict]:
 def truncate_after(path: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint: those steps are about to run again."""
     kept = [r for r in read(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -70,7 +69,6 @@ def plot(records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    with files.atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from lorakit import adapter, checkpoint, data, loss, model, packing, tracking
+from lorakit import adapter, checkpoint, data, files, loss, model, packing, tracking
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.render import IGNORE
@@ -152,7 +152,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
             "device": str(accelerator.device), "dtype": str(dtype).removeprefix("torch."),
             "packing": use_positions, "examples": len(prepared.train), "rows": len(rows),
         }
-        checkpoint.write_json(out / "summary.json", summary)
+        files.write_json(out / "summary.json", summary)
     accelerator.end_training()
     return Result(summary, accelerator.unwrap_model(net), tokenizer)
 
@@ -255,7 +255,7 @@ def save_result(net: Any, tokenizer: Any, cfg: RunConfig, out: Path) -> None:
     A serving process watching this folder sees the old version or the new one, never a partial one.
     """
     target = out / ("model" if cfg.method == "full" else "adapter")
-    with checkpoint.atomic_dir(target) as tmp:
+    with files.atomic_dir(target) as tmp:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

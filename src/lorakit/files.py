@@ -1,0 +1,88 @@
+"""Atomic writes: whoever reads a file or folder lorakit writes sees the old one or the new one, never half.
+
+A resuming run, a server watching a run folder and a browser reloading eval.html all read while
+lorakit writes. Everything is written under a temporary name beside its target and renamed into place
+in one step; a failed write (disk full, permissions) removes the temporary copy, keeps what the target
+held, and becomes one LorakitError naming the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+
+from lorakit.errors import LorakitError
+
+# safetensors and torch.save report a full disk as their own errors (RuntimeError), not as OSError.
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; once the block has written it, it replaces `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; once the block has filled it, it replaces `path`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        # mkdtemp makes the folder private (0700); the result should have the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(path, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_error(path: Path, e: Exception) -> LorakitError:
+    return LorakitError(f"could not write {path}: {getattr(e, 'strerror', None) or e}. Nothing half-written was "
+                        "left there. Free disk space or fix permissions, then run again (`lorakit train ... "
+                        "--resume` continues a training run from its last checkpoint).")
