@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.model import linear_module_names
+from lorakit.run_folder import adapter_dir, find_adapter  # noqa: F401  TEMPORARY: serve/ moves to run_folder
 
 
 def attach(model: Any, cfg: RunConfig) -> Any:
@@ -76,19 +76,3 @@ def count_params(model: Any) -> tuple[int, int]:
 
 def is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
-
-
-def find_adapter(path: str | Path) -> Path | None:
-    """The adapter folder at `path`: its `adapter/` if it is a `lorakit train` run folder, else `path`
-    itself if it holds an adapter; None if neither."""
-    p = Path(path)
-    return next((d for d in (p / "adapter", p) if (d / "adapter_config.json").is_file()), None)
-
-
-def adapter_dir(path: str | Path) -> Path:
-    """An adapter folder, or a run folder holding `adapter/` (LorakitError if neither)."""
-    if (found := find_adapter(path)) is not None:
-        return found
-    p = Path(path)
-    raise LorakitError(f"--adapter {path}: no adapter_config.json there (nor in {p / 'adapter'}); give an adapter "
-                       "folder or a run folder of `lorakit train`")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,21 @@ from safetensors.torch import load_file, save_file
 from lorakit import config, files
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
+from lorakit.run_folder import RunFolder
 
-CHECKPOINTS = "checkpoints"
 # Keys that may change between a run and its resume: they extend or shorten it, not change it.
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "save_every"),
                      ("train", "eval_every"), ("train", "keep_checkpoints"), ("train", "log_every")}
 
 
-def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder:
     """Check that `output_dir` may be used by this run, and record the config there.
 
     A folder holding another run is never overwritten without --overwrite; --resume needs the same
     config (only the run length and logging cadence may change).
     """
-    out = Path(cfg.output_dir)
-    saved = out / "config.yaml"  # also the resolved config that later stages read
+    run = RunFolder.of(cfg)
+    out, saved = run.root, run.config  # config.yaml: also the resolved config that later stages read
     if overwrite and out.exists():
         check_overwritable(out, cfg)
     try:
@@ -50,8 +49,7 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
         raise LorakitError(f"output_dir {out}: cannot write there ({e.strerror}). Pick a writable folder "
                            "with output_dir=... or free some disk space.") from None
     # A run that failed during setup (bad model path, bad targets) left only its config: reusable.
-    has_results = any((out / name).exists() for name in (CHECKPOINTS, "adapter", "model", "metrics.jsonl"))
-    if saved.is_file() and has_results:
+    if saved.is_file() and run.has_results():
         before = yaml.safe_load(saved.read_text())
         now = cfg.model_dump(mode="json")
         diff = sorted(_diff(before, now) - RESUMABLE_CHANGES) if resume else None
@@ -62,10 +60,10 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
             keys = ", ".join(".".join(k) for k in diff)
             raise LorakitError(f"output_dir {out} holds a run with a different config ({keys} differ); "
                                "resume it with its own config, or use --overwrite / another output_dir.")
-    elif resume and not latest(out):
+    elif resume and not latest(run.checkpoints):
         raise LorakitError(f"--resume: {out} has no checkpoint to resume from; run without --resume.")
     config.dump(cfg, saved)
-    return out
+    return run
 
 
 def check_overwritable(out: Path, cfg: RunConfig) -> None:
@@ -76,7 +74,7 @@ def check_overwritable(out: Path, cfg: RunConfig) -> None:
         why = "is the working folder or one above it"
     elif any(target in Path(p).resolve().parents for p in (cfg.data.train, cfg.data.eval) if isinstance(p, str)):
         why = "holds this run's data"
-    elif any(out.iterdir()) and not (out / "config.yaml").is_file():
+    elif any(out.iterdir()) and not RunFolder(out).config.is_file():
         why = "is not a lorakit run folder (it has no config.yaml)"
     if why:
         raise LorakitError(f"--overwrite: output_dir {out} {why}; lorakit only deletes its own runs. "
@@ -92,25 +90,27 @@ def _diff(a: Any, b: Any, prefix: tuple = ()) -> set[tuple]:
     return set() if a == b else {prefix}
 
 
-def save(out: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
-         state: dict, keep: int, save_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`."""
-    final = out / CHECKPOINTS / f"step-{step:07d}"
+def save(checkpoints: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
+         state: dict, keep: int, peft_model: Any = None) -> Path:
+    """Write checkpoint `step` into the run's checkpoints/ folder atomically; delete all but the newest `keep`."""
+    final = checkpoints / f"step-{step:07d}"
     with files.atomic_dir(final) as tmp:
         save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         files.write_json(tmp / "state.json", {**state, "step": step})
-        if save_extra:
-            save_extra(tmp)  # e.g. the adapter in peft format, so any checkpoint is usable as is
-    for old in sorted((out / CHECKPOINTS).glob("step-*"))[:-keep]:
+        if peft_model is not None:
+            # The adapter in peft's format where a run folder has it, so that every command taking a run
+            # folder (eval, merge, export, serve) takes a checkpoint as it is.
+            peft_model.save_pretrained(RunFolder(tmp).adapter)
+    for old in sorted(checkpoints.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest(out: Path) -> Path | None:
-    found = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file())
+def latest(checkpoints: Path) -> Path | None:
+    found = sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").is_file())
     return found[-1] if found else None
 
 

@@ -49,6 +49,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lorakit import config, train
+    from lorakit.run_folder import RunFolder
 
     cfg = config.load(args.config, args.overrides)
     summary = train.run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress).summary
@@ -56,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         keys = ("steps", "final_train_loss", "final_eval_loss", "tokens_per_s", "wall_time_s", "peak_memory_mb")
         print("  ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
                         for k in keys if summary.get(k) is not None))
-        print(f"saved {cfg.output_dir}/{'model' if cfg.method == 'full' else 'adapter'}")
+        print(f"saved {RunFolder.of(cfg).weights(cfg.method)}")
     return 0
 
 

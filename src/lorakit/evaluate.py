@@ -7,7 +7,6 @@ adapters, however many adapters are compared.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Iterator
@@ -19,9 +18,9 @@ from typing import Any
 import torch
 
 from lorakit import data, files, loss, metrics, model, packing, render
-from lorakit.adapter import adapter_dir
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
+from lorakit.run_folder import EVAL_HTML, EVAL_JSON, RunFolder, adapter_dir, check_base, find_adapter, read_adapter
 from lorakit.generate import generate
 
 BASE = "base"
@@ -47,7 +46,7 @@ class EvalOptions:
 
 def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Evaluate; write eval.json and eval.html into the output folder; return the eval.json content."""
-    out = _claim(Path(opts.output or Path(cfg.output_dir) / "eval"), opts.overwrite)
+    out = _claim(Path(opts.output) if opts.output else RunFolder.of(cfg).eval_dir, opts.overwrite)
     adapters = {name: adapter_dir(p) for name, p in (opts.adapters or _run_adapter(cfg)).items()}
     builtin, user = metrics.resolve(opts.metrics)
     tasks = harness_tasks(opts.harness) if opts.harness else []  # a missing package fails before any work
@@ -92,10 +91,10 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
                      "normalize": opts.normalize, "base_model": cfg.model},
         "note": None if has_refs else "some examples have no reference answer: generation only, metrics skipped",
     }
-    files.write_json(out / "eval.json", report)
+    files.write_json(out / EVAL_JSON, report)
     from lorakit import report as html_report
 
-    html_report.write(out / "eval.html", report)
+    html_report.write(out / EVAL_HTML, report)
     return report
 
 
@@ -106,14 +105,9 @@ def load_models(cfg: RunConfig, adapters: dict[str, Path], force: bool) -> Any:
     base = model.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if not adapters:
         return base.eval()
-    expected = model.resolve(cfg.model).path
     net = None
     for name, path in adapters.items():
-        declared = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if declared and declared not in (cfg.model, expected) and not force:
-            raise LorakitError(f"adapter '{name}' ({path}) was trained on '{declared}', not on the base "
-                               f"'{cfg.model}'; its answers would be meaningless. Use the matching base, "
-                               "or --force if you know they are the same weights.")
+        check_base(read_adapter(path), cfg.model, force=force, where=f"adapter '{name}' ({path})")
         if net is None:
             net = PeftModel.from_pretrained(base, path, adapter_name=name)
         else:
@@ -233,10 +227,9 @@ def _reference(ex: dict) -> str:
 
 
 def _run_adapter(cfg: RunConfig) -> dict[str, Path]:
-    path = Path(cfg.output_dir) / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        return {}
-    return {Path(cfg.output_dir).name: path}
+    run = RunFolder.of(cfg)
+    found = find_adapter(run.root)
+    return {run.name: found} if found is not None else {}
 
 
 def _claim(out: Path, overwrite: bool) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from jinja2.exceptions import TemplateError
 
-from lorakit.adapter import find_adapter
+from lorakit.run_folder import adapter_source, check_base, find_adapter, locate, read_adapter
 from lorakit.errors import LorakitError
 
 SUPPORTED = ("llama",)  # llama-family layouts: Llama 1-3.0, SmolLM 1/2, TinyLlama
@@ -286,37 +286,36 @@ def modelfile_text(gguf_name: str, tokenizer: Any, generation_config: Any) -> tu
 
 def vllm_command(base: str, adapters: dict[str, Path], port: int = 8000, force: bool = False) -> str:
     """The `vllm serve` line for a base and its adapters; refuses shapes vLLM's LoRA kernels reject."""
-    from lorakit import merge, model
+    from lorakit import model
 
     ranks, problems = [], []
     for name, path in adapters.items():
-        meta = json.loads((Path(path) / "adapter_config.json").read_text())
-        ranks_here = sorted({int(meta["r"]), *map(int, (meta.get("rank_pattern") or {}).values())})
+        meta = read_adapter(path)
+        ranks_here = sorted({int(meta.r), *map(int, (meta.rank_pattern or {}).values())})
         ranks += ranks_here
         odd = [r for r in ranks_here if r not in VLLM_RANKS]
         if odd:
             problems.append(f"{name}: rank {', '.join(map(str, odd))} is not one vLLM accepts "
                             f"({', '.join(map(str, VLLM_RANKS))}); retrain with adapter.r=8/16/32/..., or merge it "
                             "(lorakit merge) and serve the merged model")
-        targets = meta.get("target_modules") or []
+        targets = meta.target_modules or []
         targets = [targets] if isinstance(targets, str) else targets
         # peft may store full module paths (model.layers.0.self_attn.q_proj); vLLM matches the last part.
         bad = sorted({t.split(".")[-1] for t in targets} - VLLM_TARGETS) if "all-linear" not in targets else []
         if bad:
             problems.append(f"{name}: target modules {bad} are not ones vLLM's LoRA layers wrap "
                             f"({', '.join(sorted(VLLM_TARGETS))})")
-        if meta.get("use_dora"):
+        if meta.use_dora:
             problems.append(f"{name}: DoRA adapters are not supported by vLLM; merge it (lorakit merge) instead")
-        if meta.get("modules_to_save"):
-            problems.append(f"{name}: fully trained modules ({meta['modules_to_save']}, modules_to_save) are not "
+        if meta.modules_to_save:
+            problems.append(f"{name}: fully trained modules ({meta.modules_to_save}, modules_to_save) are not "
                             "loaded by vLLM; merge it (lorakit merge) instead")
-        if meta.get("bias", "none") != "none" or meta.get("lora_bias"):
+        if meta.bias != "none" or getattr(meta, "lora_bias", False):
             problems.append(f"{name}: trained biases are not supported by vLLM LoRA; merge it instead")
-        if meta.get("base_model_name_or_path"):
-            try:
-                merge.check_base(meta, base, force, Path(path))
-            except LorakitError as e:
-                problems.append(f"{name}: {e}")
+        try:
+            check_base(meta, base, force=force, where=path)
+        except LorakitError as e:
+            problems.append(f"{name}: {e}")
     if problems:
         raise LorakitError("vLLM cannot serve these adapters as they are:\n  " + "\n  ".join(problems))
     try:
@@ -336,14 +335,12 @@ def vllm_for(source: str, adapters: dict[str, str], base: str | None = None,
 
     Returns the command line and warnings (QLoRA adapters, which vLLM would run on the unquantized base).
     """
-    from lorakit import merge
-
     found = {n: Path(p) for n, p in adapters.items()}
     if find_adapter(source) is not None:
-        adir, run_cfg = merge.source(source)
-        declared = json.loads((adir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        base = base or (run_cfg.model if run_cfg else declared)
-        found = {adir.parent.name if adir.name == "adapter" else adir.name: Path(source), **found}
+        own = adapter_source(source)
+        run_cfg = own.run_config()
+        base = base or (run_cfg.model if run_cfg else read_adapter(own.path).base_model_name_or_path)
+        found = {own.name: Path(source), **found}
     else:
         base = base or source
     if not found:
@@ -353,7 +350,8 @@ def vllm_for(source: str, adapters: dict[str, str], base: str | None = None,
         raise LorakitError(f"{source}: the adapter does not name its base model; pass --base MODEL")
     dirs, warnings = {}, []
     for name, path in found.items():
-        dirs[name], run_cfg = merge.source(path)
+        own = adapter_source(path)
+        dirs[name], run_cfg = own.path, own.run_config()
         if run_cfg is not None and run_cfg.method == "qlora":
             # Measured on SmolLM2: the QLoRA adapter on the unquantized base moves logits by up to 20
             # (of 39) against the 4-bit model it was trained on; top-1 tokens agree only 64% of the time.
@@ -370,12 +368,13 @@ def gguf_for(source: str, out: str | Path, outtype: str = "f16", pre: str | None
 
     out = Path(out)
     merged = None
-    if find_adapter(source) is not None:
+    found = locate(source)
+    if found is not None and found.kind == "adapter":
         model_dir = out / "merged"
         # fp32: the GGUF's own --outtype decides the precision; rounding twice would only add error.
         merged = merge.merge(source, model_dir, base=base, dtype="fp32", force=force)
-    elif (Path(source) / "config.json").is_file():
-        model_dir = Path(source)
+    elif found is not None:  # a model folder, or a full fine-tune's run folder
+        model_dir = found.path
     else:
         where = model.resolve(source)
         if where.kind not in ("alias", "folder"):

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from jinja2.exceptions import TemplateError
 
-from lorakit import config, files, model
+from lorakit import files, model
 from lorakit.errors import LorakitError
+from lorakit.run_folder import adapter_source, check_base, read_adapter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Max |logit difference| accepted between base+adapter and the merged model, relative to the largest
@@ -34,18 +35,6 @@ PARITY_PROMPTS = [
 ]
 
 
-def source(adapter_path: str | Path) -> tuple[Path, Any]:
-    """The adapter folder and, when it comes from `lorakit train`, its run config (else None)."""
-    from lorakit.adapter import adapter_dir
-
-    if (Path(adapter_path) / "model" / "config.json").is_file():
-        raise LorakitError(f"{adapter_path} is a full fine-tune: its model/ folder is already a plain model "
-                           "with nothing to merge; use it (or export it) as it is")
-    adir = adapter_dir(adapter_path)
-    run_config = adir.parent / "config.yaml"
-    return adir, (config.load(run_config) if run_config.is_file() else None)
-
-
 def merge(adapter_path: str | Path, out: str | Path, base: str | None = None, dtype: str = "auto",
           force: bool = False, qlora: bool | None = None) -> dict[str, Any]:
     """Merge, check logit parity on the saved files, then move them to `out` (atomically).
@@ -58,14 +47,15 @@ def merge(adapter_path: str | Path, out: str | Path, base: str | None = None, dt
     out = Path(out)
     if out.exists():
         raise LorakitError(f"output folder {out} exists; remove it (rm -r {out}) or choose another OUT")
-    adir, run_cfg = source(adapter_path)
-    meta = json.loads((adir / "adapter_config.json").read_text())
-    if meta.get("peft_type", "LORA") != "LORA":
-        raise LorakitError(f"{adir} is a {meta['peft_type']} adapter; lorakit merges LoRA adapters only")
-    base = base or (run_cfg.model if run_cfg else meta.get("base_model_name_or_path"))
+    found = adapter_source(adapter_path)
+    adir, run_cfg = found.path, found.run_config()
+    meta = read_adapter(adir)
+    if meta.peft_type != "LORA":
+        raise LorakitError(f"{adir} is a {meta.peft_type} adapter; lorakit merges LoRA adapters only")
+    base = base or (run_cfg.model if run_cfg else meta.base_model_name_or_path)
     if not base:
         raise LorakitError(f"{adir}: the adapter does not name its base model; pass --base MODEL")
-    check_base(meta, base, force, adir)
+    check_base(meta, base, force=force, where=adir)
     qlora = (run_cfg is not None and run_cfg.method == "qlora") if qlora is None else qlora
     dtype = default_dtype(base) if dtype == "auto" else dtype
     if dtype not in DTYPES:
@@ -134,25 +124,6 @@ def dequantized_4bit(base: str) -> Any:
     # returns wrong weights (measured: errors larger than the weights).
     quantized.dequantize()
     return quantized.to(torch.float32)
-
-
-def check_base(meta: dict, base: str, force: bool, adir: Path) -> None:
-    """Refuse an adapter trained on another base (its weights would be meaningless on this one)."""
-    declared = meta.get("base_model_name_or_path")
-    if not declared or force:
-        return
-    same = {base, model.resolve(base).path} if _resolvable(base) else {base}
-    if declared not in same and Path(declared).resolve() not in {Path(s).resolve() for s in same if Path(s).exists()}:
-        raise LorakitError(f"{adir} was trained on '{declared}', not on '{base}'. Pass the matching --base, "
-                           "or --force if they are the same weights under another name.")
-
-
-def _resolvable(name: str) -> bool:
-    try:
-        model.resolve(name)
-        return True
-    except LorakitError:
-        return False
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:

@@ -36,7 +36,7 @@ SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_sch
 
 @dataclass
 class Result:
-    summary: dict[str, Any]  # also in output_dir/summary.json
+    summary: dict[str, Any]  # also in the run folder's summary.json
     model: Any  # the trained model (PeftModel for lora/qlora), unwrapped from accelerate
     tokenizer: Any
 
@@ -44,11 +44,11 @@ class Result:
 def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Result:
     """Train one run; the adapter (or model), metrics, plot and summary land in output_dir."""
     # ---- setup ----
-    out = checkpoint.claim_output_dir(cfg, resume, overwrite)  # also writes out/config.yaml
-    tracking.check_trackers(cfg.track, out)
+    run = checkpoint.claim_output_dir(cfg, resume, overwrite)  # also writes its config.yaml
+    tracking.check_trackers(cfg.track, run.root)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = model.pick_dtype(cfg.train.precision, device)
-    accelerator = Accelerator(mixed_precision=MIXED[dtype], log_with=cfg.track or None, project_dir=str(out))
+    accelerator = Accelerator(mixed_precision=MIXED[dtype], log_with=cfg.track or None, project_dir=str(run.root))
     set_seed(cfg.train.seed)
     tokenizer = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     with accelerator.main_process_first():  # tokenize once; the other ranks then read the cache
@@ -70,13 +70,13 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
     # elapsed: wall time of the loop; eval_s: the part spent evaluating, left out of tokens/s.
     state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0}
     start = 0
-    if resume and (ckpt := checkpoint.latest(out)):
+    if resume and (ckpt := checkpoint.latest(run.checkpoints)):
         state = checkpoint.load(ckpt, accelerator.unwrap_model(net), optimizer, scheduler)
         start = state["step"]
-        tracking.truncate_after(out / "metrics.jsonl", start)
+        tracking.truncate_after(run.metrics, start)
         accelerator.print(f"resumed from {ckpt} (step {start})")
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    else:
+        run.metrics.unlink(missing_ok=True)
     if cfg.track:
         accelerator.init_trackers("lorakit", config=_flat(cfg.model_dump(mode="json")))
     eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
@@ -118,7 +118,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
             state["eval_s"] += time.perf_counter() - t_eval
         if accelerator.is_main_process and (step % cfg.train.log_every == 0 or "eval_loss" in record
                                             or step == total_steps):
-            tracking.append(out / "metrics.jsonl", record)
+            tracking.append(run.metrics, record)
             if cfg.track:
                 accelerator.log(record, step=step)
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -127,11 +127,9 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 plain = accelerator.unwrap_model(net)
-                # The adapter in peft's format too, so any checkpoint can be evaluated, merged or served as is
-                # (a full fine-tune's weights are already all in trainable.safetensors).
-                extra = None if cfg.method == "full" else lambda d: plain.save_pretrained(d / "adapter")
-                checkpoint.save(out, step, adapter.trainable_state(plain), optimizer, scheduler, dict(state),
-                                cfg.train.keep_checkpoints, save_extra=extra)
+                # A full fine-tune's weights are all in the checkpoint's trainable.safetensors already.
+                checkpoint.save(run.checkpoints, step, adapter.trainable_state(plain), optimizer, scheduler, dict(state),
+                                cfg.train.keep_checkpoints, peft_model=None if cfg.method == "full" else plain)
         _fault_injection(step)
     bar.close()
 
@@ -140,9 +138,9 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
     summary = {}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(net)
-        save_result(final, tokenizer, cfg, out)
-        records = tracking.read(out / "metrics.jsonl")
-        tracking.plot(records, out / "loss.png")
+        save_result(final, tokenizer, run.weights(cfg.method))
+        records = tracking.read(run.metrics)
+        tracking.plot(records, run.loss_plot)
         summary = {
             "steps": total_steps, "method": cfg.method, "tokens": state["tokens"] * accelerator.num_processes,
             "trained_tokens": state["trained_tokens"], "wall_time_s": round(state["elapsed"], 2),
@@ -152,7 +150,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
             "device": str(accelerator.device), "dtype": str(dtype).removeprefix("torch."),
             "packing": use_positions, "examples": len(prepared.train), "rows": len(rows),
         }
-        files.write_json(out / "summary.json", summary)
+        files.write_json(run.summary, summary)
     accelerator.end_training()
     return Result(summary, accelerator.unwrap_model(net), tokenizer)
 
@@ -249,12 +247,11 @@ def evaluate(net: Any, ds: Any, rows: list[list[int]], batch_size: int, pad: int
     return float(sums[0] / max(sums[1], 1))
 
 
-def save_result(net: Any, tokenizer: Any, cfg: RunConfig, out: Path) -> None:
+def save_result(net: Any, tokenizer: Any, target: Path) -> None:
     """Adapter in peft's format (or the full model) with the tokenizer, written atomically.
 
     A serving process watching this folder sees the old version or the new one, never a partial one.
     """
-    target = out / ("model" if cfg.method == "full" else "adapter")
     with files.atomic_dir(target) as tmp:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
