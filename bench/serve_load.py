@@ -20,7 +20,7 @@ import time
 
 import httpx
 
-from lorakit import serve
+from lorakit.serve import server
 from lorakit.errors import LorakitError
 
 QUESTIONS = ["Who works in Lisbon?", "How many employees work in Sales?", "What is Nora's salary?",
@@ -76,9 +76,9 @@ def main() -> int:
     out = {}
     try:
         for mode in (["on", "off"] if args.batching == "both" else [args.batching]):
-            opts = serve.ServeOptions(model=args.model, served_model_name="base", adapters=adapters,
-                                      batching=mode == "on", max_batch=args.max_batch)
-            app, serving = serve.build(opts)
+            opts = server.ServeOptions(model=args.model, served_model_name="base", adapters=adapters,
+                                       batching=mode == "on", max_batch=args.max_batch)
+            app, serving = server.build(opts)
             models = list(adapters) or ["base"]
             out[f"batching_{mode}"] = asyncio.run(load(app, models, args.requests, args.concurrency, args.max_tokens))
             out[f"batching_{mode}"]["engine_batches"] = serving.engine.batches

@@ -10,7 +10,6 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.model import linear_module_names
-from lorakit.run_folder import adapter_dir, find_adapter  # noqa: F401  TEMPORARY: serve/ moves to run_folder
 
 
 def attach(model: Any, cfg: RunConfig) -> Any:

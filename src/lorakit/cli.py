@@ -134,16 +134,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from lorakit import serve
+    from lorakit.serve import server
 
-    opts = serve.ServeOptions(
+    opts = server.ServeOptions(
         model=args.model, served_model_name=args.served_model_name, adapters=_pairs(args.adapter, "--adapter"),
         adapters_dir=args.adapters_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"),
         max_adapters=args.max_adapters, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
         batching=args.batching == "on", watch=args.watch, watch_interval_s=args.watch_interval,
         max_tokens_limit=args.max_tokens_limit, max_model_len=args.max_model_len, max_body_bytes=args.max_body_bytes,
         device=args.device, dtype=args.dtype, quantization=args.quantization, engine=args.engine)
-    return serve.run(opts)
+    return server.run(opts)
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:

@@ -24,9 +24,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit import cli, serve
+from lorakit import cli
 from lorakit.generate import generate
 from lorakit.serve import protocol as p
+from lorakit.serve import server
 
 MSGS = [{"role": "user", "content": "the quick brown fox"}]
 CHATS = [MSGS, [{"role": "user", "content": "What is the capital of France? Explain like I am five."}],
@@ -57,9 +58,9 @@ def world(tmp_path_factory):
 
 def start(world, adapters_dir=None, **kw):
     tmp, base = world
-    opts = serve.ServeOptions(model=str(base), served_model_name="base",
-                              adapters_dir=str(adapters_dir or tmp / "adapters"), **kw)
-    app, serving = serve.build(opts)
+    opts = server.ServeOptions(model=str(base), served_model_name="base",
+                               adapters_dir=str(adapters_dir or tmp / "adapters"), **kw)
+    app, serving = server.build(opts)
     http = TestClient(app)
     client = OpenAI(base_url="http://testserver/v1", api_key=kw.get("api_key") or "none", http_client=http,
                     max_retries=0)
@@ -76,7 +77,7 @@ def offline(base: Path, adapter: Path | None, chats=(MSGS,), n: int = 8) -> list
 
 def chat(serving, model, msgs=MSGS, **kw):
     req = p.ChatCompletionRequest(model=model, messages=msgs, **{"max_tokens": 8, "temperature": 0, **kw})
-    return asyncio.run(serving.chat(req))["choices"][0]["message"]["content"]
+    return asyncio.run(serving.chat(req)).choices[0].message.content
 
 
 def test_models_chat_completions_and_streaming_match_offline_peft(world):
@@ -125,7 +126,7 @@ def test_mixed_adapter_batch_equals_offline_one_by_one(world):
         reqs = [p.ChatCompletionRequest(model=m, messages=c, max_tokens=6, temperature=0) for m, c in rows]
         return await asyncio.gather(*(serving.chat(r) for r in reqs))
 
-    batched = [r["choices"][0]["message"]["content"] for r in asyncio.run(together())]
+    batched = [r.choices[0].message.content for r in asyncio.run(together())]
     assert serving.engine.batches == 1, "all six rows, of three adapters and two prompt lengths, in one batch"
     expected = {m: offline(base, None if m == "base" else tmp / "adapters" / m, CHATS[:2], 6) for m in ("a", "b", "base")}
     assert batched == [expected[m][CHATS.index(c)] for m, c in rows]
@@ -187,8 +188,8 @@ def test_hot_reload_while_requests_stream(world, tmp_path, monkeypatch):
     shutil.copytree(tmp / "adapters", adapters)
     # The three streams start together (max_batch 3, a long window) and are held after their first token
     # until the reload is done, so they are surely in flight during it.
-    app, serving = serve.build(serve.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(adapters),
-                                                  max_batch=3, batch_window_ms=60_000))
+    app, serving = server.build(server.ServeOptions(model=str(base), served_model_name="base",
+                                                    adapters_dir=str(adapters), max_batch=3, batch_window_ms=60_000))
     held, go, step = threading.Event(), threading.Event(), serving.engine._step
 
     def gated(rows):
@@ -197,7 +198,7 @@ def test_hot_reload_while_requests_stream(world, tmp_path, monkeypatch):
         return step(rows)
 
     monkeypatch.setattr(serving.engine, "_step", gated)
-    watcher = serve.watch(serving, adapters, interval_s=None)  # only the wake event (what SIGHUP sets) scans
+    watcher = server.watch(serving, adapters, interval_s=None)  # only the wake event (what SIGHUP sets) scans
     old = {m: offline(base, adapters / m, [CHATS[1]], 40)[0] for m in ("a", "b")}
     texts, failures = {}, []
 
@@ -237,7 +238,7 @@ def test_hot_reload_while_requests_stream(world, tmp_path, monkeypatch):
 
 def test_a_client_that_hangs_up_on_a_plain_request_stops_its_row(world, monkeypatch):
     tmp, base = world
-    app, serving = serve.build(serve.ServeOptions(model=str(base), served_model_name="base"))
+    app, serving = server.build(server.ServeOptions(model=str(base), served_model_name="base"))
     held, go, step = threading.Event(), threading.Event(), serving.engine._step
 
     def gated(rows):  # the first decoding step waits until the client has hung up and the server noticed
@@ -272,7 +273,7 @@ def test_a_client_that_hangs_up_on_a_plain_request_stops_its_row(world, monkeypa
         OpenAI(base_url=url, api_key="none", max_retries=0).chat.completions.create(
             model="base", messages=MSGS, max_tokens=2)
     assert jobs[0].finish_reason == "cancelled" and jobs[0].completion_tokens < 200
-    assert serving.errors[499] == 1
+    assert serving.stats.errors[499] == 1
 
 
 def test_old_version_lives_until_unused_and_broken_versions_never_replace_it(world, tmp_path):
@@ -349,7 +350,7 @@ def test_a_stream_left_before_it_started_releases_its_adapter(world):
 def test_metrics_counts_are_exact_integers(world):
     _, serving, http = start(world)
     chat(serving, "a")
-    serving.stats["a"]["completion_tokens"] = 1_234_567
+    serving.stats.models["a"].completion_tokens = 1_234_567
     text = http.get("/metrics").text
     assert 'lorakit_completion_tokens_total{model="a"} 1234567\n' in text
     assert 'lorakit_requests_total{model="a"} 1\n' in text
@@ -421,7 +422,7 @@ def test_paths_outside_the_adapters_folder_and_pickles_are_refused(world, tmp_pa
     assert http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "nothing"}).status_code == 404
     assert "x" not in serving.registry.known
     # Without --adapters-dir nothing can be loaded at run time.
-    app, _ = serve.build(serve.ServeOptions(model=str(base), adapters={"a": str(adapters / "a")}))
+    app, _ = server.build(server.ServeOptions(model=str(base), adapters={"a": str(adapters / "a")}))
     r = TestClient(app).post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapters / "b")})
     assert r.status_code == 403
 
@@ -510,9 +511,9 @@ def test_engine_failure_is_a_500_for_that_request_only(world, monkeypatch):
 
 def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
     tmp, base = world
-    opts = serve.ServeOptions(model=str(base), served_model_name="tiny", adapters={"b": str(tmp / "adapters" / "b")},
-                              port=9000, api_key="k", max_model_len=512, dtype="bf16", max_adapters=3)
-    cmd, env = serve.vllm_command(opts)
+    opts = server.ServeOptions(model=str(base), served_model_name="tiny", adapters={"b": str(tmp / "adapters" / "b")},
+                               port=9000, api_key="k", max_model_len=512, dtype="bf16", max_adapters=3)
+    cmd, env = server.vllm_command(opts)
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16" and cmd[cmd.index("--max-cpu-loras") + 1] == "3"
     assert cmd[cmd.index("--max-loras") + 1] == "1", "one adapter here"
     assert cmd[:3] == ["vllm", "serve", str(Path(base).resolve())] and "--enable-lora" in cmd
@@ -520,9 +521,9 @@ def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
     assert cmd[cmd.index("--served-model-name") + 1] == "tiny" and cmd[cmd.index("--max-model-len") + 1] == "512"
     assert env == {"VLLM_API_KEY": "k"} and "k" not in cmd, "the key stays out of the process list"
     with pytest.raises(Exception, match="rank 4 is not one vLLM accepts"):  # adapter "a" has rank 4
-        serve.vllm_command(serve.ServeOptions(model=str(base), adapters_dir=str(tmp / "adapters")))
-    monkeypatch.setattr(serve.shutil, "which", lambda name: None)
-    monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
+        server.vllm_command(server.ServeOptions(model=str(base), adapters_dir=str(tmp / "adapters")))
+    monkeypatch.setattr(server.shutil, "which", lambda name: None)
+    monkeypatch.setattr(server.importlib.util, "find_spec", lambda name: None)
     assert cli.main(["serve", "--model", str(base), "--adapter", f"b={tmp / 'adapters' / 'b'}", "--engine", "vllm"]) == 2
     err = capsys.readouterr().err
     assert "needs vLLM" in err and "vllm serve" in err
@@ -533,7 +534,7 @@ def test_a_run_config_serves_its_base_and_trained_adapter(world, tmp_path, capsy
     shutil.copytree(tmp / "adapters" / "b", tmp_path / "sql" / "adapter")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {base}\ndata: {{train: x.jsonl}}\noutput_dir: {tmp_path / 'sql'}\n")
-    _, serving = serve.build(serve.ServeOptions(model=str(cfg)))
+    _, serving = server.build(server.ServeOptions(model=str(cfg)))
     assert serving.served_name == str(base) and list(serving.registry.known) == ["sql"]
     assert chat(serving, "sql") == offline(base, tmp / "adapters" / "b")[0]
     assert cli.main(["serve", "--model", str(base), "--watch"]) == 2, "--watch without --adapters-dir"
@@ -544,8 +545,8 @@ def test_watcher_picks_up_a_training_run_folder(world, tmp_path):
     _, base = world
     runs = tmp_path / "runs"
     runs.mkdir()
-    _, serving = serve.build(serve.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(runs)))
-    watcher = serve.watch(serving, runs, interval_s=None)
+    _, serving = server.build(server.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(runs)))
+    watcher = server.watch(serving, runs, interval_s=None)
     make_adapter(base, runs / "sql" / "adapter", 8, ["q_proj", "v_proj"], 7)  # what `lorakit train` writes
     watcher.wake.set()  # what SIGHUP does
     assert watcher.scanned.wait(timeout=60)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.adapter import find_adapter
+from lorakit.run_folder import ADAPTER_CONFIG, find_adapter
 
 log = logging.getLogger("lorakit.serve")
-FILES = ("adapter_config.json", "adapter_model.safetensors")
+FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""HTTP routes: thin wrappers over `Serving`. `create_app` builds an app; there is no global one."""
+"""HTTP routes: thin wrappers that hand requests to `Serving` and its response models back as JSON or SSE.
+
+`create_app` builds an app; there is no global one. Errors of any kind leave in OpenAI's shape and are
+counted by status for /metrics.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.serve import protocol as p
+from lorakit.serve.metrics import Stats
 from lorakit.serve.serving import APIError, Serving
 
 log = logging.getLogger("lorakit.serve")
@@ -31,10 +37,10 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
 
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.serving = serving
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, errors=serving.errors)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, stats=serving.stats)
 
     def error(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
-        serving.errors[status] += 1
+        serving.stats.error(status)
         return _error(status, message, type_, param)
 
     @app.exception_handler(APIError)
@@ -67,18 +73,19 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(serving.metrics(), media_type="text/plain; version=0.0.4")
+        text = serving.stats.prometheus(serving.engine, serving.registry)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        return serving.models()
+    async def models() -> JSONResponse:
+        return JSONResponse(serving.models().model_dump())
 
     @app.post("/v1/chat/completions")
-    async def chat(req: p.ChatCompletionRequest, request: Request) -> Any:
+    async def chat(req: p.ChatCompletionRequest, request: Request) -> Response:
         return _respond(await serving.chat(req, gone=lambda: _disconnected(request)))
 
     @app.post("/v1/completions")
-    async def completions(req: p.CompletionRequest, request: Request) -> Any:
+    async def completions(req: p.CompletionRequest, request: Request) -> Response:
         return _respond(await serving.completions(req, gone=lambda: _disconnected(request)))
 
     @app.post("/v1/load_lora_adapter")
@@ -99,8 +106,8 @@ class Guard:
     The size is counted as the body arrives, so a chunked upload without Content-Length is stopped too.
     """
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, errors: dict[int, int]):
-        self.app, self.api_key, self.max_body_bytes, self.errors = app, api_key, max_body_bytes, errors
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, stats: Stats):
+        self.app, self.api_key, self.max_body_bytes, self.stats = app, api_key, max_body_bytes, stats
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -108,11 +115,11 @@ class Guard:
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"")
         if self.api_key and scope["path"] != "/health" and not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
-            self.errors[401] += 1
+            self.stats.error(401)
             return await _error(401, "invalid or missing API key (Authorization: Bearer KEY)")(scope, receive, send)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            self.errors[413] += 1
+            self.stats.error(413)
             return await _error(413, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
         seen = 0
 
@@ -137,17 +144,19 @@ async def _disconnected(request: Request) -> None:
 
 
 def _error(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
-    return JSONResponse(p.error_body(message, type_ or ERROR_TYPES.get(status, "invalid_request_error"), status, param),
-                        status_code=status)
+    info = p.ErrorInfo(message=message, type=type_ or ERROR_TYPES.get(status, "invalid_request_error"), param=param,
+                       code=status)
+    return JSONResponse(p.ErrorResponse(error=info).model_dump(), status_code=status)
 
 
-def _respond(result: dict | AsyncIterator[dict]) -> Any:
-    if isinstance(result, dict):
-        return result
+def _respond(result: BaseModel | AsyncIterator[BaseModel]) -> JSONResponse | StreamingResponse:
+    """A response model as JSON, or a stream of chunk models as server-sent events ending with [DONE]."""
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump())
 
     async def frames() -> AsyncIterator[str]:
         async for chunk in result:
-            yield f"data: {json.dumps(chunk)}\n\n"
+            yield f"data: {json.dumps(chunk.model_dump())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream")

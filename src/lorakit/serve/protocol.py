@@ -1,12 +1,17 @@
-"""OpenAI-compatible request models (the subset lorakit serves), vLLM's adapter bodies, and the error shape."""
+"""The API's bodies as pydantic models: OpenAI-compatible requests and responses, vLLM's adapter requests, errors.
+
+As in vLLM's vllm/entrypoints/openai/protocol.py. Requests accept fields lorakit does not use (OpenAI's API
+does) but refuse the ones that would change the answer; responses serialize to the JSON shapes OpenAI sends.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
+                      model_validator)
 
 # Fields that change what a completion means; ignoring them silently would return a wrong answer. Their
 # "off" values (false, 0, 1, [], {}, null) are fine: clients often send those.
@@ -107,14 +112,143 @@ class UnloadLoraRequest(_Req):
     lora_name: str
 
 
+# ---- responses ----
+class _Body(BaseModel):
+    """A response body. OpenAI leaves some fields out rather than sending null (`usage` on a stream's text
+    chunks, an empty `delta`): those are named in `optional` and sent only when given. Every other field is
+    always sent, null ones (`finish_reason`, `logprobs`, `parent`) included, so exclude_unset would not do."""
+
+    optional: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k not in self.optional or k in self.model_fields_set}
+
+
+class UsageInfo(_Body):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(_Body):
+    """One entry of /v1/models: the base (with max_model_len) or an adapter (its parent is the base)."""
+
+    optional = frozenset({"max_model_len", "path", "loaded", "version", "error"})
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lorakit"
+    root: str | None  # vLLM's meaning: what the model was loaded from (an adapter's folder)
+    parent: str | None
+    max_model_len: int | None = None
+    # An adapter's registry entry: its folder, whether it is in memory now, the version serving it, why it failed.
+    path: str | None = None
+    loaded: bool | None = None
+    version: str | None = None
+    error: str | None = None
+
+
+class ModelList(_Body):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ChatCompletionMessage(_Body):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionResponseChoice(_Body):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: str | None
+    logprobs: None = None  # requests asking for logprobs are refused, so always null
+
+
+class ChatCompletionResponse(_Body):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(_Body):
+    """The new part of a streamed message: role and "" first, then text; {} on a finishing chunk without text."""
+
+    optional = frozenset({"role", "content"})
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionResponseStreamChoice(_Body):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None  # null until the row's last chunk
+
+
+class ChatCompletionStreamResponse(_Body):
+    optional = frozenset({"usage"})
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = None  # only on the last chunk, whose choices are [] (stream_options.include_usage)
+
+
+class CompletionResponseChoice(_Body):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(_Body):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo
+
+
+class CompletionResponseStreamChoice(_Body):
+    index: int
+    text: str
+    finish_reason: str | None  # null until the row's last chunk
+    logprobs: None = None
+
+
+class CompletionStreamResponse(_Body):
+    optional = frozenset({"usage"})
+    id: str
+    object: Literal["text_completion"] = "text_completion"  # OpenAI's chunks keep the response's name
+    created: int
+    model: str
+    choices: list[CompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ErrorInfo(_Body):
+    message: str
+    type: str
+    param: str | None = None
+    code: int  # the HTTP status
+
+
+class ErrorResponse(_Body):
+    """OpenAI's error shape: the official client maps the status code to its exception class, and raises a
+    streamed one too."""
+
+    error: ErrorInfo
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:
     return int(time.time())
-
-
-def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict:
-    """OpenAI's error shape: the official client maps the status code to its exception class."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,11 +1,14 @@
-"""The OpenAI-compatible serving logic, testable without HTTP: requests in, response dicts or chunk streams out."""
+"""The request logic of the OpenAI-compatible API, testable without HTTP: request models in, response models out.
+
+A completion is a response model, or (stream=True) an async iterator of chunk models; the engine decodes,
+the registry holds the adapters, app.py turns the models into HTTP.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from pathlib import Path
@@ -14,10 +17,10 @@ from typing import Any
 from lorakit.serve import protocol as p
 from lorakit.serve.adapters import Registry
 from lorakit.serve.engine import Engine, Job
+from lorakit.serve.metrics import Stats
 
 Gone = Callable[[], Awaitable[None]]  # returns once the client has disconnected
 MAX_ROWS = 64  # completions (prompts x n) in one request: one client cannot queue unbounded work
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
 
 class APIError(Exception):
@@ -43,21 +46,19 @@ class Serving:
         eos_ids = [i for i in {tokenizer.eos_token_id, *eos} if i is not None]
         self.engine = Engine(lambda: self.registry.net, tokenizer, eos_ids, max_batch, window_s, lock,
                              per_row_adapters)
-        self.stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.errors: dict[int, int] = defaultdict(int)
+        self.stats = Stats()
         self.started = p.now()
 
     def close(self) -> None:
         self.engine.close()
 
     # ---- models ----
-    def models(self) -> dict:
-        data = [{"id": self.served_name, "object": "model", "created": self.started, "owned_by": "lorakit",
-                 "root": self.served_name, "parent": None, "max_model_len": self.context}]
+    def models(self) -> p.ModelList:
+        data = [p.ModelCard(id=self.served_name, created=self.started, root=self.served_name, parent=None,
+                            max_model_len=self.context)]
         for name, info in self.registry.describe().items():
-            data.append({"id": name, "object": "model", "created": self.started, "owned_by": "lorakit",
-                         "root": info["path"], "parent": self.served_name, **info})
-        return {"object": "list", "data": data}
+            data.append(p.ModelCard(id=name, created=self.started, root=info["path"], parent=self.served_name, **info))
+        return p.ModelList(data=data)
 
     def load_adapter(self, req: p.LoadLoraRequest) -> str:
         if req.lora_name == self.served_name:
@@ -81,8 +82,9 @@ class Serving:
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
     # ---- completions ----
-    async def chat(self, req: p.ChatCompletionRequest, gone: Gone | None = None) -> dict | AsyncIterator[dict]:
-        """A chat.completion dict, or (stream=True) an iterator of chat.completion.chunk dicts.
+    async def chat(self, req: p.ChatCompletionRequest, gone: Gone | None = None
+                   ) -> p.ChatCompletionResponse | AsyncIterator[p.ChatCompletionStreamResponse | p.ErrorResponse]:
+        """A chat.completion, or (stream=True) an iterator of its chunks.
 
         gone: returns once the client has left; a non-streamed request then stops its rows (a stream
         stops when its consumer does).
@@ -91,8 +93,9 @@ class Serving:
         jobs = await asyncio.to_thread(self.prepare, req, prompts)  # may load an evicted adapter
         return self.stream(req, jobs, chat=True) if req.stream else await self.complete(req, jobs, True, gone)
 
-    async def completions(self, req: p.CompletionRequest, gone: Gone | None = None) -> dict | AsyncIterator[dict]:
-        """A text_completion dict, or (stream=True) an iterator of its chunks."""
+    async def completions(self, req: p.CompletionRequest, gone: Gone | None = None
+                          ) -> p.CompletionResponse | AsyncIterator[p.CompletionStreamResponse | p.ErrorResponse]:
+        """A text_completion, or (stream=True) an iterator of its chunks."""
         prompts = self.text_prompts(req)
         jobs = await asyncio.to_thread(self.prepare, req, prompts)
         return self.stream(req, jobs, chat=False) if req.stream else await self.complete(req, jobs, False, gone)
@@ -184,7 +187,8 @@ class Serving:
             for job in jobs:
                 job.cancelled = job.finish_reason is None
 
-    async def complete(self, req: p.SamplingFields, jobs: list[Job], chat: bool, gone: Gone | None = None) -> dict:
+    async def complete(self, req: p.SamplingFields, jobs: list[Job], chat: bool, gone: Gone | None = None
+                       ) -> p.ChatCompletionResponse | p.CompletionResponse:
         t0 = time.perf_counter()
         texts = [""] * len(jobs)
         reasons: list[str | None] = [None] * len(jobs)
@@ -213,28 +217,30 @@ class Serving:
         if failed:
             raise APIError(500, f"generation failed: {failed[0]}", "server_error")
         self._count(req.model, jobs, time.perf_counter() - t0)
+        answers, usage = enumerate(zip(texts, reasons)), self._usage(req, jobs)
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
-        else:
-            choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {"id": p.new_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion" if chat else "text_completion",
-                "created": p.now(), "model": req.model, "choices": choices, "usage": self._usage(req, jobs)}
+            return p.ChatCompletionResponse(
+                id=p.new_id("chatcmpl"), created=p.now(), model=req.model, usage=usage,
+                choices=[p.ChatCompletionResponseChoice(index=i, message=p.ChatCompletionMessage(content=t),
+                                                        finish_reason=r) for i, (t, r) in answers])
+        return p.CompletionResponse(
+            id=p.new_id("cmpl"), created=p.now(), model=req.model, usage=usage,
+            choices=[p.CompletionResponseChoice(index=i, text=t, finish_reason=r) for i, (t, r) in answers])
 
-    async def stream(self, req: p.SamplingFields, jobs: list[Job], chat: bool) -> AsyncIterator[dict]:
+    async def stream(self, req: p.SamplingFields, jobs: list[Job], chat: bool
+                     ) -> AsyncIterator[p.ChatCompletionStreamResponse | p.CompletionStreamResponse | p.ErrorResponse]:
         """OpenAI stream chunks; the caller frames them as SSE and ends with [DONE]. A failure mid-stream is
         one chunk in OpenAI's error shape (the openai client raises it)."""
         t0 = time.perf_counter()
-        rid, created = p.new_id("chatcmpl" if chat else "cmpl"), p.now()
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                "model": req.model}
+        chunk = p.ChatCompletionStreamResponse if chat else p.CompletionStreamResponse
+        head = {"id": p.new_id("chatcmpl" if chat else "cmpl"), "created": p.now(), "model": req.model}
         submitted = False
         try:
             if chat:
-                for i in range(len(jobs)):
-                    yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "finish_reason": None}]}
+                for i in range(len(jobs)):  # each row opens with its role, as OpenAI's streams do
+                    start = p.DeltaMessage(role="assistant", content="")
+                    choice = p.ChatCompletionResponseStreamChoice(index=i, delta=start, finish_reason=None)
+                    yield chunk(**head, choices=[choice])
             submitted = True  # from here on the engine releases each row's adapter version
         finally:
             if not submitted:  # the client left during the role chunks: the rows never reached the engine
@@ -243,60 +249,29 @@ class Serving:
         async with aclosing(self.run(jobs)) as events:
             async for i, delta, done, reason in events:
                 if jobs[i].error:
-                    self.errors[500] += 1
-                    yield p.error_body(f"generation failed: {jobs[i].error}", "server_error", 500)
+                    self.stats.error(500)
+                    yield p.ErrorResponse(error=p.ErrorInfo(message=f"generation failed: {jobs[i].error}",
+                                                            type="server_error", code=500))
                     return
                 if not delta and not done:
                     continue
                 end = reason if done else None
-                choice = ({"index": i, "delta": {"content": delta} if delta else {}, "finish_reason": end} if chat
-                          else {"index": i, "text": delta, "finish_reason": end, "logprobs": None})
-                yield {**head, "choices": [choice]}
+                if chat:  # a row's last chunk may carry no text: its delta is then {}
+                    message = p.DeltaMessage(content=delta) if delta else p.DeltaMessage()
+                    choice = p.ChatCompletionResponseStreamChoice(index=i, delta=message, finish_reason=end)
+                else:
+                    choice = p.CompletionResponseStreamChoice(index=i, text=delta, finish_reason=end)
+                yield chunk(**head, choices=[choice])
         self._count(req.model, jobs, time.perf_counter() - t0)
         if req.stream_options and req.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": self._usage(req, jobs)}
+            yield chunk(**head, choices=[], usage=self._usage(req, jobs))
 
     @staticmethod
-    def _usage(req: p.SamplingFields, jobs: list[Job]) -> dict:
+    def _usage(req: p.SamplingFields, jobs: list[Job]) -> p.UsageInfo:
         prompt = sum(len(j.prompt_ids) for j in jobs[:: req.n])  # n samples of one prompt read it once
         completion = sum(j.completion_tokens for j in jobs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    # ---- metrics ----
     def _count(self, model: str, jobs: list[Job], seconds: float) -> None:
-        s = self.stats[model]
-        s["requests"] += 1
-        s["completion_tokens"] += sum(j.completion_tokens for j in jobs)
-        s["prompt_tokens"] += sum(len(j.prompt_ids) for j in jobs)
-        s["latency_sum"] += seconds
-        for le in LATENCY_BUCKETS:
-            s[f"le_{le}"] += seconds <= le
-
-    def metrics(self) -> str:
-        """Prometheus text exposition: per-model requests, tokens and latency; queue, rows, adapters, errors."""
-        def label(v: Any) -> str:
-            return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-        lines = ["# TYPE lorakit_queue_depth gauge", f"lorakit_queue_depth {self.engine.depth()}",
-                 "# TYPE lorakit_running_rows gauge", f"lorakit_running_rows {self.engine.running}",
-                 "# TYPE lorakit_adapters_loaded gauge", f"lorakit_adapters_loaded {len(self.registry.active)}",
-                 "# TYPE lorakit_batches_total counter", f"lorakit_batches_total {self.engine.batches}",
-                 "# TYPE lorakit_joined_rows_total counter", f"lorakit_joined_rows_total {self.engine.joined}",
-                 "# TYPE lorakit_request_errors_total counter"]
-        lines += [f'lorakit_request_errors_total{{status="{k}"}} {v}' for k, v in sorted(self.errors.items())]
-        for key in ("requests", "prompt_tokens", "completion_tokens"):
-            lines.append(f"# TYPE lorakit_{key}_total counter")
-            lines += [f'lorakit_{key}_total{{model="{label(m)}"}} {_num(s[key])}' for m, s in sorted(self.stats.items())]
-        lines.append("# TYPE lorakit_request_latency_seconds histogram")
-        for m, s in sorted(self.stats.items()):
-            for le in LATENCY_BUCKETS:
-                bound = "+Inf" if le == float("inf") else f"{le:g}"
-                lines.append(f'lorakit_request_latency_seconds_bucket{{model="{label(m)}",le="{bound}"}} {_num(s[f"le_{le}"])}')
-            lines.append(f'lorakit_request_latency_seconds_sum{{model="{label(m)}"}} {_num(s["latency_sum"])}')
-            lines.append(f'lorakit_request_latency_seconds_count{{model="{label(m)}"}} {_num(s["requests"])}')
-        return "\n".join(lines) + "\n"
-
-
-def _num(v: float) -> str:
-    """A Prometheus sample value: counts as exact integers (":g" would print 1.23457e+06), sums in full."""
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
+        self.stats.count(model, prompt_tokens=sum(len(j.prompt_ids) for j in jobs),
+                         completion_tokens=sum(j.completion_tokens for j in jobs), seconds=seconds)

@@ -1,0 +1,183 @@
+"""Wiring of `lorakit serve`: its options, the app built from them, the adapter watcher, uvicorn or vLLM.
+
+`build` loads the base and the adapters and returns the app with its Serving; `run` adds the watcher
+(--watch, SIGHUP) and serves the app with uvicorn, or execs vLLM's server with the same model and adapters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shlex
+import shutil
+import signal
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+from lorakit.run_folder import RunFolder, adapter_dir, find_adapter
+
+log = logging.getLogger("lorakit.serve")
+
+
+@dataclass
+class ServeOptions:
+    """What `lorakit serve` takes; each field is one command-line option (see cli.py for the help)."""
+
+    model: str
+    served_model_name: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)
+    adapters_dir: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_adapters: int | None = None
+    max_batch: int = 8
+    batch_window_ms: float = 10.0
+    batching: bool = True
+    watch: bool = False
+    watch_interval_s: float = 2.0
+    max_tokens_limit: int = 1024
+    max_model_len: int | None = None
+    max_body_bytes: int = 1 << 20
+    device: str = "auto"
+    dtype: str = "auto"
+    quantization: str | None = None
+    engine: str = "lorakit"
+
+
+def resolve_model(opts: ServeOptions) -> ServeOptions:
+    """A run config (YAML) stands for its base model plus its trained adapter (named after output_dir)."""
+    if not opts.model.endswith((".yaml", ".yml")):
+        return opts
+    from lorakit import config
+
+    cfg = config.load(opts.model)
+    adapters = dict(opts.adapters)
+    run = RunFolder.of(cfg)
+    if (adapter := find_adapter(run.root)) is not None:
+        adapters.setdefault(run.name, str(adapter))
+    # A QLoRA adapter answers as trained only on the 4-bit base it was trained on.
+    quantization = opts.quantization or ("4bit" if cfg.method == "qlora" else None)
+    return replace(opts, model=cfg.model, adapters=adapters, quantization=quantization)
+
+
+def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
+    """Load the base, the --adapter ones and those of --adapters-dir; the app and its Serving."""
+    import torch
+
+    from lorakit import model
+    from lorakit.serve.app import create_app
+    from lorakit.serve.serving import Serving
+
+    opts = resolve_model(opts)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
+    dtype = model.pick_dtype(opts.dtype, device)
+    tokenizer = model.load_tokenizer(opts.model)
+    base = model.load_model(opts.model, dtype=dtype, device=device, quantization=opts.quantization)
+    adapters_dir = Path(opts.adapters_dir) if opts.adapters_dir else None
+    if adapters_dir is not None and not adapters_dir.is_dir():
+        raise LorakitError(f"--adapters-dir {adapters_dir}: not a folder")
+    serving = Serving(base, tokenizer, opts.served_model_name or opts.model, adapters_dir=adapters_dir,
+                      max_adapters=opts.max_adapters, max_batch=opts.max_batch if opts.batching else 1,
+                      window_s=opts.batch_window_ms / 1000 if opts.batching else 0.0,
+                      per_row_adapters=opts.batching, max_tokens_limit=opts.max_tokens_limit,
+                      max_model_len=opts.max_model_len)
+    for name, path in opts.adapters.items():
+        try:
+            # --adapter paths are the operator's own choice: only run-time loads are confined to adapters_dir.
+            serving.registry.load(name, adapter_dir(path), confined=False)
+        except (ValueError, OSError) as e:
+            raise LorakitError(f"--adapter {name}={path}: {e}") from None
+    if adapters_dir is not None:
+        serving.registry.scan(adapters_dir)
+        for name, err in serving.registry.errors.items():
+            log.error("adapter %s not loaded: %s", name, err)
+    return create_app(serving, opts.api_key, opts.max_body_bytes), serving
+
+
+@dataclass
+class Watcher:
+    wake: threading.Event  # set it (SIGHUP does) to rescan now
+    scanned: threading.Event  # set after each scan
+    stop: threading.Event
+
+
+def watch(serving, folder: Path, interval_s: float | None) -> Watcher:
+    """Rescan `folder` every interval (None: never by itself), and at once when `wake` is set, until `stop`."""
+    w = Watcher(threading.Event(), threading.Event(), threading.Event())
+
+    def loop() -> None:
+        while not w.stop.is_set():
+            w.wake.wait(interval_s)
+            w.wake.clear()
+            try:
+                for name in serving.registry.scan(folder):
+                    log.info("loaded a new version of adapter %s", name)
+            except OSError as e:  # the folder itself vanished or is unreadable: try again next time
+                log.error("scanning %s failed: %s", folder, e)
+            w.scanned.set()
+
+    threading.Thread(target=loop, name="lorakit-watch", daemon=True).start()
+    return w
+
+
+def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
+    """vLLM's OpenAI server with the same base, adapters, name, host, port, limits and key.
+
+    Returns the argv and the environment to add: the key travels as VLLM_API_KEY, not in argv,
+    where any local user could read it in the process list.
+    """
+    from lorakit import export, model
+
+    opts = resolve_model(opts)
+    if opts.watch:
+        raise LorakitError("--watch is a feature of lorakit's own engine; vLLM loads its adapters at start")
+    adapters = {n: adapter_dir(p) for n, p in opts.adapters.items()}
+    if opts.adapters_dir:
+        found = {d.name: find_adapter(d) for d in sorted(Path(opts.adapters_dir).iterdir()) if d.is_dir()}
+        adapters |= {n: p for n, p in found.items() if p is not None and n not in adapters}
+    if adapters:
+        cmd = shlex.split(export.vllm_command(opts.model, adapters, opts.port))
+    else:
+        resolved = model.resolve(opts.model)
+        cmd = ["vllm", "serve", resolved.path if resolved.kind != "hub" else opts.model, "--port", str(opts.port)]
+    cmd += ["--host", opts.host, "--served-model-name", opts.served_model_name or opts.model,
+            "--max-num-seqs", str(opts.max_batch if opts.batching else 1)]
+    if opts.max_model_len:
+        cmd += ["--max-model-len", str(opts.max_model_len)]
+    if opts.dtype != "auto":
+        cmd += ["--dtype", {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[opts.dtype]]
+    if opts.max_adapters and adapters:
+        # vLLM holds up to --max-cpu-loras adapters in memory and batches up to --max-loras (<= the former) at once.
+        at_once = cmd.index("--max-loras") + 1
+        cmd[at_once] = str(min(int(cmd[at_once]), opts.max_adapters))
+        cmd += ["--max-cpu-loras", str(opts.max_adapters)]
+    if opts.quantization == "4bit":
+        cmd += ["--quantization", "bitsandbytes"]
+    return cmd, {"VLLM_API_KEY": opts.api_key} if opts.api_key else {}
+
+
+def run(opts: ServeOptions) -> int:
+    if opts.engine == "vllm":
+        cmd, env = vllm_command(opts)
+        if shutil.which("vllm") is None and importlib.util.find_spec("vllm") is None:
+            raise LorakitError("--engine vllm needs vLLM (GPU machines): pip install vllm. It would run:\n  "
+                               + shlex.join(cmd))
+        print(shlex.join(cmd), flush=True)
+        os.execvpe(cmd[0], cmd, {**os.environ, **env})
+    import uvicorn
+
+    if opts.watch and not opts.adapters_dir:
+        raise LorakitError("--watch needs --adapters-dir: the folder to watch for new adapter versions")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, serving = build(opts)
+    if opts.adapters_dir:  # SIGHUP rescans the folder; --watch also rescans it every few seconds
+        watcher = watch(serving, Path(opts.adapters_dir), opts.watch_interval_s if opts.watch else None)
+        signal.signal(signal.SIGHUP, lambda *_: watcher.wake.set())
+    print(f"serving {serving.served_name} with adapters {list(serving.registry.known)} on "
+          f"http://{opts.host}:{opts.port}/v1", flush=True)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")
+    return 0
