@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from typing import Any
@@ -110,16 +111,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lorakit import export
-
     if args.format == "vllm":
-        command, notes = export.vllm_for(args.source, _pairs(args.adapter, "--adapter"), base=args.base,
+        from lorakit.export import vllm
+
+        command, notes = vllm.for_source(args.source, _pairs(args.adapter, "--adapter"), base=args.base,
                                          force=args.force)
         for w in notes:
             print(f"warning: {w}", file=sys.stderr)
-        print(command)
+        print(shlex.join(command))
         return 0
-    result = export.gguf_for(args.source, args.out, outtype=args.outtype, pre=args.pre, base=args.base, force=args.force)
+    from lorakit.export import gguf
+
+    result = gguf.export(args.source, args.out, outtype=args.outtype, pre=args.pre, base=args.base, force=args.force)
     if result["merged"]:
         m = result["merged"]
         print(f"merged {args.source} into {args.out}/merged (fp32; parity max |logit diff| "

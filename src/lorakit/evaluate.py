@@ -135,7 +135,7 @@ def active(net: Any, name: str) -> Iterator[None]:
 def held_out_loss(net: Any, encoded: list[render.Encoded], tokenizer: Any, batch_size: int) -> float:
     """Mean negative log-likelihood per trained (answer) token."""
     total, count = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     rows = [[{"input_ids": e.input_ids, "labels": e.labels}] for e in encoded]
     with torch.no_grad():
         for j in range(0, len(rows), batch_size):
@@ -204,13 +204,9 @@ def _fmt(key: str, v: Any) -> str:
 
 def _tokenizer(cfg: RunConfig, adapters: dict[str, Path]) -> Any:
     """The tokenizer saved with the first adapter (its exact chat template), else the base's."""
-    from transformers import AutoTokenizer
-
     first = next(iter(adapters.values()), None)
-    if first is not None and (first / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(first)
-    else:
-        tokenizer = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = (model.adapter_tokenizer(first, cfg.model, cfg.trust_remote_code) if first is not None
+                 else model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code))
     render.setup_template(tokenizer, cfg.data.chat_template)
     return tokenizer
 

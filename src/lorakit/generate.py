@@ -32,7 +32,10 @@ def generate(
     before the first of the `stop` strings. Special tokens are not part of the returned text.
     """
     eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token: load it with lorakit.model.load_tokenizer, or pass "
+                         "lorakit.model.with_pad(tokenizer)")
     prompts = [
         tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
                   add_special_tokens=False).input_ids  # the template already holds any BOS

@@ -14,25 +14,15 @@ from typing import Any
 import torch
 from jinja2.exceptions import TemplateError
 
-from lorakit import files, model
+from lorakit import files, model, parity, render
 from lorakit.errors import LorakitError
 from lorakit.run_folder import adapter_source, check_base, read_adapter
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Max |logit difference| accepted between base+adapter and the merged model, relative to the largest
-# |logit|, per saved dtype: fp32 only reorders sums; 16-bit weights carry a relative rounding error of
-# 2^-8 (bf16) or 2^-11 (fp16) per weight, which adds up over layers to about 1% of the logit scale.
-TOLERANCE = {"fp32": 1e-4, "fp16": 0.01, "bf16": 0.03}
 # The second check of a QLoRA merge compares with the 4-bit model the adapter was trained on, whose
 # bitsandbytes kernels compute in 16 bits: even an exact merge differs from it by ~3% of the logit scale
 # (SmolLM2: 1.09 of 39.8). Merging into the original fp32 weights instead would miss by far more (NF4
 # moves SmolLM2's logits by up to 26), so this still catches a merge into the wrong weights.
 QLORA_TOLERANCE = 0.05
-PARITY_PROMPTS = [
-    [{"role": "user", "content": "How many employees work in Lisbon?"}],
-    [{"role": "user", "content": "Write one sentence about the sea."}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 12 times 3?"}],
-]
 
 
 def merge(adapter_path: str | Path, out: str | Path, base: str | None = None, dtype: str = "auto",
@@ -58,29 +48,29 @@ def merge(adapter_path: str | Path, out: str | Path, base: str | None = None, dt
     check_base(meta, base, force=force, where=adir)
     qlora = (run_cfg is not None and run_cfg.method == "qlora") if qlora is None else qlora
     dtype = default_dtype(base) if dtype == "auto" else dtype
-    if dtype not in DTYPES:
-        raise LorakitError(f"--dtype {dtype}: use one of auto, {', '.join(DTYPES)}")
-    tokenizer = tokenizer_for(adir, base)
-    prompts, prompts_from = parity_prompts(run_cfg)
-    rows = parity_inputs(tokenizer, prompts)
+    if dtype not in model.DTYPES:
+        raise LorakitError(f"--dtype {dtype}: use one of auto, {', '.join(model.DTYPES)}")
+    tokenizer = model.adapter_tokenizer(adir, base)
+    prompts, prompts_from = parity.prompts(run_cfg)
+    rows = parity.inputs(tokenizer, prompts)
     quantized_reference = None
     if qlora:
         # What the adapter was trained with: the 4-bit base + adapter, bitsandbytes kernels and all.
         trained_as = PeftModel.from_pretrained(model.load_model(base, quantization="4bit"), adir).eval()
-        quantized_reference = logits(trained_as, rows)
+        quantized_reference = parity.logits(trained_as, rows)
         del trained_as
         base_model = dequantized_4bit(base)
     else:
         base_model = model.load_model(base, dtype=torch.float32)
     net = PeftModel.from_pretrained(base_model, adir).eval()
-    reference = logits(net, rows)  # unmerged W x + B A x: what the merged W' = W + BA must reproduce
-    merged = net.merge_and_unload().to(DTYPES[dtype])
+    reference = parity.logits(net, rows)  # unmerged W x + B A x: what the merged W' = W + BA must reproduce
+    merged = net.merge_and_unload().to(model.DTYPES[dtype])
     set_stop_tokens(merged, tokenizer)
     # Check parity on the saved files before they become OUT: a merge that fails it is never shipped.
     with files.atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        report = parity(tmp, rows, reference, quantized_reference, dtype)
+        report = check_saved(tmp, rows, reference, quantized_reference, dtype)
     return {**report, "prompts": prompts_from, "qlora": qlora, "eos_token_id": merged.generation_config.eos_token_id}
 
 
@@ -107,15 +97,6 @@ def default_dtype(base: str) -> str:
     return "fp16" if saved and "float16" in saved and "bfloat16" not in saved else "bf16"
 
 
-def tokenizer_for(adir: Path, base: str) -> Any:
-    """The tokenizer saved with the adapter (the chat template it was trained with), else the base's."""
-    from transformers import AutoTokenizer
-
-    if (adir / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(adir)
-    return model.load_tokenizer(base)
-
-
 def dequantized_4bit(base: str) -> Any:
     """The base as the 4-bit QLoRA model saw it (NF4 round trip), as plain fp32 weights."""
     quantized = model.load_model(base, quantization="4bit")
@@ -139,7 +120,7 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     except (TemplateError, ValueError):  # no template, or one that refuses this chat: nothing to add
         return []
     after = tokenizer(text[text.rfind(answer) + len(answer):], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special = render.special_ids(tokenizer)
     return [i for i in after if i in special][:1]
 
 
@@ -151,69 +132,21 @@ def set_stop_tokens(merged: Any, tokenizer: Any) -> None:
     ids = list(dict.fromkeys(ids))
     gen.eos_token_id = ids if len(ids) > 1 else ids[0]
     if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
+        gen.pad_token_id = tokenizer.pad_token_id
 
 
-def parity_prompts(run_cfg: Any) -> tuple[list[list[dict]], str]:
-    """Up to 3 prompts of the run's held-out file (the adapter's own task), plus 3 general ones."""
-    from lorakit import formats, sources
-
-    held_out = run_cfg.data.eval if run_cfg is not None else None
-    if not isinstance(held_out, str):
-        return PARITY_PROMPTS, "built-in"
-    try:
-        rows = sources.read(held_out, limit=3)
-        chats = formats.convert(rows.records, rows.where, run_cfg.data.format, run_cfg.data.template,
-                                run_cfg.data.system_prompt, keep_unanswered=True).examples
-    except LorakitError:  # e.g. a relative path from another working directory: the built-in ones still test
-        return PARITY_PROMPTS, "built-in"
-    # Each chat up to its last user turn: the model's answer position is where the adapter matters most.
-    prompts = [m[: max(i for i, t in enumerate(m) if t["role"] == "user") + 1]
-               for m in (c.get("messages") or [] for c in chats) if any(t["role"] == "user" for t in m)]
-    return prompts + PARITY_PROMPTS, f"{len(prompts)} held-out from {held_out} + built-in"
-
-
-def parity_inputs(tokenizer: Any, prompts: list[list[dict]], max_tokens: int = 512) -> list[torch.Tensor]:
-    """Each chat rendered with the adapter's template, as a (1, seq <= max_tokens) id tensor (no padding).
-
-    A long chat keeps its last tokens: the answer position is the one that matters, and both models
-    see the same ids either way.
-    """
-    return [torch.tensor([tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
-                                    add_special_tokens=False)["input_ids"][-max_tokens:]]) for c in prompts]
-
-
-def logits(net: Any, rows: list[torch.Tensor]) -> torch.Tensor:
-    """fp32 logits of every position of every row, concatenated: (total positions, vocab)."""
-    with torch.no_grad():
-        return torch.cat([net(input_ids=ids).logits.float()[0] for ids in rows])
-
-
-def compare(got: torch.Tensor, reference: torch.Tensor, relative: float) -> dict[str, Any]:
-    diff = (got - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    # Relative to the largest logit: logit scales differ by model (tiny random ones ~5, SmolLM2 ~40).
-    tol = relative * max(scale, 1.0)
-    top1 = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    return {"max_abs_logit_diff": diff, "tolerance": tol, "relative_tolerance": relative, "logit_scale": scale,
-            "top1_agreement": top1, "positions": int(reference.shape[0]), "ok": diff <= tol}
-
-
-def parity(folder: Path, rows: list[torch.Tensor], reference: torch.Tensor, quantized_reference: torch.Tensor | None,
-           dtype: str) -> dict[str, Any]:
+def check_saved(folder: Path, rows: list[torch.Tensor], reference: torch.Tensor,
+                quantized_reference: torch.Tensor | None, dtype: str) -> dict[str, Any]:
     """Reload the saved folder like a user would and compare its logits with base+adapter (and 4-bit+adapter)."""
     from transformers import AutoModelForCausalLM
 
-    got = logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), rows)
-    report = {**compare(got, reference, TOLERANCE[dtype]), "dtype": dtype}
+    got = parity.logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), rows)
+    report = {**parity.compare(got, reference, parity.TOLERANCE[dtype]), "dtype": dtype}
     checks = [("base+adapter", report)]
     if quantized_reference is not None:
-        report["vs_4bit"] = compare(got, quantized_reference, max(TOLERANCE[dtype], QLORA_TOLERANCE))
+        report["vs_4bit"] = parity.compare(got, quantized_reference, max(parity.TOLERANCE[dtype], QLORA_TOLERANCE))
         checks.append(("the 4-bit base+adapter it was trained as", report["vs_4bit"]))
     for what, r in checks:
-        if not r["ok"]:
-            raise LorakitError(
-                f"merge parity FAILED against {what}: max |logit diff| {r['max_abs_logit_diff']:.4g} > tolerance "
-                f"{r['tolerance']:.4g} ({r['relative_tolerance']} x max |logit| {r['logit_scale']:.3g}, saved as "
-                f"{dtype}); top-1 agreement {r['top1_agreement']:.1%}. Nothing was written; try --dtype fp32.")
+        parity.require(r, f"merge parity FAILED against {what} (saved as {dtype})",
+                       "Nothing was written; try --dtype fp32.")
     return report

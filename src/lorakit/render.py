@@ -87,10 +87,14 @@ def encode(tokenizer: Any, example: dict, *, train_on: str = "completions", max_
     return enc
 
 
+def special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the special tokens: the named ones (EOS, BOS, pad…) and every added token marked special."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
 def default_end_ids(tokenizer: Any) -> set[int]:
     """EOS plus every special token: chat templates end turns with one (`<|im_end|>`, `<end_of_turn>`...)."""
-    ids = set(tokenizer.all_special_ids)
-    ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = special_ids(tokenizer)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     # Padding and BOS never end an answer; counting them would hide a template that drops EOS.

@@ -81,7 +81,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         accelerator.init_trackers("lorakit", config=_flat(cfg.model_dump(mode="json")))
     eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
     eval_examples = _examples(prepared.eval) if eval_rows else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     order = DataOrder(len(rows), cfg.train.seed)
     accelerator.print(f"training {trainable:,} of {total_params:,} parameters ({cfg.method}, {dtype}, "
                       f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "

@@ -9,7 +9,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit import cli, config, export, merge
+from lorakit import cli, config, merge
+from lorakit.export import gguf, ollama, vllm
 from lorakit import model as lkmodel
 from lorakit.errors import LorakitError
 from tiny import save_tiny, tiny_model, tiny_tokenizer
@@ -128,8 +129,8 @@ def test_qlora_merge_uses_dequantized_base(tmp_path, bases):
     fp32_merged = PeftModel.from_pretrained(fp32_base, adapter).merge_and_unload()
     assert not torch.allclose(forward(merged), forward(fp32_merged), atol=1e-3)
     # vLLM would run the adapter on the unquantized base: the command comes with a warning.
-    command, warnings = export.vllm_for(str(run), {})
-    assert "--lora-modules run=" in command and "trained with QLoRA" in warnings[0]
+    command, warnings = vllm.for_source(str(run), {})
+    assert command[command.index("--lora-modules") + 1].startswith("run=") and "trained with QLoRA" in warnings[0]
 
 
 def test_refusals(tmp_path, bases, capsys):
@@ -149,7 +150,7 @@ def test_refusals(tmp_path, bases, capsys):
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_gguf_round_trip_and_modelfile(tmp_path, bases, outtype):
-    result = export.export_gguf(bases["llama"], tmp_path / "out", outtype=outtype)
+    result = gguf.export_model(bases["llama"], tmp_path / "out", outtype=outtype)
     assert result["max_abs_logit_diff"] <= result["tolerance"]
     if outtype == "f32":
         assert result["max_abs_logit_diff"] < 1e-4
@@ -180,36 +181,36 @@ def test_modelfile_follows_the_chat_template():
     tok = tiny_tokenizer("chatml")
     tok.chat_template = SMOLLM2_TEMPLATE
     gen = tiny_model("llama", tok).generation_config
-    text, warning = export.modelfile_text("m.gguf", tok, gen)
+    text, warning = ollama.modelfile("m.gguf", tok, gen)
     assert warning is None
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     assert 'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}' in text
     # Llama 2 folds the system turn into the first user turn: no automatic TEMPLATE, a warning instead.
-    text, warning = export.modelfile_text("m.gguf", tiny_tokenizer("llama2"), gen)
+    text, warning = ollama.modelfile("m.gguf", tiny_tokenizer("llama2"), gen)
     assert not any(line.startswith("TEMPLATE") for line in text.splitlines()) and "write TEMPLATE by hand" in warning
     assert text.splitlines()[1] == f"# {warning}" and 'PARAMETER stop "<|im_end|>"' in text
 
 
 def test_gguf_refuses_unsupported_architectures(tmp_path, bases):
     with pytest.raises(LorakitError, match="supports llama models .* not 'qwen2'"):
-        export.export_gguf(bases["qwen2"], tmp_path / "out")
+        gguf.export_model(bases["qwen2"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_vllm_command_and_rank_check(tmp_path, bases, capsys):
     a = make_adapter(bases["llama"], tmp_path / "a", r=8)
     b = make_adapter(bases["llama"], tmp_path / "b", r=16)
-    cmd = export.vllm_command(str(bases["llama"]), {"a": a, "b": b})
-    assert cmd.startswith(f"vllm serve {Path(bases['llama']).resolve()} --enable-lora --lora-modules ")
-    assert f"a={a.resolve()}" in cmd and f"b={b.resolve()}" in cmd and "--max-lora-rank 16" in cmd
+    cmd = vllm.command(str(bases["llama"]), {"a": a, "b": b})
+    assert cmd[:5] == ["vllm", "serve", str(Path(bases["llama"]).resolve()), "--enable-lora", "--lora-modules"]
+    assert cmd[5:7] == [f"a={a.resolve()}", f"b={b.resolve()}"] and cmd[cmd.index("--max-lora-rank") + 1] == "16"
     odd = make_adapter(bases["llama"], tmp_path / "odd", r=4)
     assert cli.main(["export", str(bases["llama"]), "--format", "vllm", "--adapter", f"odd={odd}"]) == 2
     assert "rank 4 is not one vLLM accepts" in capsys.readouterr().err
     saved = make_adapter(bases["llama"], tmp_path / "saved", r=8, modules_to_save=["lm_head"])
     with pytest.raises(LorakitError, match="modules_to_save"):
-        export.vllm_command(str(bases["llama"]), {"saved": saved})
+        vllm.command(str(bases["llama"]), {"saved": saved})
     with pytest.raises(LorakitError, match="was trained on"):
-        export.vllm_command(str(bases["qwen2"]), {"a": a})
+        vllm.command(str(bases["qwen2"]), {"a": a})
     # A run folder serves its own adapter under the run's name, plus any --adapter.
     make_adapter(bases["llama"], tmp_path / "sql" / "adapter", r=8)
     assert cli.main(["export", str(tmp_path / "sql"), "--format", "vllm", "--adapter", f"b={b}"]) == 0

@@ -4,6 +4,7 @@ import pytest
 from peft import LoraConfig, get_peft_model
 
 from lorakit.generate import _decode, _left_pad, generate
+from lorakit.model import with_pad
 from tiny import tiny_model, tiny_tokenizer
 
 CHATS = [
@@ -76,8 +77,12 @@ def test_works_with_a_peft_model_and_restores_training_mode(tok):
 
 def test_other_chat_template_and_missing_pad(tok):
     llama2_tok = tiny_tokenizer("llama2")
-    llama2_tok.pad_token = None  # falls back to an EOS id for padding
+    llama2_tok.pad_token = None
     model = tiny_model("llama", llama2_tok)
     chats = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "What is the capital of France?"}]]
+    with pytest.raises(ValueError, match="no pad token: load it with lorakit.model.load_tokenizer"):
+        generate(model, llama2_tok, chats, max_new_tokens=6)
+    llama2_tok = with_pad(llama2_tok)  # what model.load_tokenizer does: pads with EOS
+    assert llama2_tok.pad_token == llama2_tok.eos_token
     batched = generate(model, llama2_tok, chats, max_new_tokens=6, batch_size=2)
     assert batched == [generate(model, llama2_tok, [c], max_new_tokens=6)[0] for c in chats]

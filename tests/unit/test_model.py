@@ -19,11 +19,11 @@ from tiny import tiny_model, tiny_tokenizer
 
 def write_tiny_gguf(path: Path) -> tuple[Path, torch.nn.Module]:
     """A tiny llama as an F32 GGUF, written by lorakit's exporter (llama.cpp's layout); returns (file, model)."""
-    from lorakit import export
+    from lorakit.export import gguf
 
     tok = tiny_tokenizer("chatml")
     model = tiny_model("llama", tok)
-    export.write_gguf(model, tok, path, "f32")
+    gguf.write(model, tok, path, "f32")
     return path, model
 
 

@@ -72,7 +72,7 @@ class Engine:
         self.max_batch, self.window_s, self.per_row_adapters = max_batch, window_s, per_row_adapters
         self.lock = model_lock or threading.Lock()  # held during every forward; adapter loads take it too
         self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+        self.pad_id = tokenizer.pad_token_id  # set by model.load_tokenizer
         # Adapters come and go (peft wraps and unwraps the model), but the weights never move device.
         self.device = next(get_model().parameters()).device
         # transformers renamed `past_key_values` to `cache` (the old name goes in 5.40): use what this model takes.

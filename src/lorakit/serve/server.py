@@ -130,7 +130,7 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
     Returns the argv and the environment to add: the key travels as VLLM_API_KEY, not in argv,
     where any local user could read it in the process list.
     """
-    from lorakit import export, model
+    from lorakit.export import vllm
 
     opts = resolve_model(opts)
     if opts.watch:
@@ -139,24 +139,10 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
     if opts.adapters_dir:
         found = {d.name: find_adapter(d) for d in sorted(Path(opts.adapters_dir).iterdir()) if d.is_dir()}
         adapters |= {n: p for n, p in found.items() if p is not None and n not in adapters}
-    if adapters:
-        cmd = shlex.split(export.vllm_command(opts.model, adapters, opts.port))
-    else:
-        resolved = model.resolve(opts.model)
-        cmd = ["vllm", "serve", resolved.path if resolved.kind != "hub" else opts.model, "--port", str(opts.port)]
-    cmd += ["--host", opts.host, "--served-model-name", opts.served_model_name or opts.model,
-            "--max-num-seqs", str(opts.max_batch if opts.batching else 1)]
-    if opts.max_model_len:
-        cmd += ["--max-model-len", str(opts.max_model_len)]
-    if opts.dtype != "auto":
-        cmd += ["--dtype", {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[opts.dtype]]
-    if opts.max_adapters and adapters:
-        # vLLM holds up to --max-cpu-loras adapters in memory and batches up to --max-loras (<= the former) at once.
-        at_once = cmd.index("--max-loras") + 1
-        cmd[at_once] = str(min(int(cmd[at_once]), opts.max_adapters))
-        cmd += ["--max-cpu-loras", str(opts.max_adapters)]
-    if opts.quantization == "4bit":
-        cmd += ["--quantization", "bitsandbytes"]
+    cmd = vllm.command(opts.model, adapters, port=opts.port, host=opts.host,
+                       served_name=opts.served_model_name or opts.model,
+                       max_seqs=opts.max_batch if opts.batching else 1, max_model_len=opts.max_model_len,
+                       dtype=opts.dtype, max_adapters=opts.max_adapters, quantization=opts.quantization)
     return cmd, {"VLLM_API_KEY": opts.api_key} if opts.api_key else {}
 
 
