@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from lorakit import data, files, loss, metrics, model, packing, render
 from lorakit.config import RunConfig
@@ -134,14 +133,9 @@ def active(net: Any, name: str) -> Iterator[None]:
 
 def held_out_loss(net: Any, encoded: list[render.Encoded], tokenizer: Any, batch_size: int) -> float:
     """Mean negative log-likelihood per trained (answer) token."""
-    total, count = 0.0, 0
-    pad = tokenizer.pad_token_id
-    rows = [[{"input_ids": e.input_ids, "labels": e.labels}] for e in encoded]
-    with torch.no_grad():
-        for j in range(0, len(rows), batch_size):
-            batch = packing.collate(rows[j:j + batch_size], pad, use_position_ids=False)
-            s, n = loss.loss_sum(net, batch)
-            total, count = total + s.item(), count + n
+    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+    total, count = loss.held_out(net, examples, packing.unpacked(len(examples)), batch_size, tokenizer.pad_token_id,
+                                 use_positions=False, device=next(net.parameters()).device)
     return total / max(count, 1)
 
 

@@ -7,11 +7,14 @@ training most positions have no target, so the head runs on the trained position
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from lorakit import packing
 from lorakit.render import IGNORE
 
 # Configs whose models post-process logits in ways the direct path below would skip.
@@ -42,6 +45,30 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     if count == 0:
         return logits.sum() * 0.0, 0  # keeps the graph connected so every rank still syncs
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), count
+
+
+def held_out(net: Any, examples: list[dict], rows: list[list[int]], batch_size: int, pad_id: int,
+             use_positions: bool, device: Any, autocast: Callable[[], AbstractContextManager] = nullcontext
+             ) -> tuple[float, int]:
+    """Summed loss and trained-token count over held-out rows: no gradients, dropout off.
+
+    rows: lists of indices into `examples` (packed rows, or one example per row). Training calls it on
+    its rank's share of the eval rows and sums over ranks; `lorakit eval` calls it per model.
+    """
+    was_training = net.training
+    net.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for j in range(0, len(rows), batch_size):
+                batch = packing.collate([[examples[i] for i in r] for r in rows[j:j + batch_size]], pad_id,
+                                        use_positions)
+                with autocast():
+                    s, n = loss_sum(net, {k: v.to(device) for k, v in batch.items()})
+                total, count = total + s.item(), count + n
+    finally:
+        net.train(was_training)
+    return total, count
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any, float | None] | None:

@@ -113,8 +113,8 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
             record["grad_norm"] = float(grad_norm)
         if eval_rows and (step == total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
             t_eval = time.perf_counter()
-            last_eval = record["eval_loss"] = evaluate(net, eval_examples, eval_rows, cfg.train.batch_size, pad,
-                                                       use_positions, accelerator)
+            last_eval = record["eval_loss"] = eval_loss(net, eval_examples, eval_rows, cfg.train.batch_size, pad,
+                                                        use_positions, accelerator)
             state["eval_s"] += time.perf_counter() - t_eval
         if accelerator.is_main_process and (step % cfg.train.log_every == 0 or "eval_loss" in record
                                             or step == total_steps):
@@ -230,19 +230,12 @@ class DataOrder:
         return out
 
 
-def evaluate(net: Any, ds: Any, rows: list[list[int]], batch_size: int, pad: int, use_positions: bool,
-             accelerator: Accelerator) -> float:
-    """Mean loss per trained token over the held-out rows."""
-    net.eval()
-    total, count = 0.0, 0
+def eval_loss(net: Any, examples: list[dict], rows: list[list[int]], batch_size: int, pad: int, use_positions: bool,
+              accelerator: Accelerator) -> float:
+    """Mean loss per trained token over the held-out rows, each rank taking its share."""
     mine = rows[accelerator.process_index::accelerator.num_processes]
-    with torch.no_grad():
-        for j in range(0, len(mine), batch_size):
-            batch = packing.collate([[ds[i] for i in r] for r in mine[j:j + batch_size]], pad, use_positions)
-            with accelerator.autocast():
-                s, n = loss.loss_sum(net, {k: v.to(accelerator.device) for k, v in batch.items()})
-            total, count = total + s.item(), count + n
-    net.train()
+    total, count = loss.held_out(net, examples, mine, batch_size, pad, use_positions, accelerator.device,
+                                 accelerator.autocast)
     sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
     return float(sums[0] / max(sums[1], 1))
 
