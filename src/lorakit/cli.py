@@ -290,9 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     qd.add_argument("--seed", type=int, default=0, help="seed of the generator (default 0)")
     qd.set_defaults(func=cmd_quickstart_data)
     qc = qs_sub.add_parser("compare", help="exact match of base vs trained adapter, with sample answers",
-                           description="Generate answers to the run's held-out chats with the base model and "
-                           "with its adapter (one loaded base), print exact match and 3 samples side by side, "
-                           "and write output_dir/quickstart.json.")
+                           description="`lorakit eval` of the run with SQL-normalized exact match: answers to "
+                           "the run's held-out chats from the base model and its adapter (one loaded base), the "
+                           "score and 3 samples side by side; writes output_dir/eval/eval.json and eval.html.")
     _add_config_args(qc)
     qc.add_argument("--max-new-tokens", type=int, default=48, help="answer length cap (default 48)")
     qc.set_defaults(func=cmd_quickstart_compare)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from lorakit import data, files, loss, metrics, model, packing, render
+from lorakit import data, files, loss, model, packing, render, scoring
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.run_folder import EVAL_HTML, EVAL_JSON, RunFolder, adapter_dir, check_base, find_adapter, read_adapter
@@ -47,7 +47,7 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Evaluate; write eval.json and eval.html into the output folder; return the eval.json content."""
     out = _claim(Path(opts.output) if opts.output else RunFolder.of(cfg).eval_dir, opts.overwrite)
     adapters = {name: adapter_dir(p) for name, p in (opts.adapters or _run_adapter(cfg)).items()}
-    builtin, user = metrics.resolve(opts.metrics)
+    builtin, user = scoring.resolve(opts.metrics)
     tasks = harness_tasks(opts.harness) if opts.harness else []  # a missing package fails before any work
     conv = data.held_out(cfg.data, opts.data)
     examples = conv.examples[: opts.limit] if opts.limit else conv.examples
@@ -75,7 +75,7 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     per_example: dict[str, list[dict]] = {}
     if has_refs:
         for name, preds in outputs.items():
-            totals, per_example[name] = metrics.score(preds, refs, builtin, user, opts.normalize)
+            totals, per_example[name] = scoring.score(preds, refs, builtin, user, opts.normalize)
             results[name].update(totals)
     for name in results if tasks else []:
         results[name]["harness"] = harness(net, tokenizer, name, tasks, opts.batch_size, opts.limit)

@@ -1,4 +1,4 @@
-"""A synthetic text-to-SQL task for `make quickstart`, generated from a seed.
+"""The quickstart: a synthetic text-to-SQL task generated from a seed, and the base-vs-adapter table of its run.
 
 The task: translate a question about one fixed table, `employees(name, department, salary, city)`, into
 one SQL query written in a fixed house style. A 135M instruct model knows some SQL but not this house
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import time
 from pathlib import Path
 from typing import Any
 
 from lorakit import files
 from lorakit.errors import LorakitError
+from lorakit.run_folder import RunFolder, find_adapter
 
 SYSTEM = (
     "Translate the question into one SQLite query on the table "
@@ -109,91 +108,40 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     files.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
-_LITERAL = re.compile(r"('(?:[^']|'')*')")  # a single-quoted SQL string, '' being an escaped quote
-
-
-def normalize_sql(s: str) -> str:
-    """Canonical form of one SQL query for exact match.
-
-    Drops a Markdown code fence, the trailing `;` and whitespace differences, and lowercases everything
-    outside string literals (SQL keywords and identifiers are case-insensitive; 'Berlin' is not).
-    """
-    s = s.strip()
-    fenced = _FENCE.match(s)
-    if fenced:
-        s = fenced.group(1)
-    parts = _LITERAL.split(s.strip().rstrip(";").strip())
-    # split() with a capturing group puts the literals at the odd indices.
-    for i in range(0, len(parts), 2):
-        code = re.sub(r"\s+", " ", parts[i].lower())
-        parts[i] = re.sub(r"\s*([(),=<>*])\s*", r"\1", code)
-    return "".join(parts).strip()
-
-
-def exact_match(pred: str, ref: str) -> bool:
-    """True when two queries are the same after `normalize_sql`."""
-    return normalize_sql(pred) == normalize_sql(ref)
-
-
-def eval_chats(path: Path) -> tuple[list[list[dict]], list[str]]:
-    """Prompts (the chat without its answer) and reference answers of a chat JSONL file."""
-    chats, refs = [], []
-    for line in Path(path).read_text().splitlines():
-        messages = json.loads(line)["messages"]
-        chats.append(messages[:-1])
-        refs.append(messages[-1]["content"])
-    return chats, refs
-
-
 def compare(cfg: Any, max_new_tokens: int = 48, batch_size: int = 16) -> dict:
-    """Exact match of the base model and of the run's adapter on the run's eval file.
+    """Exact match of the base model and of the run's adapter on the run's held-out chats.
 
-    Both answer from one loaded base: the adapter is switched off for the base's answers, so the
-    comparison costs no second copy of the model.
+    It is `lorakit eval` of the run with SQL-normalized exact match (one loaded base: the adapter is
+    switched off for the base's answers), so it writes the run's eval/eval.json and eval.html too.
+    Returns the eval report.
     """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    from lorakit import evaluate
 
-    from lorakit import model as models
-    from lorakit.generate import generate
-
-    adapter_dir = Path(cfg.output_dir) / "adapter"
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise LorakitError(f"{adapter_dir}: no adapter yet; run `lorakit train {cfg.output_dir}` first "
+    run = RunFolder.of(cfg)
+    if find_adapter(run.root) is None:
+        raise LorakitError(f"{run.adapter}: no adapter yet; run `lorakit train CONFIG` for {run.root} first "
                            "(make quickstart does both)")
     if not isinstance(cfg.data.eval, str):
         raise LorakitError("quickstart compare needs data.eval to be a file of held-out chats")
-    chats, refs = eval_chats(Path(cfg.data.eval))
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # saved with the adapter: same chat template
-    net = PeftModel.from_pretrained(models.load_model(cfg.model), adapter_dir)
-    t0 = time.perf_counter()
-    with net.disable_adapter():
-        base = generate(net, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
-    tuned = generate(net, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
-    result = {
-        "examples": len(refs), "generation_s": round(time.perf_counter() - t0, 1),
-        "base_exact_match": sum(map(exact_match, base, refs)) / len(refs),
-        "adapter_exact_match": sum(map(exact_match, tuned, refs)) / len(refs),
-        "samples": [{"question": c[-1]["content"], "reference": r, "base": b, "adapter": a}
-                    for c, r, b, a in zip(chats, refs, base, tuned)],
-    }
-    out = Path(cfg.output_dir) / "quickstart.json"
-    out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    return result
+    opts = evaluate.EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, normalize=["sql"],
+                                metrics=["exact_match"], overwrite=True)
+    return evaluate.run(cfg, opts)
 
 
-def print_table(result: dict, n_samples: int = 3) -> None:
-    n = result["examples"]
+def print_table(report: dict, n_samples: int = 3) -> None:
+    """Exact match of base and adapter, then the first samples side by side."""
+    base, tuned = "base", next(name for name in report["models"] if name != "base")
+    n = len(report["examples"])
     print(f"\nheld-out questions: {n} (names, cities, departments and thresholds never seen in training)")
     print(f"  {'model':<28}{'exact match':>14}")
-    for name, key in (("base SmolLM2-135M-Instruct", "base_exact_match"), ("+ lorakit LoRA adapter", "adapter_exact_match")):
-        print(f"  {name:<28}{result[key]:>8.1%} ({round(result[key] * n)}/{n})")
+    for label, name in (("base SmolLM2-135M-Instruct", base), ("+ lorakit LoRA adapter", tuned)):
+        score = report["models"][name]["exact_match"]
+        print(f"  {label:<28}{score:>8.1%} ({round(score * n)}/{n})")
     print()
-    for i, s in enumerate(result["samples"][:n_samples], 1):
-        print(f"[{i}] {s['question']}")
-        print(f"    reference  {s['reference']}")
-        for who in ("base", "adapter"):
-            mark = "✓" if exact_match(s[who], s["reference"]) else "✗"
-            text = " ".join(s[who].split())
-            print(f"    {who:<10} {mark} {text[:110]}{'…' if len(text) > 110 else ''}")
+    for i, ex in enumerate(report["examples"][:n_samples], 1):
+        print(f"[{i}] {ex['prompt'][-1]['content']}")
+        print(f"    reference  {ex['reference']}")
+        for label, name in (("base", base), ("adapter", tuned)):
+            mark = "✓" if ex["scores"][name]["exact_match"] else "✗"
+            text = " ".join(ex["outputs"][name].split())
+            print(f"    {label:<10} {mark} {text[:110]}{'…' if len(text) > 110 else ''}")

@@ -159,3 +159,32 @@ def test_harness_scores_each_model_on_the_shared_base(setup, tmp_path, capsys):
     assert "<th>lk_ll:perplexity</th>" in (tmp_path / "out" / "eval.html").read_text()
     evaluate.print_table(report)
     assert "lk_ll:perplexity" in capsys.readouterr().out
+
+
+def test_quickstart_compare_is_eval_with_sql_exact_match(tmp_path, tiny_llama_dir, capsys):
+    """`quickstart compare` scores base and the run's adapter through `lorakit eval` (one evaluation path)."""
+    from transformers import AutoTokenizer
+
+    from lorakit.quickstart import make_task
+    from lorakit.scoring import normalize_sql
+
+    _, eval_path = make_task(tmp_path / "data", n_train=8, n_eval=4, seed=1)
+    run = tmp_path / "runs" / "sql"
+    make_adapter(tiny_llama_dir, run / "adapter", 4, ["q_proj", "v_proj"], 3)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(run / "adapter")
+    cfg_path = tmp_path / "quickstart.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "output_dir": str(run), "data": {
+        "train": str(eval_path), "eval": str(eval_path), "cache_dir": str(tmp_path / "c")}}))
+    assert cli.main(["quickstart", "compare", str(cfg_path), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert list(report["models"]) == ["base", "sql"] and report["settings"]["normalize"] == ["sql"]
+    for name in ("base", "sql"):
+        by_hand = sum(normalize_sql(ex["outputs"][name]) == normalize_sql(ex["reference"]) for ex in report["examples"])
+        assert report["models"][name]["exact_match"] == by_hand / 4
+        assert f"({by_hand}/4)" in out
+    assert "held-out questions: 4" in out and f"[1] {report['examples'][0]['prompt'][-1]['content']}" in out
+    assert cli.main(["quickstart", "compare", str(cfg_path), "--max-new-tokens", "6"]) == 0, "a rerun replaces it"
+    capsys.readouterr()
+    assert cli.main(["quickstart", "compare", str(tmp_path / "quickstart.yaml"), "output_dir=" + str(tmp_path / "none")]) == 2
+    assert "no adapter yet" in capsys.readouterr().err

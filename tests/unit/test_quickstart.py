@@ -5,7 +5,12 @@ import re
 
 import pytest
 
-from lorakit.quickstart import exact_match, make_task, normalize_sql
+from lorakit.quickstart import make_task
+from lorakit.scoring import normalize_sql
+
+
+def exact_match(pred: str, ref: str) -> bool:
+    return normalize_sql(pred) == normalize_sql(ref)
 
 
 def _records(path):

@@ -1,4 +1,4 @@
-"""Generation metrics against reference answers.
+"""Scoring generated answers against reference answers: the metrics and normalizers of `lorakit eval`.
 
 BLEU and chrF come from sacrebleu and ROUGE-L from Google's rouge-score (the reference
 implementations); exact match, contains and token F1 are the standard SQuAD-style definitions.
@@ -16,18 +16,32 @@ from collections.abc import Callable, Sequence
 from lorakit.errors import LorakitError
 
 BUILTIN = ("exact_match", "contains", "token_f1", "rouge_l", "bleu", "chrf")
+_SQL_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
+_SQL_LITERAL = re.compile(r"('(?:[^']|'')*')")  # a single-quoted SQL string, '' being an escaped quote
 
 
-def _sql(text: str) -> str:
-    from lorakit.quickstart import normalize_sql
+def normalize_sql(s: str) -> str:
+    """Canonical form of one SQL query for exact match.
 
-    return normalize_sql(text)
+    Drops a Markdown code fence, the trailing `;` and whitespace differences, and lowercases everything
+    outside string literals (SQL keywords and identifiers are case-insensitive; 'Berlin' is not).
+    """
+    s = s.strip()
+    fenced = _SQL_FENCE.match(s)
+    if fenced:
+        s = fenced.group(1)
+    parts = _SQL_LITERAL.split(s.strip().rstrip(";").strip())
+    # split() with a capturing group puts the literals at the odd indices.
+    for i in range(0, len(parts), 2):
+        code = re.sub(r"\s+", " ", parts[i].lower())
+        parts[i] = re.sub(r"\s*([(),=<>*])\s*", r"\1", code)
+    return "".join(parts).strip()
 
 
 NORMALIZERS: dict[str, Callable[[str], str]] = {
     "case": str.lower,
     "whitespace": lambda s: " ".join(s.split()),
-    "sql": _sql,  # SQL keyword and identifier case, spacing, trailing ';', code fences
+    "sql": normalize_sql,  # SQL keyword and identifier case, spacing, trailing ';', code fences
 }
 
 
