@@ -77,7 +77,7 @@ def main() -> int:
     try:
         for mode in (["on", "off"] if args.batching == "both" else [args.batching]):
             opts = server.ServeOptions(model=args.model, served_model_name="base", adapters=adapters,
-                                       batching=mode == "on", max_batch=args.max_batch)
+                                       batching=mode, max_batch=args.max_batch)
             app, serving = server.build(opts)
             models = list(adapters) or ["base"]
             out[f"batching_{mode}"] = asyncio.run(load(app, models, args.requests, args.concurrency, args.max_tokens))

@@ -11,7 +11,6 @@ import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +18,16 @@ from typing import Any
 from lorakit import data, files, loss, model, packing, render, scoring
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
+from lorakit.options import EvalOptions
 from lorakit.run_folder import EVAL_HTML, EVAL_JSON, RunFolder, adapter_dir, check_base, find_adapter, read_adapter
 from lorakit.generate import generate
 
 BASE = "base"
 
 
-@dataclass
-class EvalOptions:
-    adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter folder or run folder
-    data: str | None = None
-    output: str | None = None
-    max_new_tokens: int = 128
-    batch_size: int = 8
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    normalize: list[str] = field(default_factory=list)
-    metrics: list[str] = field(default_factory=list)
-    harness: str | None = None
-    limit: int | None = None
-    force: bool = False
-    overwrite: bool = False
-
-
 def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Evaluate; write eval.json and eval.html into the output folder; return the eval.json content."""
-    out = _claim(Path(opts.output) if opts.output else RunFolder.of(cfg).eval_dir, opts.overwrite)
+    out = _claim(output_dir(cfg, opts), opts.overwrite)
     adapters = {name: adapter_dir(p) for name, p in (opts.adapters or _run_adapter(cfg)).items()}
     builtin, user = scoring.resolve(opts.metrics)
     tasks = harness_tasks(opts.harness) if opts.harness else []  # a missing package fails before any work
@@ -95,6 +77,11 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
 
     html_report.write(out / EVAL_HTML, report)
     return report
+
+
+def output_dir(cfg: RunConfig, opts: EvalOptions) -> Path:
+    """Where eval.json and eval.html go: --output, else the run folder's eval/."""
+    return Path(opts.output) if opts.output else RunFolder.of(cfg).eval_dir
 
 
 def load_models(cfg: RunConfig, adapters: dict[str, Path], force: bool) -> Any:

@@ -159,7 +159,7 @@ def test_a_request_joins_rows_already_decoding(world):
 
 def test_batching_off_switches_the_active_adapter_per_request(world):
     tmp, base = world
-    _, serving, _ = start(world, batching=False)
+    _, serving, _ = start(world, batching="off")
     for name in ("a", "base", "b", "a"):
         assert chat(serving, name) == offline(base, None if name == "base" else tmp / "adapters" / name)[0]
     assert serving.engine.joined == 0

@@ -13,39 +13,14 @@ import shlex
 import shutil
 import signal
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.options import ServeOptions
 from lorakit.run_folder import RunFolder, adapter_dir, find_adapter
 
 log = logging.getLogger("lorakit.serve")
-
-
-@dataclass
-class ServeOptions:
-    """What `lorakit serve` takes; each field is one command-line option (see cli.py for the help)."""
-
-    model: str
-    served_model_name: str | None = None
-    adapters: dict[str, str] = field(default_factory=dict)
-    adapters_dir: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_adapters: int | None = None
-    max_batch: int = 8
-    batch_window_ms: float = 10.0
-    batching: bool = True
-    watch: bool = False
-    watch_interval_s: float = 2.0
-    max_tokens_limit: int = 1024
-    max_model_len: int | None = None
-    max_body_bytes: int = 1 << 20
-    device: str = "auto"
-    dtype: str = "auto"
-    quantization: str | None = None
-    engine: str = "lorakit"
 
 
 def resolve_model(opts: ServeOptions) -> ServeOptions:
@@ -80,10 +55,11 @@ def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
     adapters_dir = Path(opts.adapters_dir) if opts.adapters_dir else None
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise LorakitError(f"--adapters-dir {adapters_dir}: not a folder")
+    batching = opts.batching == "on"
     serving = Serving(base, tokenizer, opts.served_model_name or opts.model, adapters_dir=adapters_dir,
-                      max_adapters=opts.max_adapters, max_batch=opts.max_batch if opts.batching else 1,
-                      window_s=opts.batch_window_ms / 1000 if opts.batching else 0.0,
-                      per_row_adapters=opts.batching, max_tokens_limit=opts.max_tokens_limit,
+                      max_adapters=opts.max_adapters, max_batch=opts.max_batch if batching else 1,
+                      window_s=opts.batch_window_ms / 1000 if batching else 0.0,
+                      per_row_adapters=batching, max_tokens_limit=opts.max_tokens_limit,
                       max_model_len=opts.max_model_len)
     for name, path in opts.adapters.items():
         try:
@@ -141,7 +117,7 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         adapters |= {n: p for n, p in found.items() if p is not None and n not in adapters}
     cmd = vllm.command(opts.model, adapters, port=opts.port, host=opts.host,
                        served_name=opts.served_model_name or opts.model,
-                       max_seqs=opts.max_batch if opts.batching else 1, max_model_len=opts.max_model_len,
+                       max_seqs=opts.max_batch if opts.batching == "on" else 1, max_model_len=opts.max_model_len,
                        dtype=opts.dtype, max_adapters=opts.max_adapters, quantization=opts.quantization)
     return cmd, {"VLLM_API_KEY": opts.api_key} if opts.api_key else {}
 
