@@ -23,16 +23,30 @@ import httpx
 from lorakit.serve import server
 from lorakit.errors import LorakitError
 
-QUESTIONS = ["Who works in Lisbon?", "How many employees work in Sales?", "What is Nora's salary?",
-             "Which employees in Oslo earn more than 52000?", "Who earns more than 87000?",
-             "What is the average salary in Finance?", "Which department is Emma in?", "Who works in Legal?"]
+QUESTIONS = [
+    "Who works in Lisbon?",
+    "How many employees work in Sales?",
+    "What is Nora's salary?",
+    "Which employees in Oslo earn more than 52000?",
+    "Who earns more than 87000?",
+    "What is the average salary in Finance?",
+    "Which department is Emma in?",
+    "Who works in Legal?",
+]
 
 
 async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> tuple[float, int, str | None]:
     """(latency, completion tokens, answer or None on error) of one greedy chat request."""
     t0 = time.perf_counter()
-    r = await client.post("/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0})
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+    )
     if r.status_code != 200:
         return time.perf_counter() - t0, 0, None
     body = r.json()
@@ -54,12 +68,19 @@ async def load(app, models: list[str], n: int, concurrency: int, max_tokens: int
         wall = time.perf_counter() - t0
     latencies = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
-    return {"requests": n, "concurrency": concurrency, "models": models, "wall_s": round(wall, 2),
-            "requests_per_s": round(n / wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "p50_latency_s": round(statistics.median(latencies), 3),
-            "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
-            "errors": sum(r[2] is None for r in results), "completion_tokens": tokens,
-            "answers": [r[2] for r in results]}
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "models": models,
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(n / wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "p50_latency_s": round(statistics.median(latencies), 3),
+        "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+        "errors": sum(r[2] is None for r in results),
+        "completion_tokens": tokens,
+        "answers": [r[2] for r in results],
+    }
 
 
 def main() -> int:
@@ -75,9 +96,10 @@ def main() -> int:
     adapters = dict(a.split("=", 1) for a in args.adapter)
     out = {}
     try:
-        for mode in (["on", "off"] if args.batching == "both" else [args.batching]):
-            opts = server.ServeOptions(model=args.model, served_model_name="base", adapters=adapters,
-                                       batching=mode, max_batch=args.max_batch)
+        for mode in ["on", "off"] if args.batching == "both" else [args.batching]:
+            opts = server.ServeOptions(
+                model=args.model, served_model_name="base", adapters=adapters, batching=mode, max_batch=args.max_batch
+            )
             app, serving = server.build(opts)
             models = list(adapters) or ["base"]
             out[f"batching_{mode}"] = asyncio.run(load(app, models, args.requests, args.concurrency, args.max_tokens))

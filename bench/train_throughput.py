@@ -29,26 +29,54 @@ def main() -> int:
     args = p.parse_args()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = config.load(args.config, [*args.overrides, f"output_dir={tmp}/warm", "train.max_steps=1",
-                                            "train.save_every=null", "data.eval=null"])
+            cfg = config.load(
+                args.config,
+                [
+                    *args.overrides,
+                    f"output_dir={tmp}/warm",
+                    "train.max_steps=1",
+                    "train.save_every=null",
+                    "data.eval=null",
+                ],
+            )
             train.run(cfg, progress=False)  # warm-up: model conversion, tokenization cache, allocator
-            cfg = cfg.model_copy(update={"output_dir": f"{tmp}/run",
-                                         "train": cfg.train.model_copy(update={"max_steps": args.steps})})
+            cfg = cfg.model_copy(
+                update={"output_dir": f"{tmp}/run", "train": cfg.train.model_copy(update={"max_steps": args.steps})}
+            )
             t0 = time.perf_counter()
             s = train.run(cfg, progress=False).summary
             wall = time.perf_counter() - t0
     except LorakitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({
-        "config": args.config, "overrides": args.overrides, "model": cfg.model, "method": cfg.method,
-        "device": s["device"], "dtype": s["dtype"], "threads": torch.get_num_threads(), "steps": s["steps"],
-        "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum, "max_length": cfg.data.max_length,
-        "packing": s["packing"], "tokens": s["tokens"], "trained_tokens": s["trained_tokens"],
-        "tokens_per_s": s["tokens_per_s"], "trained_tokens_per_s": round(s["trained_tokens"] / s["wall_time_s"], 1),
-        "loop_wall_s": s["wall_time_s"], "run_wall_s": round(wall, 2), "peak_memory_mb": s["peak_memory_mb"],
-        "final_loss": s["final_train_loss"], "trainable_params": s["trainable_params"],
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "overrides": args.overrides,
+                "model": cfg.model,
+                "method": cfg.method,
+                "device": s["device"],
+                "dtype": s["dtype"],
+                "threads": torch.get_num_threads(),
+                "steps": s["steps"],
+                "batch_size": cfg.train.batch_size,
+                "grad_accum": cfg.train.grad_accum,
+                "max_length": cfg.data.max_length,
+                "packing": s["packing"],
+                "tokens": s["tokens"],
+                "trained_tokens": s["trained_tokens"],
+                "tokens_per_s": s["tokens_per_s"],
+                "trained_tokens_per_s": round(s["trained_tokens"] / s["wall_time_s"], 1),
+                "loop_wall_s": s["wall_time_s"],
+                "run_wall_s": round(wall, 2),
+                "peak_memory_mb": s["peak_memory_mb"],
+                "final_loss": s["final_train_loss"],
+                "trainable_params": s["trainable_params"],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -27,21 +27,37 @@ def attach(model: Any, cfg: RunConfig) -> Any:
         return model
     if cfg.method == "qlora":
         # Casts norms/embeddings to fp32 for stable training on 4-bit weights; checkpointing is ours to pick.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     check_targets(model, cfg.adapter.target_modules)
     a = cfg.adapter
     # peft reads a lone string as a regex of full module paths; lorakit means a module name, as in a list.
-    targets = [a.target_modules] if isinstance(a.target_modules, str) and a.target_modules != "all-linear" \
+    targets = (
+        [a.target_modules]
+        if isinstance(a.target_modules, str) and a.target_modules != "all-linear"
         else a.target_modules
-    lora = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
-                      use_rslora=a.use_rslora, use_dora=a.use_dora, modules_to_save=a.modules_to_save,
-                      bias="none", task_type="CAUSAL_LM")
+    )
+    lora = LoraConfig(
+        r=a.r,
+        lora_alpha=a.alpha,
+        lora_dropout=a.dropout,
+        target_modules=targets,
+        use_rslora=a.use_rslora,
+        use_dora=a.use_dora,
+        modules_to_save=a.modules_to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(model, lora)
     except ValueError as e:  # peft's own check, e.g. a module type LoRA cannot wrap
-        raise LorakitError(f"adapter: peft refused the LoRA config: {e}. Linear modules in this model: "
-                           f"{', '.join(linear_module_names(model))}") from None
+        raise LorakitError(
+            f"adapter: peft refused the LoRA config: {e}. Linear modules in this model: "
+            f"{', '.join(linear_module_names(model))}"
+        ) from None
 
 
 def check_targets(model: Any, targets: list[str] | str) -> None:
@@ -54,8 +70,10 @@ def check_targets(model: Any, targets: list[str] | str) -> None:
     full = [n for n, _ in model.named_modules()]
     unknown = [t for t in targets if t not in names and not any(n.endswith("." + t) or n == t for n in full)]
     if unknown:
-        raise LorakitError(f"adapter.target_modules: {unknown} match no module of this model. Its linear "
-                           f"modules are: {', '.join(linear_module_names(model))} (or use 'all-linear').")
+        raise LorakitError(
+            f"adapter.target_modules: {unknown} match no module of this model. Its linear "
+            f"modules are: {', '.join(linear_module_names(model))} (or use 'all-linear')."
+        )
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:

@@ -24,8 +24,14 @@ from lorakit.errors import LorakitError
 from lorakit.run_folder import RunFolder
 
 # Keys that may change between a run and its resume: they extend or shorten it, not change it.
-RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "save_every"),
-                     ("train", "eval_every"), ("train", "keep_checkpoints"), ("train", "log_every")}
+RESUMABLE_CHANGES = {
+    ("train", "max_steps"),
+    ("train", "epochs"),
+    ("train", "save_every"),
+    ("train", "eval_every"),
+    ("train", "keep_checkpoints"),
+    ("train", "log_every"),
+}
 
 
 def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder:
@@ -46,20 +52,26 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise LorakitError(f"output_dir {out}: cannot write there ({e.strerror}). Pick a writable folder "
-                           "with output_dir=... or free some disk space.") from None
+        raise LorakitError(
+            f"output_dir {out}: cannot write there ({e.strerror}). Pick a writable folder "
+            "with output_dir=... or free some disk space."
+        ) from None
     # A run that failed during setup (bad model path, bad targets) left only its config: reusable.
     if saved.is_file() and run.has_results():
         before = yaml.safe_load(saved.read_text())
         now = cfg.model_dump(mode="json")
         diff = sorted(_diff(before, now) - RESUMABLE_CHANGES) if resume else None
         if not resume:
-            raise LorakitError(f"output_dir {out} already holds a run. Use --resume to continue it, "
-                               "--overwrite to start over, or set output_dir=another/folder.")
+            raise LorakitError(
+                f"output_dir {out} already holds a run. Use --resume to continue it, "
+                "--overwrite to start over, or set output_dir=another/folder."
+            )
         if diff:
             keys = ", ".join(".".join(k) for k in diff)
-            raise LorakitError(f"output_dir {out} holds a run with a different config ({keys} differ); "
-                               "resume it with its own config, or use --overwrite / another output_dir.")
+            raise LorakitError(
+                f"output_dir {out} holds a run with a different config ({keys} differ); "
+                "resume it with its own config, or use --overwrite / another output_dir."
+            )
     elif resume and not latest(run.checkpoints):
         raise LorakitError(f"--resume: {out} has no checkpoint to resume from; run without --resume.")
     config.dump(cfg, saved)
@@ -77,8 +89,10 @@ def check_overwritable(out: Path, cfg: RunConfig) -> None:
     elif any(out.iterdir()) and not RunFolder(out).config.is_file():
         why = "is not a lorakit run folder (it has no config.yaml)"
     if why:
-        raise LorakitError(f"--overwrite: output_dir {out} {why}; lorakit only deletes its own runs. "
-                           "Set output_dir=runs/NAME (a new or earlier run folder).")
+        raise LorakitError(
+            f"--overwrite: output_dir {out} {why}; lorakit only deletes its own runs. "
+            "Set output_dir=runs/NAME (a new or earlier run folder)."
+        )
 
 
 def _diff(a: Any, b: Any, prefix: tuple = ()) -> set[tuple]:
@@ -90,8 +104,16 @@ def _diff(a: Any, b: Any, prefix: tuple = ()) -> set[tuple]:
     return set() if a == b else {prefix}
 
 
-def save(checkpoints: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
-         state: dict, keep: int, peft_model: Any = None) -> Path:
+def save(
+    checkpoints: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    state: dict,
+    keep: int,
+    peft_model: Any = None,
+) -> Path:
     """Write checkpoint `step` into the run's checkpoints/ folder atomically; delete all but the newest `keep`."""
     final = checkpoints / f"step-{step:07d}"
     with files.atomic_dir(final) as tmp:
@@ -120,8 +142,10 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
     params = dict(model.named_parameters())
     missing = set(weights) - set(params)
     if missing:
-        raise LorakitError(f"checkpoint {path} does not fit this model (unknown parameters, e.g. "
-                           f"{sorted(missing)[:3]}); use --overwrite to start over.")
+        raise LorakitError(
+            f"checkpoint {path} does not fit this model (unknown parameters, e.g. "
+            f"{sorted(missing)[:3]}); use --overwrite to start over."
+        )
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)

@@ -34,8 +34,10 @@ def config_reference() -> str:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, f in model.model_fields.items():
             ann = f.annotation
-            sub = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type)
-                        and issubclass(a, BaseModel)), None)
+            sub = next(
+                (a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
+                None,
+            )
             if sub is not None:
                 walk(sub, f"{prefix}{name}.")
                 continue
@@ -52,8 +54,13 @@ def cmd_data_preview(cfg: Any, opts: o.PreviewOptions) -> int:
 
     tokenizer = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prepared = data.prepare(cfg.data, tokenizer)
-    preview.print_preview(tokenizer, prepared.train, prepared.stats, n=opts.n,
-                          color=False if opts.no_color or os.environ.get("NO_COLOR") else None)
+    preview.print_preview(
+        tokenizer,
+        prepared.train,
+        prepared.stats,
+        n=opts.n,
+        color=False if opts.no_color or os.environ.get("NO_COLOR") else None,
+    )
     return 0
 
 
@@ -64,8 +71,13 @@ def cmd_train(cfg: Any, opts: o.TrainOptions) -> int:
     summary = train.run(cfg, resume=opts.resume, overwrite=opts.overwrite, progress=not opts.no_progress).summary
     if summary:
         keys = ("steps", "final_train_loss", "final_eval_loss", "tokens_per_s", "wall_time_s", "peak_memory_mb")
-        print("  ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
-                        for k in keys if summary.get(k) is not None))
+        print(
+            "  ".join(
+                f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
+                for k in keys
+                if summary.get(k) is not None
+            )
+        )
         print(f"saved {RunFolder.of(cfg).weights(cfg.method)}")
     return 0
 
@@ -98,15 +110,20 @@ def cmd_evaluate(cfg: Any, opts: o.EvalOptions) -> int:
 def cmd_merge(opts: o.MergeOptions) -> int:
     from lorakit import merge
 
-    report = merge.merge(opts.adapter, opts.out, base=opts.base, dtype=opts.dtype, force=opts.force,
-                         qlora=True if opts.qlora else None)
-    print(f"merged {'QLoRA (into the dequantized 4-bit base)' if report['qlora'] else 'LoRA'} into {opts.out} "
-          f"({report['dtype']}), eos_token_id {report['eos_token_id']}")
+    report = merge.merge(
+        opts.adapter, opts.out, base=opts.base, dtype=opts.dtype, force=opts.force, qlora=True if opts.qlora else None
+    )
+    print(
+        f"merged {'QLoRA (into the dequantized 4-bit base)' if report['qlora'] else 'LoRA'} into {opts.out} "
+        f"({report['dtype']}), eos_token_id {report['eos_token_id']}"
+    )
     checks = [("base+adapter", report)] + ([("4-bit base+adapter", report["vs_4bit"])] if "vs_4bit" in report else [])
     for what, r in checks:
-        print(f"parity vs {what}: max |logit diff| {r['max_abs_logit_diff']:.4g} <= tolerance {r['tolerance']:.4g} "
-              f"({r['relative_tolerance']} x max |logit| {r['logit_scale']:.3g}), top-1 agreement "
-              f"{r['top1_agreement']:.1%} on {r['positions']} positions ({report['prompts']} prompts)")
+        print(
+            f"parity vs {what}: max |logit diff| {r['max_abs_logit_diff']:.4g} <= tolerance {r['tolerance']:.4g} "
+            f"({r['relative_tolerance']} x max |logit| {r['logit_scale']:.3g}), top-1 agreement "
+            f"{r['top1_agreement']:.1%} on {r['positions']} positions ({report['prompts']} prompts)"
+        )
     return 0
 
 
@@ -124,11 +141,15 @@ def cmd_export(opts: o.ExportOptions) -> int:
     result = gguf.export(opts.source, opts.out, outtype=opts.outtype, pre=opts.pre, base=opts.base, force=opts.force)
     if result["merged"]:
         m = result["merged"]
-        print(f"merged {opts.source} into {opts.out}/merged (fp32; parity max |logit diff| "
-              f"{m['max_abs_logit_diff']:.3g} <= tolerance {m['tolerance']:.3g})")
-    print(f"wrote {result['gguf']} ({result['outtype']}); read back with transformers: tokenizer identical, "
-          f"max |logit diff| {result['max_abs_logit_diff']:.3g} <= tolerance {result['tolerance']:.3g} "
-          f"({result['relative_tolerance']} x max |logit|, {result['positions']} positions)")
+        print(
+            f"merged {opts.source} into {opts.out}/merged (fp32; parity max |logit diff| "
+            f"{m['max_abs_logit_diff']:.3g} <= tolerance {m['tolerance']:.3g})"
+        )
+    print(
+        f"wrote {result['gguf']} ({result['outtype']}); read back with transformers: tokenizer identical, "
+        f"max |logit diff| {result['max_abs_logit_diff']:.3g} <= tolerance {result['tolerance']:.3g} "
+        f"({result['relative_tolerance']} x max |logit|, {result['positions']} positions)"
+    )
     print(f"wrote {result['modelfile']} (ollama create NAME -f {result['modelfile']})")
     if result["modelfile_warning"]:
         print(f"warning: {result['modelfile_warning']}", file=sys.stderr)
@@ -153,54 +174,100 @@ class Command:
 
 
 GROUPS = {
-    "quickstart": ("the generated text-to-SQL task behind `make quickstart`",
-                   "Steps of `make quickstart`: `data` writes the task, `lorakit train configs/quickstart.yaml` "
-                   "trains, `compare` scores base vs adapter on held-out questions."),
+    "quickstart": (
+        "the generated text-to-SQL task behind `make quickstart`",
+        "Steps of `make quickstart`: `data` writes the task, `lorakit train configs/quickstart.yaml` "
+        "trains, `compare` scores base vs adapter on held-out questions.",
+    ),
     "data": ("inspect a run's data set", "Inspect how a run's data becomes training tokens."),
 }
 
 COMMANDS = [
-    Command("train", cmd_train, o.TrainOptions, "fine-tune a model as one YAML run describes",
-            "Train a LoRA, QLoRA or full fine-tune. Writes to output_dir: adapter/ (peft format) or model/, "
-            "config.yaml, metrics.jsonl, loss.png, summary.json and checkpoints/.", takes_config=True),
-    Command("eval", cmd_evaluate, o.EvalOptions, "compare the base model and adapters on held-out data",
-            "Run one held-out set through the base model and each adapter (one loaded base, peft multi-adapter), "
-            "compute loss/perplexity on the answers and generation metrics against the references, print a "
-            "table and write eval.json and eval.html.", takes_config=True),
-    Command("merge", cmd_merge, o.MergeOptions, "merge a LoRA adapter into its base and check logit parity",
-            "Merge a LoRA (or QLoRA: into the dequantized 4-bit base) adapter into a copy of its base, save an HF "
-            "model folder with tokenizer, chat template and stop tokens, and check that its logits match "
-            "base+adapter within a printed tolerance (nothing is written if they do not)."),
-    Command("export", cmd_export, o.ExportOptions,
-            "export for other runtimes: GGUF (+ Ollama Modelfile) or a vLLM command line",
-            "--format gguf: write a GGUF of a merged model (an adapter or run folder is merged first), read it "
-            "back with transformers and check logits, and write an Ollama Modelfile beside it. --format vllm: "
-            "print the `vllm serve ... --enable-lora --lora-modules ...` command for the adapters, after "
-            "checking that vLLM accepts their ranks and target modules."),
-    Command("serve", cmd_serve, o.ServeOptions, "serve a base model and its adapters behind an OpenAI-compatible API",
-            "One base model, many LoRA adapters: /v1/chat/completions, /v1/completions (streaming), /v1/models, "
-            "/v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics. The request's `model` picks the "
-            "adapter; concurrent requests of different adapters share one batch."),
-    Command("quickstart data", cmd_quickstart_data, o.QuickstartDataOptions, "write the task's train.jsonl and eval.jsonl",
-            "Write a seeded text-to-SQL task: train and eval chats whose eval values (names, cities, departments, "
-            "thresholds) never occur in train."),
-    Command("quickstart compare", cmd_quickstart_compare, o.QuickstartCompareOptions,
-            "exact match of base vs trained adapter, with sample answers",
-            "`lorakit eval` of the run with SQL-normalized exact match: answers to the run's held-out chats from "
-            "the base model and its adapter (one loaded base), the score and 3 samples side by side; writes "
-            "output_dir/eval/eval.json and eval.html.", takes_config=True),
-    Command("data preview", cmd_data_preview, o.PreviewOptions,
-            "show rendered examples with trained spans marked, and a summary",
-            "Load, convert, tokenize and mask the run's data exactly as training will (cached), print N examples "
-            "with the trained tokens marked (green on a terminal, [[...]] otherwise) and a summary: rows, tokens, "
-            "trained share, truncated and dropped rows, with warnings.", takes_config=True),
+    Command(
+        "train",
+        cmd_train,
+        o.TrainOptions,
+        "fine-tune a model as one YAML run describes",
+        "Train a LoRA, QLoRA or full fine-tune. Writes to output_dir: adapter/ (peft format) or model/, "
+        "config.yaml, metrics.jsonl, loss.png, summary.json and checkpoints/.",
+        takes_config=True,
+    ),
+    Command(
+        "eval",
+        cmd_evaluate,
+        o.EvalOptions,
+        "compare the base model and adapters on held-out data",
+        "Run one held-out set through the base model and each adapter (one loaded base, peft multi-adapter), "
+        "compute loss/perplexity on the answers and generation metrics against the references, print a "
+        "table and write eval.json and eval.html.",
+        takes_config=True,
+    ),
+    Command(
+        "merge",
+        cmd_merge,
+        o.MergeOptions,
+        "merge a LoRA adapter into its base and check logit parity",
+        "Merge a LoRA (or QLoRA: into the dequantized 4-bit base) adapter into a copy of its base, save an HF "
+        "model folder with tokenizer, chat template and stop tokens, and check that its logits match "
+        "base+adapter within a printed tolerance (nothing is written if they do not).",
+    ),
+    Command(
+        "export",
+        cmd_export,
+        o.ExportOptions,
+        "export for other runtimes: GGUF (+ Ollama Modelfile) or a vLLM command line",
+        "--format gguf: write a GGUF of a merged model (an adapter or run folder is merged first), read it "
+        "back with transformers and check logits, and write an Ollama Modelfile beside it. --format vllm: "
+        "print the `vllm serve ... --enable-lora --lora-modules ...` command for the adapters, after "
+        "checking that vLLM accepts their ranks and target modules.",
+    ),
+    Command(
+        "serve",
+        cmd_serve,
+        o.ServeOptions,
+        "serve a base model and its adapters behind an OpenAI-compatible API",
+        "One base model, many LoRA adapters: /v1/chat/completions, /v1/completions (streaming), /v1/models, "
+        "/v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics. The request's `model` picks the "
+        "adapter; concurrent requests of different adapters share one batch.",
+    ),
+    Command(
+        "quickstart data",
+        cmd_quickstart_data,
+        o.QuickstartDataOptions,
+        "write the task's train.jsonl and eval.jsonl",
+        "Write a seeded text-to-SQL task: train and eval chats whose eval values (names, cities, departments, "
+        "thresholds) never occur in train.",
+    ),
+    Command(
+        "quickstart compare",
+        cmd_quickstart_compare,
+        o.QuickstartCompareOptions,
+        "exact match of base vs trained adapter, with sample answers",
+        "`lorakit eval` of the run with SQL-normalized exact match: answers to the run's held-out chats from "
+        "the base model and its adapter (one loaded base), the score and 3 samples side by side; writes "
+        "output_dir/eval/eval.json and eval.html.",
+        takes_config=True,
+    ),
+    Command(
+        "data preview",
+        cmd_data_preview,
+        o.PreviewOptions,
+        "show rendered examples with trained spans marked, and a summary",
+        "Load, convert, tokenize and mask the run's data exactly as training will (cached), print N examples "
+        "with the trained tokens marked (green on a terminal, [[...]] otherwise) and a summary: rows, tokens, "
+        "trained share, truncated and dropped rows, with warnings.",
+        takes_config=True,
+    ),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lorakit", description="Fine-tune open LLMs with LoRA, QLoRA or full fine-tuning; "
-        "inspect data, train, evaluate, merge and serve.", formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="lorakit",
+        description="Fine-tune open LLMs with LoRA, QLoRA or full fine-tuning; "
+        "inspect data, train, evaluate, merge and serve.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, Any] = {}
     for cmd in COMMANDS:
@@ -208,11 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
         if group and group not in groups:
             help_, description = GROUPS[group]
             groups[group] = top.add_parser(group, help=help_, description=description).add_subparsers(
-                dest=f"{group}_command", metavar="SUBCOMMAND")
+                dest=f"{group}_command", metavar="SUBCOMMAND"
+            )
         p = (groups[group] if group else top).add_parser(
-            name, help=cmd.help, description=textwrap.fill(cmd.description, 100),
+            name,
+            help=cmd.help,
+            description=textwrap.fill(cmd.description, 100),
             formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the config reference's lines
-            epilog=config_reference() if cmd.takes_config else None)
+            epilog=config_reference() if cmd.takes_config else None,
+        )
         if cmd.takes_config:
             p.add_argument("config", help="YAML run file (see configs/)")
             p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
@@ -243,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a file the command reads or writes (disk full, permissions): one message, not a trace
         where = f" {e.filename}" if e.filename else ""
-        print(f"error: could not read or write{where}: {e.strerror or e}. Free disk space or fix permissions, "
-              "then run again", file=sys.stderr)
+        print(
+            f"error: could not read or write{where}: {e.strerror or e}. Free disk space or fix permissions, "
+            "then run again",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -39,7 +39,8 @@ class AdapterConfig(_Strict):
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha/sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     modules_to_save: list[str] | None = Field(
-        None, description="Modules trained in full and saved with the adapter (e.g. [lm_head]).")
+        None, description="Modules trained in full and saved with the adapter (e.g. [lm_head])."
+    )
 
 
 class TemplateConfig(_Strict):
@@ -53,10 +54,12 @@ class TemplateConfig(_Strict):
 class DataConfig(_Strict):
     """Where the examples come from and how they become token batches."""
 
-    train: str = Field(..., description="File (.json/.jsonl/.csv/.tsv/.parquet), folder of them, or a "
-                       "Hugging Face dataset id.")
+    train: str = Field(
+        ..., description="File (.json/.jsonl/.csv/.tsv/.parquet), folder of them, or a Hugging Face dataset id."
+    )
     eval: str | float | None = Field(
-        None, description="Held-out examples: a path/dataset id, or a fraction in (0, 1) of `train`.")
+        None, description="Held-out examples: a path/dataset id, or a fraction in (0, 1) of `train`."
+    )
     format: Literal[FORMATS] = Field("auto", description="Row format; 'auto' detects it from the columns.")  # type: ignore[valid-type]
     template: TemplateConfig | None = Field(None, description="Column mapping for format 'template'.")
     split: str = Field("train", description="Split to read from a Hugging Face dataset id.")
@@ -64,24 +67,33 @@ class DataConfig(_Strict):
     max_length: int = Field(1024, ge=8, description="Tokens per packed row; longer examples are truncated.")
     packing: bool = Field(True, description="Pack several examples into one row (padding-free).")
     train_on: Literal["completions", "all"] = Field(
-        "completions", description="'completions': only assistant turns (and their end token) are trained; "
-        "'all': every token.")
+        "completions",
+        description="'completions': only assistant turns (and their end token) are trained; 'all': every token.",
+    )
     chat_template: str = Field(
-        "auto", description="'auto' uses the tokenizer's template, else a fallback (chatml, alpaca, "
-        "llama2, zephyr) that is also forced when named here.")
+        "auto",
+        description="'auto' uses the tokenizer's template, else a fallback (chatml, alpaca, "
+        "llama2, zephyr) that is also forced when named here.",
+    )
     system_prompt: str | None = Field(None, description="System turn added to chats that have none.")
-    cache_dir: str | None = Field(None, description="Tokenization cache (default $LORAKIT_HOME/tokenized, "
-                                  "LORAKIT_HOME defaulting to ~/.cache/lorakit).")
-    num_proc: int | None = Field(None, ge=1, description="Tokenizer processes (default: 1 for small sets, "
-                                 "all cores for large ones).")
+    cache_dir: str | None = Field(
+        None,
+        description="Tokenization cache (default $LORAKIT_HOME/tokenized, "
+        "LORAKIT_HOME defaulting to ~/.cache/lorakit).",
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Tokenizer processes (default: 1 for small sets, all cores for large ones)."
+    )
     seed: int = Field(0, description="Seed of the eval-fraction split.")
 
     @field_validator("eval")
     @classmethod
     def _eval_fraction(cls, v: str | float | None) -> str | float | None:
         if isinstance(v, float | int) and not isinstance(v, bool) and not 0 < v < 1:
-            raise ValueError(f"an eval fraction must be between 0 and 1 (exclusive), got {v}; "
-                             "use e.g. 0.1 for 10% of the train rows, or a file path")
+            raise ValueError(
+                f"an eval fraction must be between 0 and 1 (exclusive), got {v}; "
+                "use e.g. 0.1 for 10% of the train rows, or a file path"
+            )
         return v
 
 
@@ -99,9 +111,11 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: off).")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
-        "adamw", description="AdamW (fused where the device has it) or bitsandbytes 8-bit variants.")
+        "adamw", description="AdamW (fused where the device has it) or bitsandbytes 8-bit variants."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it, else fp16 with loss scaling.")
+        "auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it, else fp16 with loss scaling."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     eval_every: int | None = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
@@ -112,15 +126,17 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     """One complete run: base model, method, data, training and where results go."""
 
-    model: str = Field(DEFAULT_MODEL, description="Hugging Face id, local folder, .gguf file, or the alias "
-                       f"'{DEFAULT_MODEL}'.")
+    model: str = Field(
+        DEFAULT_MODEL, description=f"Hugging Face id, local folder, .gguf file, or the alias '{DEFAULT_MODEL}'."
+    )
     method: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base) or full.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field("runs/latest", description="Run folder: adapter, checkpoints, metrics.")
     track: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
-        default_factory=list, description="Experiment trackers (through accelerate), besides metrics.jsonl.")
+        default_factory=list, description="Experiment trackers (through accelerate), besides metrics.jsonl."
+    )
     trust_remote_code: bool = Field(False, description="Run a hub model's own Python code (off by default).")
 
 
@@ -131,15 +147,17 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunCo
     """
     path = Path(path)
     if not path.is_file():
-        raise LorakitError(f"config file not found: {path}. Give the path of a YAML run file "
-                           "(see configs/ for examples).")
+        raise LorakitError(
+            f"config file not found: {path}. Give the path of a YAML run file (see configs/ for examples)."
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise LorakitError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise LorakitError(f"{path}: the top level must be a mapping of keys (model, data, train, ...), "
-                           f"got {type(raw).__name__}")
+        raise LorakitError(
+            f"{path}: the top level must be a mapping of keys (model, data, train, ...), got {type(raw).__name__}"
+        )
     for item in overrides:
         apply_override(raw, item)
     return validate(raw, source=str(path))

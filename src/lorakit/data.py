@@ -83,8 +83,12 @@ def _fill_missing_answers(records: list[dict]) -> None:
             r["completion"] = ""
         elif "instruction" in r and not {"output", "response"} & r.keys():
             r["output"] = ""
-        elif isinstance(r.get("messages"), list) and r["messages"] and isinstance(r["messages"][-1], dict) \
-                and r["messages"][-1].get("role") != "assistant":
+        elif (
+            isinstance(r.get("messages"), list)
+            and r["messages"]
+            and isinstance(r["messages"][-1], dict)
+            and r["messages"][-1].get("role") != "assistant"
+        ):
             r["messages"] = [*r["messages"], {"role": "assistant", "content": ""}]
 
 
@@ -92,8 +96,10 @@ def _convert(rows: sources.Rows, cfg: DataConfig, keep_unanswered: bool = False)
     conv = formats.convert(rows.records, rows.where, cfg.format, cfg.template, cfg.system_prompt, keep_unanswered)
     if not conv.examples:
         reasons = ", ".join(f"{n} {why}" for why, n in conv.dropped.items())
-        raise LorakitError(f"{rows.origin}: no usable rows left after filtering ({reasons}). Check that the "
-                           "answer column is filled, or pick another data.format / data.template.")
+        raise LorakitError(
+            f"{rows.origin}: no usable rows left after filtering ({reasons}). Check that the "
+            "answer column is filled, or pick another data.format / data.template."
+        )
     return conv
 
 
@@ -104,8 +110,11 @@ def _split(conv: formats.Converted, fraction: float, seed: int) -> tuple[formats
         raise LorakitError(f"data.eval={fraction} leaves no training rows out of {n}; use a smaller fraction")
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    pick = lambda idx: formats.Converted([conv.examples[i] for i in idx], [conv.where[i] for i in idx],  # noqa: E731
-                                         conv.format)
+    pick = lambda idx: formats.Converted(
+        [conv.examples[i] for i in idx],
+        [conv.where[i] for i in idx],  # noqa: E731
+        conv.format,
+    )
     train, ev = pick(sorted(order[n_eval:])), pick(sorted(order[:n_eval]))
     train.dropped = conv.dropped
     return train, ev
@@ -118,8 +127,9 @@ def _tokenize(conv: formats.Converted, tokenizer: Any, cfg: DataConfig) -> datas
         out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "eos_added": []}
         for text, where in zip(batch["example"], batch["where"]):
             try:
-                enc = render.encode(tokenizer, json.loads(text), train_on=cfg.train_on,
-                                    max_length=cfg.max_length, end_ids=end_ids)
+                enc = render.encode(
+                    tokenizer, json.loads(text), train_on=cfg.train_on, max_length=cfg.max_length, end_ids=end_ids
+                )
             except LorakitError as e:
                 raise LorakitError(f"{where}: {e}") from None
             out["input_ids"].append(enc.input_ids)
@@ -128,12 +138,20 @@ def _tokenize(conv: formats.Converted, tokenizer: Any, cfg: DataConfig) -> datas
             out["eos_added"].append(enc.eos_added)
         return out
 
-    raw = datasets.Dataset.from_dict({"example": [json.dumps(e, ensure_ascii=False) for e in conv.examples],
-                                      "where": conv.where})
+    raw = datasets.Dataset.from_dict(
+        {"example": [json.dumps(e, ensure_ascii=False) for e in conv.examples], "where": conv.where}
+    )
     # Extra processes pay off only on large sets: each one has to start and unpickle the tokenizer.
     num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if len(raw) >= 20_000 else None)
-    return raw.map(encode_batch, batched=True, batch_size=256, num_proc=num_proc, remove_columns=["example"],
-                   desc="Tokenizing", load_from_cache_file=False)
+    return raw.map(
+        encode_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc,
+        remove_columns=["example"],
+        desc="Tokenizing",
+        load_from_cache_file=False,
+    )
 
 
 def summarize(ds: datasets.Dataset, dropped: Counter, fmt: str, template: str, cfg: DataConfig) -> dict[str, Any]:
@@ -143,27 +161,40 @@ def summarize(ds: datasets.Dataset, dropped: Counter, fmt: str, template: str, c
     tokens = sum(lengths)
     no_target = sum(1 for labels in ds["labels"] if all(t == render.IGNORE for t in labels))
     return {
-        "format": fmt, "chat_template": template, "train_on": cfg.train_on, "max_length": cfg.max_length,
-        "rows": len(ds), "tokens": tokens, "trained_tokens": trained,
+        "format": fmt,
+        "chat_template": template,
+        "train_on": cfg.train_on,
+        "max_length": cfg.max_length,
+        "rows": len(ds),
+        "tokens": tokens,
+        "trained_tokens": trained,
         "trained_share": trained / tokens if tokens else 0.0,
-        "mean_length": tokens / len(ds) if len(ds) else 0.0, "max_seen_length": max(lengths, default=0),
-        "truncated_rows": int(sum(ds["truncated"])), "rows_without_trained_token": no_target,
-        "eos_added_turns": int(sum(ds["eos_added"])), "dropped": dict(dropped),
+        "mean_length": tokens / len(ds) if len(ds) else 0.0,
+        "max_seen_length": max(lengths, default=0),
+        "truncated_rows": int(sum(ds["truncated"])),
+        "rows_without_trained_token": no_target,
+        "eos_added_turns": int(sum(ds["eos_added"])),
+        "dropped": dict(dropped),
     }
 
 
 def _check_trainable(stats: dict, cfg: DataConfig) -> None:
     if stats["trained_tokens"] == 0:
-        raise LorakitError(f"{cfg.train}: no token would be trained ({stats['rows']} rows, train_on: "
-                           f"{cfg.train_on}). The answers may all be cut off by data.max_length="
-                           f"{cfg.max_length}; raise it, or use data.train_on: all.")
+        raise LorakitError(
+            f"{cfg.train}: no token would be trained ({stats['rows']} rows, train_on: "
+            f"{cfg.train_on}). The answers may all be cut off by data.max_length="
+            f"{cfg.max_length}; raise it, or use data.train_on: all."
+        )
 
 
 def _cache_key(cfg: DataConfig, tokenizer: Any, train: sources.Rows, ev: sources.Rows | None) -> str:
     h = hashlib.sha256()
     settings = cfg.model_dump(mode="json", exclude={"train", "cache_dir", "num_proc"})
-    h.update(json.dumps([CACHE_VERSION, settings, train.fingerprint, ev.fingerprint if ev else None],
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [CACHE_VERSION, settings, train.fingerprint, ev.fingerprint if ev else None], sort_keys=True
+        ).encode()
+    )
     h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:24]
 
@@ -171,8 +202,13 @@ def _cache_key(cfg: DataConfig, tokenizer: Any, train: sources.Rows, ev: sources
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Vocabulary, merges, special tokens and chat template: anything that changes the token ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = [type(tokenizer).__name__, backend.to_str() if backend else str(tokenizer.get_vocab()),
-             str(tokenizer.chat_template), str(tokenizer.special_tokens_map), str(tokenizer.eos_token_id)]
+    parts = [
+        type(tokenizer).__name__,
+        backend.to_str() if backend else str(tokenizer.get_vocab()),
+        str(tokenizer.chat_template),
+        str(tokenizer.special_tokens_map),
+        str(tokenizer.eos_token_id),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 

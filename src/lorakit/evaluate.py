@@ -34,8 +34,10 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     conv = data.held_out(cfg.data, opts.data)
     examples = conv.examples[: opts.limit] if opts.limit else conv.examples
     if any("messages" not in ex for ex in examples):
-        raise LorakitError("eval compares answers to prompts, but this data is plain text (format text); "
-                           "give chats (prompt + answer) with --data, or a data.template that splits the text")
+        raise LorakitError(
+            "eval compares answers to prompts, but this data is plain text (format text); "
+            "give chats (prompt + answer) with --data, or a data.template that splits the text"
+        )
     prompts = [_prompt(ex) for ex in examples]
     refs = [_reference(ex) for ex in examples]
     has_refs = all(r for r in refs)
@@ -50,9 +52,18 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
             if encoded:
                 nll = held_out_loss(net, encoded, tokenizer, opts.batch_size)
                 scores.update(loss=nll, perplexity=math.exp(min(nll, 50)))
-            outputs[name] = generate(net, tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
-                                     batch_size=opts.batch_size, temperature=opts.temperature, top_p=opts.top_p,
-                                     stop=opts.stop or None, seed=0 if opts.temperature else None, progress=True)
+            outputs[name] = generate(
+                net,
+                tokenizer,
+                prompts,
+                max_new_tokens=opts.max_new_tokens,
+                batch_size=opts.batch_size,
+                temperature=opts.temperature,
+                top_p=opts.top_p,
+                stop=opts.stop or None,
+                seed=0 if opts.temperature else None,
+                progress=True,
+            )
         results[name] = scores
     per_example: dict[str, list[dict]] = {}
     if has_refs:
@@ -63,13 +74,24 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
         results[name]["harness"] = harness(net, tokenizer, name, tasks, opts.batch_size, opts.limit)
     report = {
         "models": results,
-        "examples": [{"id": i, "prompt": p, "reference": r or None,
-                      "outputs": {n: outputs[n][i] for n in outputs},
-                      "scores": {n: per_example[n][i] for n in per_example}}
-                     for i, (p, r) in enumerate(zip(prompts, refs))],
-        "settings": {"data": opts.data or cfg.data.eval, "adapters": {n: str(p) for n, p in adapters.items()},
-                     "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
-                     "normalize": opts.normalize, "base_model": cfg.model},
+        "examples": [
+            {
+                "id": i,
+                "prompt": p,
+                "reference": r or None,
+                "outputs": {n: outputs[n][i] for n in outputs},
+                "scores": {n: per_example[n][i] for n in per_example},
+            }
+            for i, (p, r) in enumerate(zip(prompts, refs))
+        ],
+        "settings": {
+            "data": opts.data or cfg.data.eval,
+            "adapters": {n: str(p) for n, p in adapters.items()},
+            "max_new_tokens": opts.max_new_tokens,
+            "temperature": opts.temperature,
+            "normalize": opts.normalize,
+            "base_model": cfg.model,
+        },
         "note": None if has_refs else "some examples have no reference answer: generation only, metrics skipped",
     }
     files.write_json(out / EVAL_JSON, report)
@@ -121,8 +143,15 @@ def active(net: Any, name: str) -> Iterator[None]:
 def held_out_loss(net: Any, encoded: list[render.Encoded], tokenizer: Any, batch_size: int) -> float:
     """Mean negative log-likelihood per trained (answer) token."""
     examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
-    total, count = loss.held_out(net, examples, packing.unpacked(len(examples)), batch_size, tokenizer.pad_token_id,
-                                 use_positions=False, device=next(net.parameters()).device)
+    total, count = loss.held_out(
+        net,
+        examples,
+        packing.unpacked(len(examples)),
+        batch_size,
+        tokenizer.pad_token_id,
+        use_positions=False,
+        device=next(net.parameters()).device,
+    )
     return total / max(count, 1)
 
 
@@ -132,16 +161,19 @@ def harness_tasks(spec: str) -> list[str]:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise LorakitError("--harness needs EleutherAI's lm-evaluation-harness: pip install 'lorakit[harness]' "
-                           "(or pip install lm-eval)") from None
+        raise LorakitError(
+            "--harness needs EleutherAI's lm-evaluation-harness: pip install 'lorakit[harness]' "
+            "(or pip install lm-eval)"
+        ) from None
     tasks = [t.strip() for t in spec.split(",") if t.strip()]
     if not tasks:
         raise LorakitError("--harness: name at least one task (comma-separated), e.g. --harness arc_easy,hellaswag")
     return tasks
 
 
-def harness(net: Any, tokenizer: Any, name: str, tasks: list[str], batch_size: int,
-            limit: int | None) -> dict[str, dict]:
+def harness(
+    net: Any, tokenizer: Any, name: str, tasks: list[str], batch_size: int, limit: int | None
+) -> dict[str, dict]:
     """lm-evaluation-harness scores of `name` (the base or an adapter), on the already loaded model.
 
     The harness gets our model object, so it shares the one base copy and adapter switch of this eval
@@ -152,14 +184,19 @@ def harness(net: Any, tokenizer: Any, name: str, tasks: list[str], batch_size: i
 
     try:
         with active(net, name):
-            res = lm_eval.simple_evaluate(model=HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size),
-                                          tasks=tasks, limit=limit)
+            res = lm_eval.simple_evaluate(
+                model=HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size), tasks=tasks, limit=limit
+            )
     except Exception as e:  # noqa: BLE001 - the harness raises many kinds; one clear message instead
-        raise LorakitError(f"lm-evaluation-harness failed on {name}: {type(e).__name__}: {e}. Its built-in tasks "
-                           "download their data from the Hugging Face hub; offline, give a task YAML file with local "
-                           "data (dataset_path: json)") from None
-    return {task: {k: v for k, v in vals.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-            for task, vals in res["results"].items()}
+        raise LorakitError(
+            f"lm-evaluation-harness failed on {name}: {type(e).__name__}: {e}. Its built-in tasks "
+            "download their data from the Hugging Face hub; offline, give a task YAML file with local "
+            "data (dataset_path: json)"
+        ) from None
+    return {
+        task: {k: v for k, v in vals.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        for task, vals in res["results"].items()
+    }
 
 
 def print_table(report: dict) -> None:
@@ -186,8 +223,11 @@ def _fmt(key: str, v: Any) -> str:
 def _tokenizer(cfg: RunConfig, adapters: dict[str, Path]) -> Any:
     """The tokenizer saved with the first adapter (its exact chat template), else the base's."""
     first = next(iter(adapters.values()), None)
-    tokenizer = (model.adapter_tokenizer(first, cfg.model, cfg.trust_remote_code) if first is not None
-                 else model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    tokenizer = (
+        model.adapter_tokenizer(first, cfg.model, cfg.trust_remote_code)
+        if first is not None
+        else model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    )
     render.setup_template(tokenizer, cfg.data.chat_template)
     return tokenizer
 

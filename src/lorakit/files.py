@@ -83,6 +83,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def write_error(path: Path, e: Exception) -> LorakitError:
-    return LorakitError(f"could not write {path}: {getattr(e, 'strerror', None) or e}. Nothing half-written was "
-                        "left there. Free disk space or fix permissions, then run again (`lorakit train ... "
-                        "--resume` continues a training run from its last checkpoint).")
+    return LorakitError(
+        f"could not write {path}: {getattr(e, 'strerror', None) or e}. Nothing half-written was "
+        "left there. Free disk space or fix permissions, then run again (`lorakit train ... "
+        "--resume` continues a training run from its last checkpoint)."
+    )

@@ -20,9 +20,19 @@ from lorakit.errors import LorakitError
 
 # ShareGPT speaker names seen in the wild, mapped to OpenAI roles.
 SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
-    "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
 }
 OPENAI_ROLES = ("system", "user", "assistant", "tool")
 
@@ -59,8 +69,10 @@ def detect(columns: set[str]) -> str | None:
 # Chat transcripts stored as one text column (guanaco and friends): parsed back into turns so that
 # only the answers are trained, instead of the whole text as in continued pre-training.
 _HUMAN_ASSISTANT = re.compile(r"###\s*(Human|Assistant)\s*:\s*")
-_LLAMA2_TURN = re.compile(r"\s*(?:<s>)?\s*\[INST\]\s*(?:<<SYS>>\s*(.*?)\s*<</SYS>>\s*)?(.*?)\s*\[/INST\]\s*(.*?)\s*(?:</s>|(?=<s>)|(?=\[INST\])|$)",
-                          re.S)
+_LLAMA2_TURN = re.compile(
+    r"\s*(?:<s>)?\s*\[INST\]\s*(?:<<SYS>>\s*(.*?)\s*<</SYS>>\s*)?(.*?)\s*\[/INST\]\s*(.*?)\s*(?:</s>|(?=<s>)|(?=\[INST\])|$)",
+    re.S,
+)
 
 
 def parse_transcript(text: str) -> list[dict] | None:
@@ -82,8 +94,14 @@ def parse_transcript(text: str) -> list[dict] | None:
     return None
 
 
-def convert(records: list[dict], where: list[str], fmt: str = "auto", template: TemplateConfig | None = None,
-            system_prompt: str | None = None, keep_unanswered: bool = False) -> Converted:
+def convert(
+    records: list[dict],
+    where: list[str],
+    fmt: str = "auto",
+    template: TemplateConfig | None = None,
+    system_prompt: str | None = None,
+    keep_unanswered: bool = False,
+) -> Converted:
     """Convert all rows; malformed rows raise LorakitError naming the row, empty ones are dropped.
 
     keep_unanswered: keep chats whose assistant answer is empty (evaluation of prompts without
@@ -94,8 +112,10 @@ def convert(records: list[dict], where: list[str], fmt: str = "auto", template: 
     if fmt == "auto":
         fmt = "template" if template else _detect_all(records, where)
     if fmt == "template" and template is None:
-        raise LorakitError("data.format is 'template' but data.template is missing; add e.g.\n"
-                           "  template: {prompt: 'Rewrite politely: {toxic}', completion: '{neutral1}'}")
+        raise LorakitError(
+            "data.format is 'template' but data.template is missing; add e.g.\n"
+            "  template: {prompt: 'Rewrite politely: {toxic}', completion: '{neutral1}'}"
+        )
     convert_row = _converter(fmt, template, set(records[0]), where[0])
     out = Converted([], [], fmt)
     for rec, loc in zip(records, where):
@@ -104,8 +124,11 @@ def convert(records: list[dict], where: list[str], fmt: str = "auto", template: 
         except Skip as reason:
             out.dropped[str(reason)] += 1
             continue
-        if not keep_unanswered and "messages" in ex and not any(
-                m["role"] == "assistant" and m["content"].strip() for m in ex["messages"]):
+        if (
+            not keep_unanswered
+            and "messages" in ex
+            and not any(m["role"] == "assistant" and m["content"].strip() for m in ex["messages"])
+        ):
             out.dropped["no assistant answer"] += 1
             continue
         if system_prompt and "messages" in ex and ex["messages"][0]["role"] != "system":
@@ -125,7 +148,8 @@ def _detect_all(records: list[dict], where: list[str]) -> str:
             f"{where[0]}: cannot tell the data format from the columns {sorted(columns)}. Accepted: "
             "messages (OpenAI chat), conversations (ShareGPT), instruction+output|response (Alpaca), "
             "prompt+completion, text, or set data.format: template with data.template mapping your "
-            "columns, e.g. {prompt: '...{question}...', completion: '{answer}'}.")
+            "columns, e.g. {prompt: '...{question}...', completion: '{answer}'}."
+        )
     return fmt
 
 
@@ -134,8 +158,14 @@ def _converter(fmt: str, template: TemplateConfig | None, columns: set[str], fir
         assert template is not None
         _check_template(template, columns, first)
         return lambda rec, loc: _from_template(rec, loc, template)
-    table = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
-             "prompt_completion": _from_prompt_completion, "text": _from_text, "chat_text": _from_chat_text}
+    table = {
+        "messages": _from_messages,
+        "sharegpt": _from_sharegpt,
+        "alpaca": _from_alpaca,
+        "prompt_completion": _from_prompt_completion,
+        "text": _from_text,
+        "chat_text": _from_chat_text,
+    }
     if fmt not in table:
         raise LorakitError(f"data.format '{fmt}' is unknown; use one of {', '.join(FORMATS)}")
     return table[fmt]
@@ -143,13 +173,14 @@ def _converter(fmt: str, template: TemplateConfig | None, columns: set[str], fir
 
 def _field(rec: dict, key: str, loc: str, kind: type | tuple = str, fmt: str = "") -> Any:
     if key not in rec or rec[key] is None:
-        raise LorakitError(f"{loc}: missing field '{key}'{f' (format {fmt})' if fmt else ''}; the row has "
-                           f"{sorted(rec)}. Fix or remove the row.")
+        raise LorakitError(
+            f"{loc}: missing field '{key}'{f' (format {fmt})' if fmt else ''}; the row has "
+            f"{sorted(rec)}. Fix or remove the row."
+        )
     value = rec[key]
     if not isinstance(value, kind):
         want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise LorakitError(f"{loc}: field '{key}' must be {want}, got {type(value).__name__}: "
-                           f"{str(value)[:60]!r}")
+        raise LorakitError(f"{loc}: field '{key}' must be {want}, got {type(value).__name__}: {str(value)[:60]!r}")
     return value
 
 
@@ -166,8 +197,7 @@ def _from_messages(rec: dict, loc: str) -> dict:
     messages = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise LorakitError(f"{loc}: messages[{i}] must be an object with 'role' and 'content', got "
-                               f"{str(m)[:80]!r}")
+            raise LorakitError(f"{loc}: messages[{i}] must be an object with 'role' and 'content', got {str(m)[:80]!r}")
         if m["role"] not in OPENAI_ROLES:
             raise LorakitError(f"{loc}: messages[{i}].role '{m['role']}' is not one of {', '.join(OPENAI_ROLES)}")
         content = m["content"]
@@ -186,12 +216,15 @@ def _from_sharegpt(rec: dict, loc: str) -> dict:
         messages.append({"role": "system", "content": rec["system"]})
     for i, turn in enumerate(raw):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise LorakitError(f"{loc}: conversations[{i}] must be an object with 'from' and 'value', got "
-                               f"{str(turn)[:80]!r}")
+            raise LorakitError(
+                f"{loc}: conversations[{i}] must be an object with 'from' and 'value', got {str(turn)[:80]!r}"
+            )
         role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
         if role is None:
-            raise LorakitError(f"{loc}: conversations[{i}].from '{turn['from']}' is unknown; expected one of "
-                               f"{', '.join(sorted(SHAREGPT_ROLES))}")
+            raise LorakitError(
+                f"{loc}: conversations[{i}].from '{turn['from']}' is unknown; expected one of "
+                f"{', '.join(sorted(SHAREGPT_ROLES))}"
+            )
         if not isinstance(turn["value"], str):
             raise LorakitError(f"{loc}: conversations[{i}].value must be a string")
         content = turn["value"]
@@ -229,8 +262,10 @@ def _from_alpaca(rec: dict, loc: str) -> dict:
     instruction = _field(rec, "instruction", loc, str, "alpaca")
     answer_key = "response" if "response" in rec and "output" not in rec else "output"
     if rec.get(answer_key) is None:
-        raise LorakitError(f"{loc}: missing field 'output' (or 'response') (format alpaca); the row has "
-                           f"{sorted(rec)}. Fix or remove the row.")
+        raise LorakitError(
+            f"{loc}: missing field 'output' (or 'response') (format alpaca); the row has "
+            f"{sorted(rec)}. Fix or remove the row."
+        )
     answer = _field(rec, answer_key, loc, str, "alpaca")
     extra = rec.get("input") or ""
     if not isinstance(extra, str):
@@ -277,12 +312,16 @@ def _check_template(t: TemplateConfig, columns: set[str], first: str) -> None:
         try:
             names = _template_fields(fmt)
         except ValueError as e:
-            raise LorakitError(f"data.template.{key}: bad format string {fmt!r} ({e}); write columns as "
-                               "{column} and literal braces as {{ }}") from None
+            raise LorakitError(
+                f"data.template.{key}: bad format string {fmt!r} ({e}); write columns as "
+                "{column} and literal braces as {{ }}"
+            ) from None
         missing = names - columns
         if missing:
-            raise LorakitError(f"data.template.{key} names column(s) {sorted(missing)} that the data does not "
-                               f"have ({first}); columns found: {sorted(columns)}")
+            raise LorakitError(
+                f"data.template.{key} names column(s) {sorted(missing)} that the data does not "
+                f"have ({first}); columns found: {sorted(columns)}"
+            )
 
 
 def _from_template(rec: dict, loc: str, t: TemplateConfig) -> dict:
@@ -290,11 +329,14 @@ def _from_template(rec: dict, loc: str, t: TemplateConfig) -> dict:
         try:
             return getattr(t, key).format_map({k: "" if v is None else v for k, v in rec.items()})
         except KeyError as e:
-            raise LorakitError(f"{loc}: data.template.{key} names column {e} that this row lacks; "
-                               f"the row has {sorted(rec)}") from None
+            raise LorakitError(
+                f"{loc}: data.template.{key} names column {e} that this row lacks; the row has {sorted(rec)}"
+            ) from None
         except (ValueError, TypeError, IndexError, AttributeError) as e:  # e.g. {n:d} on a CSV's text value
-            raise LorakitError(f"{loc}: data.template.{key} {getattr(t, key)!r} cannot be filled from this row "
-                               f"({e}). CSV/TSV values are text: use plain {{column}} fields") from None
+            raise LorakitError(
+                f"{loc}: data.template.{key} {getattr(t, key)!r} cannot be filled from this row "
+                f"({e}). CSV/TSV values are text: use plain {{column}} fields"
+            ) from None
 
     completion = fill("completion")
     if not completion.strip():

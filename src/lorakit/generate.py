@@ -1,7 +1,8 @@
-"""Batched chat completion with a `transformers` model or a `peft` `PeftModel`.
+"""Batched chat completion with a `transformers` model or a `peft` `PeftModel`, through `model.generate`.
 
-One function shared by evaluation, the quickstart and the server, so that all three render prompts,
-stop and decode in exactly the same way.
+`lorakit eval` (and so the quickstart's comparison) answers with it. The server decodes with its own
+engine (serve/engine.py: continuous batching, rows of different adapters in one pass); its greedy
+answers are tested to equal these.
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ def generate(
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
-        raise ValueError("the tokenizer has no pad token: load it with lorakit.model.load_tokenizer, or pass "
-                         "lorakit.model.with_pad(tokenizer)")
+        raise ValueError(
+            "the tokenizer has no pad token: load it with lorakit.model.load_tokenizer, or pass "
+            "lorakit.model.with_pad(tokenizer)"
+        )
     prompts = [
-        tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
-                  add_special_tokens=False).input_ids  # the template already holds any BOS
+        tokenizer(
+            tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+        ).input_ids  # the template already holds any BOS
         for chat in chats
     ]
     # A fresh config, not the model's: its sampling defaults (temperature 0.7, repetition penalty…)
@@ -46,7 +50,10 @@ def generate(
     # transformers warns about them under greedy decoding.
     sampling = temperature > 0
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=eos_ids, pad_token_id=pad_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
         **({"temperature": temperature, "top_p": top_p} if sampling else {}),
     )
     if seed is not None:
@@ -62,9 +69,7 @@ def generate(
         with torch.inference_mode():
             for batch in tqdm(batches, desc="generate", disable=not progress):
                 input_ids, attention_mask = _left_pad([prompts[i] for i in batch], pad_id, device)
-                out = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-                )
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
                 for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist()):
                     texts[i] = _decode(tokenizer, row, eos_ids, stop)
     finally:

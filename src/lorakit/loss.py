@@ -47,9 +47,16 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), count
 
 
-def held_out(net: Any, examples: list[dict], rows: list[list[int]], batch_size: int, pad_id: int,
-             use_positions: bool, device: Any, autocast: Callable[[], AbstractContextManager] = nullcontext
-             ) -> tuple[float, int]:
+def held_out(
+    net: Any,
+    examples: list[dict],
+    rows: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+    use_positions: bool,
+    device: Any,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[float, int]:
     """Summed loss and trained-token count over held-out rows: no gradients, dropout off.
 
     rows: lists of indices into `examples` (packed rows, or one example per row). Training calls it on
@@ -61,8 +68,9 @@ def held_out(net: Any, examples: list[dict], rows: list[list[int]], batch_size: 
     try:
         with torch.no_grad():
             for j in range(0, len(rows), batch_size):
-                batch = packing.collate([[examples[i] for i in r] for r in rows[j:j + batch_size]], pad_id,
-                                        use_positions)
+                batch = packing.collate(
+                    [[examples[i] for i in r] for r in rows[j : j + batch_size]], pad_id, use_positions
+                )
                 with autocast():
                     s, n = loss_sum(net, {k: v.to(device) for k, v in batch.items()})
                 total, count = total + s.item(), count + n

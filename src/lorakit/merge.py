@@ -25,8 +25,14 @@ from lorakit.run_folder import adapter_source, check_base, read_adapter
 QLORA_TOLERANCE = 0.05
 
 
-def merge(adapter_path: str | Path, out: str | Path, base: str | None = None, dtype: str = "auto",
-          force: bool = False, qlora: bool | None = None) -> dict[str, Any]:
+def merge(
+    adapter_path: str | Path,
+    out: str | Path,
+    base: str | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+    qlora: bool | None = None,
+) -> dict[str, Any]:
     """Merge, check logit parity on the saved files, then move them to `out` (atomically).
 
     dtype: of the saved weights, "auto" = `default_dtype(base)`. qlora: None = from the run config.
@@ -115,11 +121,12 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """
     answer = "lorakit-parity-answer"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": answer}], tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}], tokenize=False
+        )
     except (TemplateError, ValueError):  # no template, or one that refuses this chat: nothing to add
         return []
-    after = tokenizer(text[text.rfind(answer) + len(answer):], add_special_tokens=False)["input_ids"]
+    after = tokenizer(text[text.rfind(answer) + len(answer) :], add_special_tokens=False)["input_ids"]
     special = render.special_ids(tokenizer)
     return [i for i in after if i in special][:1]
 
@@ -135,8 +142,13 @@ def set_stop_tokens(merged: Any, tokenizer: Any) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
 
 
-def check_saved(folder: Path, rows: list[torch.Tensor], reference: torch.Tensor,
-                quantized_reference: torch.Tensor | None, dtype: str) -> dict[str, Any]:
+def check_saved(
+    folder: Path,
+    rows: list[torch.Tensor],
+    reference: torch.Tensor,
+    quantized_reference: torch.Tensor | None,
+    dtype: str,
+) -> dict[str, Any]:
     """Reload the saved folder like a user would and compare its logits with base+adapter (and 4-bit+adapter)."""
     from transformers import AutoModelForCausalLM
 
@@ -147,6 +159,7 @@ def check_saved(folder: Path, rows: list[torch.Tensor], reference: torch.Tensor,
         report["vs_4bit"] = parity.compare(got, quantized_reference, max(parity.TOLERANCE[dtype], QLORA_TOLERANCE))
         checks.append(("the 4-bit base+adapter it was trained as", report["vs_4bit"]))
     for what, r in checks:
-        parity.require(r, f"merge parity FAILED against {what} (saved as {dtype})",
-                       "Nothing was written; try --dtype fp32.")
+        parity.require(
+            r, f"merge parity FAILED against {what} (saved as {dtype})", "Nothing was written; try --dtype fp32."
+        )
     return report

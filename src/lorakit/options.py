@@ -20,8 +20,16 @@ from typing import Any, Literal
 from lorakit.errors import LorakitError
 
 
-def option(default: Any = MISSING, *, help: str, flag: str | None = None, metavar: str | None = None,
-           positional: bool = False, env: str | None = None, comma: bool = False) -> Any:
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+    env: str | None = None,
+    comma: bool = False,
+) -> Any:
     """A dataclass field that is also a command-line option.
 
     flag: the flag when it is not `--field-name` (e.g. `--adapter` for `adapters`, `-n`). positional: an
@@ -44,8 +52,12 @@ class TrainOptions:
 
 @dataclass(kw_only=True)
 class EvalOptions:
-    adapters: dict[str, str] = option({}, flag="--adapter", metavar="NAME=PATH", help="an adapter folder or run "
-                                      "folder to compare (repeatable; default: the run's own adapter)")
+    adapters: dict[str, str] = option(
+        {},
+        flag="--adapter",
+        metavar="NAME=PATH",
+        help="an adapter folder or run folder to compare (repeatable; default: the run's own adapter)",
+    )
     data: str | None = option(None, help="held-out file (default: the config's data.eval)")
     output: str | None = option(None, help="output folder (default: output_dir/eval)")
     max_new_tokens: int = option(128, help="answer length cap")
@@ -53,14 +65,25 @@ class EvalOptions:
     temperature: float = option(0.0, help="0 = greedy; >0 samples")
     top_p: float = option(1.0, help="nucleus sampling mass when sampling")
     stop: list[str] = option([], help="stop sequence (repeatable)")
-    normalize: list[str] = option([], comma=True, help="exact-match normalizers, comma-separated: case, whitespace, sql")
-    metrics: list[str] = option([], flag="--metric", help="metric to compute (repeatable): exact_match, contains, "
-                                "token_f1, rouge_l, bleu, chrf, or module:function for your own; default: all built-ins")
-    harness: str | None = option(None, metavar="TASKS", help="also run lm-evaluation-harness tasks on the base and "
-                                 "each adapter (comma-separated names, or paths of task YAML files; pip install "
-                                 "'lorakit[harness]')")
-    limit: int | None = option(None, help="evaluate only the first N examples (of the held-out set and of each "
-                               "harness task)")
+    normalize: list[str] = option(
+        [], comma=True, help="exact-match normalizers, comma-separated: case, whitespace, sql"
+    )
+    metrics: list[str] = option(
+        [],
+        flag="--metric",
+        help="metric to compute (repeatable): exact_match, contains, "
+        "token_f1, rouge_l, bleu, chrf, or module:function for your own; default: all built-ins",
+    )
+    harness: str | None = option(
+        None,
+        metavar="TASKS",
+        help="also run lm-evaluation-harness tasks on the base and "
+        "each adapter (comma-separated names, or paths of task YAML files; pip install "
+        "'lorakit[harness]')",
+    )
+    limit: int | None = option(
+        None, help="evaluate only the first N examples (of the held-out set and of each harness task)"
+    )
     force: bool = option(False, help="accept adapters trained on a different base")
     overwrite: bool = option(False, help="replace an existing output folder")
 
@@ -69,62 +92,83 @@ class EvalOptions:
 class MergeOptions:
     adapter: str = option(positional=True, help="adapter folder, or a run folder of `lorakit train`")
     out: str = option(positional=True, help="new model folder (must not exist)")
-    base: str | None = option(None, help="base model (default: the run's model, else the adapter's "
-                              "base_model_name_or_path)")
+    base: str | None = option(
+        None, help="base model (default: the run's model, else the adapter's base_model_name_or_path)"
+    )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
-        "auto", help="dtype of the saved weights; auto = the base's own if 16-bit, else bf16 (the merge itself runs "
-        "in fp32; fp32 keeps it exact)")
+        "auto",
+        help="dtype of the saved weights; auto = the base's own if 16-bit, else bf16 (the merge itself runs "
+        "in fp32; fp32 keeps it exact)",
+    )
     qlora: bool = option(False, help="the adapter was trained on a 4-bit base (detected for run folders)")
     force: bool = option(False, help="accept an adapter whose recorded base differs from --base")
 
 
 @dataclass(kw_only=True)
 class ExportOptions:
-    source: str = option(positional=True, help="gguf: a model folder, adapter folder or run folder; vllm: a "
-                         "run/adapter folder (served under its run's name), or the base model for --adapter")
+    source: str = option(
+        positional=True,
+        help="gguf: a model folder, adapter folder or run folder; vllm: a "
+        "run/adapter folder (served under its run's name), or the base model for --adapter",
+    )
     out: str = option("export", positional=True, help="gguf: output folder")
     format: Literal["gguf", "vllm"] = option(help="what to export")
     outtype: Literal["f32", "f16"] = option("f16", help="GGUF weight type")
     pre: str | None = option(None, help="llama.cpp pre-tokenizer name written in the GGUF (default: guessed)")
-    adapters: dict[str, str] = option({}, flag="--adapter", metavar="NAME=PATH",
-                                      help="vllm: an adapter or run folder to serve as NAME (repeatable)")
-    base: str | None = option(None, help="base model (default: the run's model, else the adapter's "
-                              "base_model_name_or_path)")
+    adapters: dict[str, str] = option(
+        {}, flag="--adapter", metavar="NAME=PATH", help="vllm: an adapter or run folder to serve as NAME (repeatable)"
+    )
+    base: str | None = option(
+        None, help="base model (default: the run's model, else the adapter's base_model_name_or_path)"
+    )
     force: bool = option(False, help="accept an adapter whose recorded base differs")
 
 
 @dataclass(kw_only=True)
 class ServeOptions:
-    model: str = option(help="base model (as in `lorakit train`), or a run config YAML (its model, plus its "
-                        "trained adapter)")
+    model: str = option(
+        help="base model (as in `lorakit train`), or a run config YAML (its model, plus its trained adapter)"
+    )
     served_model_name: str | None = option(None, help="name of the base in the API (default: --model)")
     adapters: dict[str, str] = option({}, flag="--adapter", metavar="NAME=PATH", help="an adapter (repeatable)")
-    adapters_dir: str | None = option(None, help="folder whose subfolders are adapters; the load endpoint only "
-                                      "reads here")
-    watch: bool = option(False, help="load new or changed adapters of --adapters-dir without a restart (SIGHUP "
-                         "forces a rescan)")
+    adapters_dir: str | None = option(
+        None, help="folder whose subfolders are adapters; the load endpoint only reads here"
+    )
+    watch: bool = option(
+        False, help="load new or changed adapters of --adapters-dir without a restart (SIGHUP forces a rescan)"
+    )
     host: str = option("127.0.0.1", help="bind address")
     port: int = option(8000, help="port")
-    api_key: str | None = option(None, env="LORAKIT_API_KEY", help="require Authorization: Bearer KEY on all but "
-                                 "/health")
-    max_adapters: int | None = option(None, help="keep at most N adapters loaded: the least recently used is "
-                                      "unloaded, and loaded again when a request names it")
+    api_key: str | None = option(
+        None, env="LORAKIT_API_KEY", help="require Authorization: Bearer KEY on all but /health"
+    )
+    max_adapters: int | None = option(
+        None,
+        help="keep at most N adapters loaded: the least recently used is "
+        "unloaded, and loaded again when a request names it",
+    )
     max_batch: int = option(8, help="requests decoded together")
-    batching: Literal["on", "off"] = option("on", help="off: one request at a time, switching the active adapter "
-                                            "per request (the naive server, for comparison)")
+    batching: Literal["on", "off"] = option(
+        "on",
+        help="off: one request at a time, switching the active adapter per request (the naive server, for comparison)",
+    )
     max_tokens_limit: int = option(1024, help="largest max_tokens a request may ask")
-    batch_window_ms: float = option(10.0, help="how long an idle server waits for more requests to batch with the "
-                                    "first")
+    batch_window_ms: float = option(
+        10.0, help="how long an idle server waits for more requests to batch with the first"
+    )
     watch_interval_s: float = option(2.0, flag="--watch-interval", help="seconds between --watch rescans")
     max_model_len: int | None = option(None, help="prompt + max_tokens at most (default: the model's context)")
     max_body_bytes: int = option(1 << 20, help="largest request body in bytes")
     device: str = option("auto", help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:1, ...")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", help="weights dtype; auto = fp32 on CPU, bf16 "
-                                                            "(or fp16) on GPU")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", help="weights dtype; auto = fp32 on CPU, bf16 (or fp16) on GPU"
+    )
     quantization: Literal["4bit", "8bit"] | None = option(
-        None, help="load the base with bitsandbytes (default: 4bit for a QLoRA run config, else none)")
-    engine: Literal["lorakit", "vllm"] = option("lorakit", help="vllm: exec vLLM's OpenAI server with the same "
-                                                "model and adapters (GPU machines)")
+        None, help="load the base with bitsandbytes (default: 4bit for a QLoRA run config, else none)"
+    )
+    engine: Literal["lorakit", "vllm"] = option(
+        "lorakit", help="vllm: exec vLLM's OpenAI server with the same model and adapters (GPU machines)"
+    )
 
 
 @dataclass(kw_only=True)
@@ -172,8 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             if "action" not in kwargs and not choices:
                 kwargs["metavar"] = meta["metavar"] or flag.lstrip("-").upper().replace("-", "_")
             required = f.default is MISSING and f.default_factory is MISSING
-            parser.add_argument(flag, dest=f.name, required=required, default=None if required else _default(f),
-                                **kwargs)
+            parser.add_argument(
+                flag, dest=f.name, required=required, default=None if required else _default(f), **kwargs
+            )
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

@@ -32,13 +32,22 @@ def prompts(run_cfg: Any) -> tuple[list[list[dict]], str]:
         return BUILT_IN, "built-in"
     try:
         rows = sources.read(held_out, limit=3)
-        chats = formats.convert(rows.records, rows.where, run_cfg.data.format, run_cfg.data.template,
-                                run_cfg.data.system_prompt, keep_unanswered=True).examples
+        chats = formats.convert(
+            rows.records,
+            rows.where,
+            run_cfg.data.format,
+            run_cfg.data.template,
+            run_cfg.data.system_prompt,
+            keep_unanswered=True,
+        ).examples
     except LorakitError:  # e.g. a relative path from another working directory: the built-in ones still test
         return BUILT_IN, "built-in"
     # Each chat up to its last user turn: the model's answer position is where the adapter matters most.
-    own = [m[: max(i for i, t in enumerate(m) if t["role"] == "user") + 1]
-           for m in (c.get("messages") or [] for c in chats) if any(t["role"] == "user" for t in m)]
+    own = [
+        m[: max(i for i, t in enumerate(m) if t["role"] == "user") + 1]
+        for m in (c.get("messages") or [] for c in chats)
+        if any(t["role"] == "user" for t in m)
+    ]
     return own + BUILT_IN, f"{len(own)} held-out from {held_out} + built-in"
 
 
@@ -48,8 +57,17 @@ def inputs(tokenizer: Any, prompts: list[list[dict]], max_tokens: int = 512) -> 
     A long chat keeps its last tokens: the answer position is the one that matters, and both models
     see the same ids either way.
     """
-    return [torch.tensor([tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
-                                    add_special_tokens=False)["input_ids"][-max_tokens:]]) for c in prompts]
+    return [
+        torch.tensor(
+            [
+                tokenizer(
+                    tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False,
+                )["input_ids"][-max_tokens:]
+            ]
+        )
+        for c in prompts
+    ]
 
 
 def logits(net: Any, rows: list[torch.Tensor]) -> torch.Tensor:
@@ -65,8 +83,15 @@ def compare(got: torch.Tensor, reference: torch.Tensor, relative: float) -> dict
     # Relative to the largest logit: logit scales differ by model (tiny random ones ~5, SmolLM2 ~40).
     tol = relative * max(scale, 1.0)
     top1 = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    return {"max_abs_logit_diff": diff, "tolerance": tol, "relative_tolerance": relative, "logit_scale": scale,
-            "top1_agreement": top1, "positions": int(reference.shape[0]), "ok": diff <= tol}
+    return {
+        "max_abs_logit_diff": diff,
+        "tolerance": tol,
+        "relative_tolerance": relative,
+        "logit_scale": scale,
+        "top1_agreement": top1,
+        "positions": int(reference.shape[0]),
+        "ok": diff <= tol,
+    }
 
 
 def require(report: dict[str, Any], failed: str, advice: str) -> None:
@@ -75,4 +100,5 @@ def require(report: dict[str, Any], failed: str, advice: str) -> None:
         raise LorakitError(
             f"{failed}: max |logit diff| {report['max_abs_logit_diff']:.4g} > tolerance {report['tolerance']:.4g} "
             f"({report['relative_tolerance']} x max |logit| {report['logit_scale']:.3g}); top-1 agreement "
-            f"{report['top1_agreement']:.1%}. {advice}")
+            f"{report['top1_agreement']:.1%}. {advice}"
+        )

@@ -36,22 +36,29 @@ def warnings(stats: dict) -> list[str]:
     """The data problems that silently ruin fine-tunes, in words."""
     out = []
     if stats["trained_share"] < WARN_TRAINED_SHARE:
-        out.append(f"only {stats['trained_share']:.1%} of tokens are trained (under {WARN_TRAINED_SHARE:.0%}): "
-                   "most compute goes to prompts. Check train_on and max_length, or that answers are not cut off.")
+        out.append(
+            f"only {stats['trained_share']:.1%} of tokens are trained (under {WARN_TRAINED_SHARE:.0%}): "
+            "most compute goes to prompts. Check train_on and max_length, or that answers are not cut off."
+        )
     if stats["eos_added_turns"]:
-        out.append(f"the chat template drops the end-of-turn token after {stats['eos_added_turns']} assistant "
-                   "turns; lorakit appended EOS so the model learns to stop, but inference with this "
-                   "template will not show it. Prefer data.chat_template: chatml (or a template that ends turns).")
+        out.append(
+            f"the chat template drops the end-of-turn token after {stats['eos_added_turns']} assistant "
+            "turns; lorakit appended EOS so the model learns to stop, but inference with this "
+            "template will not show it. Prefer data.chat_template: chatml (or a template that ends turns)."
+        )
     if stats["truncated_rows"]:
-        out.append(f"{stats['truncated_rows']} rows are longer than max_length={stats['max_length']} and were "
-                   "truncated; raise data.max_length to keep them whole.")
+        out.append(
+            f"{stats['truncated_rows']} rows are longer than max_length={stats['max_length']} and were "
+            "truncated; raise data.max_length to keep them whole."
+        )
     if stats["rows_without_trained_token"]:
         out.append(f"{stats['rows_without_trained_token']} rows have no trained token left (answer cut off).")
     return out
 
 
-def print_preview(tokenizer: Any, ds: Any, stats: dict, n: int = 3, stream: TextIO | None = None,
-                  color: bool | None = None) -> None:
+def print_preview(
+    tokenizer: Any, ds: Any, stats: dict, n: int = 3, stream: TextIO | None = None, color: bool | None = None
+) -> None:
     stream = stream or sys.stdout
     color = stream.isatty() if color is None else color
     for i in range(min(n, len(ds))):

@@ -25,49 +25,153 @@ SYSTEM = (
 )
 
 NAMES = [
-    "Alice", "Bruno", "Chen", "Dana", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kenji", "Lena",
-    "Marco", "Nadia", "Oscar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Viktor", "Wen", "Ximena",
-    "Yusuf", "Zara", "Amir", "Beatriz", "Carlos", "Dmitri", "Emma", "Fatima", "Gustav", "Hana", "Ivan",
-    "Julia", "Kofi", "Laura", "Mateo", "Nora", "Olga", "Pablo", "Rahul", "Sofia", "Tomas", "Yara",
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dana",
+    "Elif",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kenji",
+    "Lena",
+    "Marco",
+    "Nadia",
+    "Oscar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tariq",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Ximena",
+    "Yusuf",
+    "Zara",
+    "Amir",
+    "Beatriz",
+    "Carlos",
+    "Dmitri",
+    "Emma",
+    "Fatima",
+    "Gustav",
+    "Hana",
+    "Ivan",
+    "Julia",
+    "Kofi",
+    "Laura",
+    "Mateo",
+    "Nora",
+    "Olga",
+    "Pablo",
+    "Rahul",
+    "Sofia",
+    "Tomas",
+    "Yara",
 ]
 CITIES = [
-    "Berlin", "Paris", "Madrid", "Rome", "Vienna", "Prague", "Lisbon", "Dublin", "Oslo", "Warsaw",
-    "Athens", "Zurich", "Munich", "Lyon", "Porto", "Seville", "Milan", "Krakow", "Bergen", "Tallinn",
-    "Riga", "Ghent", "Leeds", "Malmo", "Turin", "Graz", "Bilbao", "Geneva", "Hamburg", "Naples",
+    "Berlin",
+    "Paris",
+    "Madrid",
+    "Rome",
+    "Vienna",
+    "Prague",
+    "Lisbon",
+    "Dublin",
+    "Oslo",
+    "Warsaw",
+    "Athens",
+    "Zurich",
+    "Munich",
+    "Lyon",
+    "Porto",
+    "Seville",
+    "Milan",
+    "Krakow",
+    "Bergen",
+    "Tallinn",
+    "Riga",
+    "Ghent",
+    "Leeds",
+    "Malmo",
+    "Turin",
+    "Graz",
+    "Bilbao",
+    "Geneva",
+    "Hamburg",
+    "Naples",
 ]
 DEPARTMENTS = [
-    "Sales", "Marketing", "Engineering", "Finance", "Legal", "Support", "Research", "Operations",
-    "Design", "Security", "Logistics", "Procurement", "Training", "Quality", "Facilities", "Payroll",
+    "Sales",
+    "Marketing",
+    "Engineering",
+    "Finance",
+    "Legal",
+    "Support",
+    "Research",
+    "Operations",
+    "Design",
+    "Security",
+    "Logistics",
+    "Procurement",
+    "Training",
+    "Quality",
+    "Facilities",
+    "Payroll",
 ]
 # Salary thresholds in steps of 1000; which ones are held out is decided by the seeded split below.
 THRESHOLDS = list(range(20000, 150001, 1000))
 
 # (question phrasings, query) pairs. Several phrasings per query teach the mapping, not one sentence.
 TEMPLATES: list[tuple[list[str], str]] = [
-    (["Who works in {city}?", "List the employees based in {city}.", "Which employees are in {city}?"],
-     "SELECT name FROM employees WHERE city = '{city}';"),
-    (["Who is in the {dept} department?", "List everyone in {dept}.", "Which employees work in {dept}?"],
-     "SELECT name FROM employees WHERE department = '{dept}';"),
-    (["How many employees work in {city}?", "Count the employees in {city}."],
-     "SELECT COUNT(*) FROM employees WHERE city = '{city}';"),
-    (["How many people are in the {dept} department?", "Count the employees in {dept}."],
-     "SELECT COUNT(*) FROM employees WHERE department = '{dept}';"),
-    (["What is the average salary in {dept}?", "What does {dept} pay on average?"],
-     "SELECT AVG(salary) FROM employees WHERE department = '{dept}';"),
-    (["What is the highest salary in {city}?", "What is the top salary in {city}?"],
-     "SELECT MAX(salary) FROM employees WHERE city = '{city}';"),
-    (["How much does {name} earn?", "What is {name}'s salary?"],
-     "SELECT salary FROM employees WHERE name = '{name}';"),
-    (["Which city does {name} work in?", "Where is {name} based?"],
-     "SELECT city FROM employees WHERE name = '{name}';"),
-    (["Which department is {name} in?", "What department does {name} work for?"],
-     "SELECT department FROM employees WHERE name = '{name}';"),
-    (["Which employees in {city} earn more than {n}?", "Who in {city} makes over {n}?"],
-     "SELECT name FROM employees WHERE city = '{city}' AND salary > {n};"),
-    (["Who in {dept} earns less than {n}?", "Which {dept} employees make under {n}?"],
-     "SELECT name FROM employees WHERE department = '{dept}' AND salary < {n};"),
-    (["Who earns more than {n}?", "List the employees with a salary above {n}."],
-     "SELECT name FROM employees WHERE salary > {n};"),
+    (
+        ["Who works in {city}?", "List the employees based in {city}.", "Which employees are in {city}?"],
+        "SELECT name FROM employees WHERE city = '{city}';",
+    ),
+    (
+        ["Who is in the {dept} department?", "List everyone in {dept}.", "Which employees work in {dept}?"],
+        "SELECT name FROM employees WHERE department = '{dept}';",
+    ),
+    (
+        ["How many employees work in {city}?", "Count the employees in {city}."],
+        "SELECT COUNT(*) FROM employees WHERE city = '{city}';",
+    ),
+    (
+        ["How many people are in the {dept} department?", "Count the employees in {dept}."],
+        "SELECT COUNT(*) FROM employees WHERE department = '{dept}';",
+    ),
+    (
+        ["What is the average salary in {dept}?", "What does {dept} pay on average?"],
+        "SELECT AVG(salary) FROM employees WHERE department = '{dept}';",
+    ),
+    (
+        ["What is the highest salary in {city}?", "What is the top salary in {city}?"],
+        "SELECT MAX(salary) FROM employees WHERE city = '{city}';",
+    ),
+    (["How much does {name} earn?", "What is {name}'s salary?"], "SELECT salary FROM employees WHERE name = '{name}';"),
+    (
+        ["Which city does {name} work in?", "Where is {name} based?"],
+        "SELECT city FROM employees WHERE name = '{name}';",
+    ),
+    (
+        ["Which department is {name} in?", "What department does {name} work for?"],
+        "SELECT department FROM employees WHERE name = '{name}';",
+    ),
+    (
+        ["Which employees in {city} earn more than {n}?", "Who in {city} makes over {n}?"],
+        "SELECT name FROM employees WHERE city = '{city}' AND salary > {n};",
+    ),
+    (
+        ["Who in {dept} earns less than {n}?", "Which {dept} employees make under {n}?"],
+        "SELECT name FROM employees WHERE department = '{dept}' AND salary < {n};",
+    ),
+    (
+        ["Who earns more than {n}?", "List the employees with a salary above {n}."],
+        "SELECT name FROM employees WHERE salary > {n};",
+    ),
 ]
 
 
@@ -119,12 +223,15 @@ def compare(cfg: Any, max_new_tokens: int = 48, batch_size: int = 16) -> dict:
 
     run = RunFolder.of(cfg)
     if find_adapter(run.root) is None:
-        raise LorakitError(f"{run.adapter}: no adapter yet; run `lorakit train CONFIG` for {run.root} first "
-                           "(make quickstart does both)")
+        raise LorakitError(
+            f"{run.adapter}: no adapter yet; run `lorakit train CONFIG` for {run.root} first "
+            "(make quickstart does both)"
+        )
     if not isinstance(cfg.data.eval, str):
         raise LorakitError("quickstart compare needs data.eval to be a file of held-out chats")
-    opts = evaluate.EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, normalize=["sql"],
-                                metrics=["exact_match"], overwrite=True)
+    opts = evaluate.EvalOptions(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, normalize=["sql"], metrics=["exact_match"], overwrite=True
+    )
     return evaluate.run(cfg, opts)
 
 

@@ -25,24 +25,28 @@ FALLBACK_TEMPLATES = {
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
         "{% if m['role'] == 'assistant' and eos_token != '<|im_end|>' %}{{ '<|im_end|>' + eos_token + '\n' }}"
         "{% else %}{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
     "alpaca": (
         "{% for m in messages %}"
         "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
         "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}"
         "{% else %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"),
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
     "llama2": (
         "{% if messages and messages[0]['role'] == 'system' %}"
         "{% set sys = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' %}{% set rest = messages[1:] %}"
         "{% else %}{% set sys = '' %}{% set rest = messages %}{% endif %}"
         "{% for m in rest %}{% if m['role'] == 'assistant' %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}"
         "{% else %}{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'].strip() + ' [/INST]' }}"
-        "{% endif %}{% endfor %}"),
+        "{% endif %}{% endfor %}"
+    ),
     "zephyr": (
         "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] }}"
         "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '</s>' if eos_token != '</s>' else eos_token }}"
-        "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
+        "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
 }
 
 
@@ -63,14 +67,21 @@ def setup_template(tokenizer: Any, name: str = "auto") -> str:
             return "tokenizer"
         name = "chatml"
     if name not in FALLBACK_TEMPLATES:
-        raise LorakitError(f"data.chat_template '{name}' is unknown; use 'auto' or one of "
-                           f"{', '.join(FALLBACK_TEMPLATES)}")
+        raise LorakitError(
+            f"data.chat_template '{name}' is unknown; use 'auto' or one of {', '.join(FALLBACK_TEMPLATES)}"
+        )
     tokenizer.chat_template = FALLBACK_TEMPLATES[name]
     return name
 
 
-def encode(tokenizer: Any, example: dict, *, train_on: str = "completions", max_length: int | None = None,
-           end_ids: set[int] | None = None) -> Encoded:
+def encode(
+    tokenizer: Any,
+    example: dict,
+    *,
+    train_on: str = "completions",
+    max_length: int | None = None,
+    end_ids: set[int] | None = None,
+) -> Encoded:
     """Tokenize one example (chat or text) and build its labels.
 
     `end_ids` are the tokens accepted as the end of an assistant turn (EOS and the template's turn
@@ -80,8 +91,13 @@ def encode(tokenizer: Any, example: dict, *, train_on: str = "completions", max_
     if "text" in example:
         enc = _encode_text(tokenizer, example["text"])
     else:
-        enc = _encode_chat(tokenizer, example["messages"], example.get("tools"), train_on,
-                           end_ids if end_ids is not None else default_end_ids(tokenizer))
+        enc = _encode_chat(
+            tokenizer,
+            example["messages"],
+            example.get("tools"),
+            train_on,
+            end_ids if end_ids is not None else default_end_ids(tokenizer),
+        )
     if max_length and len(enc.input_ids) > max_length:
         enc.input_ids, enc.labels, enc.truncated = enc.input_ids[:max_length], enc.labels[:max_length], True
     return enc
@@ -115,8 +131,11 @@ def render(tokenizer: Any, messages: list[dict], tools: list | None = None, add_
     """The chat as text, exactly as the model sees it; tools go to the template or the system turn."""
     if tools and "tools" not in (tokenizer.chat_template or ""):
         # This template cannot show tools: describe them in the system turn instead (Hermes style).
-        text = ("You can call these tools:\n<tools>\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-                + "\n</tools>\nTo call one, answer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.")
+        text = (
+            "You can call these tools:\n<tools>\n"
+            + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+            + '\n</tools>\nTo call one, answer with <tool_call>{"name": ..., "arguments": ...}</tool_call>.'
+        )
         if messages and messages[0]["role"] == "system":
             messages = [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
         else:
@@ -124,8 +143,9 @@ def render(tokenizer: Any, messages: list[dict], tools: list | None = None, add_
         tools = None
     if not messages and not add_generation_prompt:
         return ""
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict], tools: list | None) -> tuple[str, list[tuple[int, int]]]:
@@ -141,20 +161,22 @@ def assistant_spans(tokenizer: Any, messages: list[dict], tools: list | None) ->
             raise LorakitError(
                 "the chat template renders a conversation differently from its own beginning, so the "
                 "assistant turns cannot be located (templates that rewrite earlier turns, such as ones "
-                "that drop past reasoning, do this). Set data.chat_template to chatml or another fallback.")
+                "that drop past reasoning, do this). Set data.chat_template to chatml or another fallback."
+            )
         # Trailing newlines after the end token belong to the template's separator, not the answer.
         spans.append((len(before), len(through.rstrip())))
     return full, spans
 
 
-def _encode_chat(tokenizer: Any, messages: list[dict], tools: list | None, train_on: str,
-                 end_ids: set[int]) -> Encoded:
+def _encode_chat(tokenizer: Any, messages: list[dict], tools: list | None, train_on: str, end_ids: set[int]) -> Encoded:
     try:
         full, spans = assistant_spans(tokenizer, messages, tools)
     except TemplateError as e:
-        raise LorakitError(f"the chat template refused this conversation: {e}. Roles found: "
-                           f"{[m['role'] for m in messages]}. Use data.chat_template: chatml for chats "
-                           "with system or tool turns that this template does not accept.") from None
+        raise LorakitError(
+            f"the chat template refused this conversation: {e}. Roles found: "
+            f"{[m['role'] for m in messages]}. Use data.chat_template: chatml for chats "
+            "with system or tool turns that this template does not accept."
+        ) from None
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if train_on == "all":

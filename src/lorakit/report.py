@@ -39,12 +39,17 @@ def write(path: Path, report: dict[str, Any]) -> None:
 def render(report: dict[str, Any]) -> str:
     models = list(report["models"])
     changed = sum(1 for ex in report["examples"] if is_changed(ex))
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>lorakit eval</title>",
-             f"<style>{CSS}</style></head><body><h1>lorakit eval</h1>", _metrics_table(report["models"])]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>lorakit eval</title>",
+        f"<style>{CSS}</style></head><body><h1>lorakit eval</h1>",
+        _metrics_table(report["models"]),
+    ]
     if report.get("note"):
         parts.append(f"<p><em>{html.escape(report['note'])}</em></p>")
-    parts.append(f"<p>{len(report['examples'])} examples, <b>{changed}</b> answered differently by the base and an "
-                 "adapter. <label><input type='checkbox' id='only-changed'> show only those</label></p>")
+    parts.append(
+        f"<p>{len(report['examples'])} examples, <b>{changed}</b> answered differently by the base and an "
+        "adapter. <label><input type='checkbox' id='only-changed'> show only those</label></p>"
+    )
     for ex in report["examples"]:
         parts.append(_example(ex, models))
     parts.append(f"<script>{SCRIPT}</script></body></html>")
@@ -69,8 +74,10 @@ def _metrics_table(models: dict[str, dict]) -> str:
     table = {name: flat(v) for name, v in models.items()}
     keys = list(next(iter(table.values()), {}))
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    rows = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(v.get(k))}</td>" for k in keys) + "</tr>"
-                   for name, v in table.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(v.get(k))}</td>" for k in keys) + "</tr>"
+        for name, v in table.items()
+    )
     return f"<table class='metrics'><tr><th>model</th>{head}</tr>{rows}</table>"
 
 
@@ -84,10 +91,17 @@ def _example(ex: dict, models: list[str]) -> str:
     for name in models:
         em = ex.get("scores", {}).get(name, {}).get("exact_match")
         cls = "" if em is None else (" ok" if em else " bad")
-        cells.append(f"<div class='answer{cls}'><div class='label'>{html.escape(name)}</div>"
-                     f"{html.escape(ex['outputs'][name])}</div>")
-    reference = "" if ex["reference"] is None else \
-        f"<div class='label'>reference</div><pre>{html.escape(ex['reference'])}</pre>"
-    return (f"<div class='example{' changed' if is_changed(ex) else ''}' data-example='{ex['id']}'>"
-            f"<div class='label'>#{ex['id']} prompt</div><pre>{html.escape(prompt)}</pre>{reference}"
-            f"<div class='answers' style='--n:{len(models)}'>{''.join(cells)}</div></div>")
+        cells.append(
+            f"<div class='answer{cls}'><div class='label'>{html.escape(name)}</div>"
+            f"{html.escape(ex['outputs'][name])}</div>"
+        )
+    reference = (
+        ""
+        if ex["reference"] is None
+        else f"<div class='label'>reference</div><pre>{html.escape(ex['reference'])}</pre>"
+    )
+    return (
+        f"<div class='example{' changed' if is_changed(ex) else ''}' data-example='{ex['id']}'>"
+        f"<div class='label'>#{ex['id']} prompt</div><pre>{html.escape(prompt)}</pre>{reference}"
+        f"<div class='answers' style='--n:{len(models)}'>{''.join(cells)}</div></div>"
+    )

@@ -130,11 +130,15 @@ def adapter_source(path: str | Path) -> Found:
     """The adapter at `path`, or one message saying why there is none."""
     found = locate(path)
     if found is not None and found.kind == "model" and found.run is not None:
-        raise LorakitError(f"{path} is a full fine-tune: its model/ folder is already a plain model with no "
-                           "adapter; use it (merge it, export it, serve it with --model) as it is")
+        raise LorakitError(
+            f"{path} is a full fine-tune: its model/ folder is already a plain model with no "
+            "adapter; use it (merge it, export it, serve it with --model) as it is"
+        )
     if found is None or found.kind != "adapter":
-        raise LorakitError(f"{path}: no {ADAPTER_CONFIG} there (nor in {Path(path) / 'adapter'}); give an adapter "
-                           "folder or a run folder of `lorakit train`")
+        raise LorakitError(
+            f"{path}: no {ADAPTER_CONFIG} there (nor in {Path(path) / 'adapter'}); give an adapter "
+            "folder or a run folder of `lorakit train`"
+        )
     return found
 
 
@@ -150,8 +154,10 @@ def read_adapter(folder: str | Path) -> PeftConfig:
     try:
         return PeftConfig.from_pretrained(str(folder))
     except (ValueError, KeyError, TypeError) as e:  # malformed JSON, an unknown peft_type, a wrong field type
-        raise LorakitError(f"{Path(folder) / ADAPTER_CONFIG}: not a peft adapter config peft can read "
-                           f"({type(e).__name__}: {e}); save the adapter again with peft's save_pretrained") from None
+        raise LorakitError(
+            f"{Path(folder) / ADAPTER_CONFIG}: not a peft adapter config peft can read "
+            f"({type(e).__name__}: {e}); save the adapter again with peft's save_pretrained"
+        ) from None
 
 
 def check_base(adapter: Any, base: str, *, force: bool, where: str | Path) -> None:
@@ -172,6 +178,8 @@ def check_base(adapter: Any, base: str, *, force: bool, where: str | Path) -> No
         same = {base}
     on_disk = {Path(s).resolve() for s in same if Path(s).exists()}
     if declared not in same and Path(declared).resolve() not in on_disk:
-        raise LorakitError(f"{where} was trained on '{declared}', not on the base '{base}'; its answers would be "
-                           "meaningless on another base. Use the matching base model, or --force if they are the "
-                           "same weights under another name.")
+        raise LorakitError(
+            f"{where} was trained on '{declared}', not on the base '{base}'; its answers would be "
+            "meaningless on another base. Use the matching base model, or --force if they are the "
+            "same weights under another name."
+        )

@@ -87,8 +87,10 @@ def resolve(names: Sequence[str]) -> tuple[list[str], dict[str, Callable[[str, s
         elif name in BUILTIN:
             builtin.append(name)
         else:
-            raise LorakitError(f"--metric '{name}' does not exist; use one of {', '.join(BUILTIN)} or "
-                               "module:function for your own (a function of (prediction, reference) -> float)")
+            raise LorakitError(
+                f"--metric '{name}' does not exist; use one of {', '.join(BUILTIN)} or "
+                "module:function for your own (a function of (prediction, reference) -> float)"
+            )
     return builtin or list(BUILTIN), user
 
 
@@ -105,8 +107,13 @@ def _load_user(spec: str) -> Callable[[str, str], float]:
     return fn
 
 
-def score(preds: Sequence[str], refs: Sequence[str], builtin: Sequence[str],
-          user: dict[str, Callable[[str, str], float]], normalize: Sequence[str] = ()) -> tuple[dict, list[dict]]:
+def score(
+    preds: Sequence[str],
+    refs: Sequence[str],
+    builtin: Sequence[str],
+    user: dict[str, Callable[[str, str], float]],
+    normalize: Sequence[str] = (),
+) -> tuple[dict, list[dict]]:
     """Corpus-level metrics and per-example scores (0..1 for per-example metrics, 0..100 for BLEU/chrF)."""
     norm = normalizer(normalize)
     per: list[dict] = [{} for _ in preds]

@@ -36,14 +36,15 @@ def read(source: str, split: str = "train", limit: int | None = None) -> Rows:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
         if not files:
-            raise LorakitError(f"{path}: folder has no data files; expected files ending in "
-                               f"{', '.join(EXTENSIONS)}")
+            raise LorakitError(f"{path}: folder has no data files; expected files ending in {', '.join(EXTENSIONS)}")
     elif path.is_file():
         files = [path]
     elif _is_local_looking(source):
-        raise LorakitError(f"data file not found: {source}. Check the path (relative paths are taken "
-                           f"from the current directory: {Path.cwd()}); a Hugging Face dataset is named "
-                           "as org/name.")
+        raise LorakitError(
+            f"data file not found: {source}. Check the path (relative paths are taken "
+            f"from the current directory: {Path.cwd()}); a Hugging Face dataset is named "
+            "as org/name."
+        )
     else:
         return _read_hub(source, split, limit)
 
@@ -68,8 +69,11 @@ def read(source: str, split: str = "train", limit: int | None = None) -> Rows:
 
 def _is_local_looking(source: str) -> bool:
     """A path the user meant as local: has a data extension, starts like a path, or has no org/name."""
-    return (Path(source).suffix.lower() in (*EXTENSIONS, ".txt", ".xlsx", ".yaml", ".yml")
-            or source.startswith((".", "/", "~")) or source.count("/") != 1)
+    return (
+        Path(source).suffix.lower() in (*EXTENSIONS, ".txt", ".xlsx", ".yaml", ".yml")
+        or source.startswith((".", "/", "~"))
+        or source.count("/") != 1
+    )
 
 
 def _file_hash(path: Path) -> str:
@@ -83,11 +87,18 @@ def _file_hash(path: Path) -> str:
 
 def _read_file(path: Path) -> tuple[list[dict], list[str]]:
     ext = path.suffix.lower()
-    readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv,
-               ".parquet": _read_parquet}
+    readers = {
+        ".json": _read_json,
+        ".jsonl": _read_jsonl,
+        ".csv": _read_csv,
+        ".tsv": _read_csv,
+        ".parquet": _read_parquet,
+    }
     if ext not in readers:
-        raise LorakitError(f"{path}: unsupported file type '{ext or '(none)'}'. Use one of "
-                           f"{', '.join(EXTENSIONS)}, or convert the file.")
+        raise LorakitError(
+            f"{path}: unsupported file type '{ext or '(none)'}'. Use one of "
+            f"{', '.join(EXTENSIONS)}, or convert the file."
+        )
     try:
         # utf-8-sig: Excel and Windows tools often start a UTF-8 file with a BOM, which is no part of the data.
         records, where = readers[ext](path)
@@ -97,13 +108,16 @@ def _read_file(path: Path) -> tuple[list[dict], list[str]]:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
             line = raw.count(b"\n", 0, e.start) + 1
-            raise LorakitError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}). Save the file "
-                               "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            raise LorakitError(
+                f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}). Save the file "
+                "as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
         raise
     for rec, loc in zip(records, where):
         if not isinstance(rec, dict):
-            raise LorakitError(f"{loc}: each row must be an object with named fields, got "
-                               f"{type(rec).__name__}: {str(rec)[:60]!r}")
+            raise LorakitError(
+                f"{loc}: each row must be an object with named fields, got {type(rec).__name__}: {str(rec)[:60]!r}"
+            )
     return records, where
 
 
@@ -115,8 +129,10 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
         # Many ".json" files are really JSON Lines; accept them rather than fail.
         if text.lstrip().startswith("{") and "\n" in text.strip():
             return _read_jsonl(path)
-        raise LorakitError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}). Fix the file "
-                           "or save it as JSON Lines (.jsonl), one object per line.") from None
+        raise LorakitError(
+            f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}). Fix the file "
+            "or save it as JSON Lines (.jsonl), one object per line."
+        ) from None
     if isinstance(data, dict):
         # {"data": [...]} or {"train": [...]} wrappers are common in exported sets.
         lists = [k for k, v in data.items() if isinstance(v, list)]
@@ -138,8 +154,10 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise LorakitError(f"{path}:{lineno}: invalid JSON on this line ({e.msg} at column "
-                                   f"{e.colno}). Each line must hold one complete JSON object.") from None
+                raise LorakitError(
+                    f"{path}:{lineno}: invalid JSON on this line ({e.msg} at column "
+                    f"{e.colno}). Each line must hold one complete JSON object."
+                ) from None
             where.append(f"{path}:{lineno}")
     return records, where
 
@@ -155,8 +173,10 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
         for rec in reader:
             extra = rec.pop(None, None)  # more cells than header names
             if extra:
-                raise LorakitError(f"{path}:{reader.line_num}: row has {len(reader.fieldnames) + len(extra)} "
-                                   f"cells but the header has {len(reader.fieldnames)} columns")
+                raise LorakitError(
+                    f"{path}:{reader.line_num}: row has {len(reader.fieldnames) + len(extra)} "
+                    f"cells but the header has {len(reader.fieldnames)} columns"
+                )
             records.append({k: ("" if v is None else v) for k, v in rec.items()})
             where.append(f"{path}:{reader.line_num}")
     return records, where
@@ -184,7 +204,8 @@ def _read_hub(name: str, split: str, limit: int | None) -> Rows:
             f"could not load dataset '{name}' (split '{split}') from the Hugging Face hub"
             f"{' (offline mode is on)' if offline else ' (no network?)'}: {str(e).splitlines()[0][:200]}. "
             "Download it on a connected machine (datasets' save_to_disk or the hub's files) and point "
-            "data.train at the local file or folder.") from None
+            "data.train at the local file or folder."
+        ) from None
     except ValueError as e:  # unknown split
         raise LorakitError(f"dataset '{name}': {e}. Set data.split to one of its splits.") from None
     if limit:

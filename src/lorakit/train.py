@@ -23,7 +23,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from lorakit import adapter, checkpoint, data, files, loss, model, packing, tracking
 from lorakit.config import RunConfig
@@ -63,8 +67,11 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(rows) / per_step))
     optimizer = build_optimizer(net, cfg)
     warmup = cfg.train.warmup_steps
-    scheduler = (get_constant_schedule_with_warmup(optimizer, warmup) if cfg.train.scheduler == "constant"
-                 else SCHEDULES[cfg.train.scheduler](optimizer, warmup, total_steps))
+    scheduler = (
+        get_constant_schedule_with_warmup(optimizer, warmup)
+        if cfg.train.scheduler == "constant"
+        else SCHEDULES[cfg.train.scheduler](optimizer, warmup, total_steps)
+    )
     net, optimizer = accelerator.prepare(net, optimizer)
     trainable, total_params = adapter.count_params(net)
     # elapsed: wall time of the loop; eval_s: the part spent evaluating, left out of tokens/s.
@@ -83,41 +90,62 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
     eval_examples = _examples(prepared.eval) if eval_rows else []
     pad = tokenizer.pad_token_id
     order = DataOrder(len(rows), cfg.train.seed)
-    accelerator.print(f"training {trainable:,} of {total_params:,} parameters ({cfg.method}, {dtype}, "
-                      f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "
-                      f"{total_steps} steps of {per_step} rows")
+    accelerator.print(
+        f"training {trainable:,} of {total_params:,} parameters ({cfg.method}, {dtype}, "
+        f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "
+        f"{total_steps} steps of {per_step} rows"
+    )
 
     # ---- train ----
     net.train()
-    bar = tqdm(total=total_steps, initial=start, disable=not (progress and accelerator.is_local_main_process),
-               desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        disable=not (progress and accelerator.is_local_main_process),
+        desc="training",
+        unit="step",
+        dynamic_ncols=True,
+    )
     last_eval = None
     t0 = time.perf_counter() - state["elapsed"]
     for step in range(start + 1, total_steps + 1):
-        step_rows = order.rows(step - 1, per_step)[accelerator.process_index::accelerator.num_processes]
-        micro = [packing.collate([[examples[i] for i in rows[r]] for r in step_rows[j:j + cfg.train.batch_size]],
-                                 pad, use_positions) for j in range(0, len(step_rows), cfg.train.batch_size)]
+        step_rows = order.rows(step - 1, per_step)[accelerator.process_index :: accelerator.num_processes]
+        micro = [
+            packing.collate(
+                [[examples[i] for i in rows[r]] for r in step_rows[j : j + cfg.train.batch_size]], pad, use_positions
+            )
+            for j in range(0, len(step_rows), cfg.train.batch_size)
+        ]
         step_loss, n_target, n_tokens = accumulate(net, micro, accelerator, pad)
         state["tokens"] += n_tokens
-        grad_norm = (accelerator.clip_grad_norm_(net.parameters(), cfg.train.max_grad_norm)
-                     if cfg.train.max_grad_norm else None)
+        grad_norm = (
+            accelerator.clip_grad_norm_(net.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm else None
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["trained_tokens"] += n_target
         state["elapsed"] = time.perf_counter() - t0
-        train_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_target, 1)
-        record = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                  "tokens_per_s": _throughput(state, accelerator.num_processes)}
+        train_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(
+            n_target, 1
+        )
+        record = {
+            "step": step,
+            "loss": train_loss,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": _throughput(state, accelerator.num_processes),
+        }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if eval_rows and (step == total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
             t_eval = time.perf_counter()
-            last_eval = record["eval_loss"] = eval_loss(net, eval_examples, eval_rows, cfg.train.batch_size, pad,
-                                                        use_positions, accelerator)
+            last_eval = record["eval_loss"] = eval_loss(
+                net, eval_examples, eval_rows, cfg.train.batch_size, pad, use_positions, accelerator
+            )
             state["eval_s"] += time.perf_counter() - t_eval
-        if accelerator.is_main_process and (step % cfg.train.log_every == 0 or "eval_loss" in record
-                                            or step == total_steps):
+        if accelerator.is_main_process and (
+            step % cfg.train.log_every == 0 or "eval_loss" in record or step == total_steps
+        ):
             tracking.append(run.metrics, record)
             if cfg.track:
                 accelerator.log(record, step=step)
@@ -128,8 +156,16 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
             if accelerator.is_main_process:
                 plain = accelerator.unwrap_model(net)
                 # A full fine-tune's weights are all in the checkpoint's trainable.safetensors already.
-                checkpoint.save(run.checkpoints, step, adapter.trainable_state(plain), optimizer, scheduler, dict(state),
-                                cfg.train.keep_checkpoints, peft_model=None if cfg.method == "full" else plain)
+                checkpoint.save(
+                    run.checkpoints,
+                    step,
+                    adapter.trainable_state(plain),
+                    optimizer,
+                    scheduler,
+                    dict(state),
+                    cfg.train.keep_checkpoints,
+                    peft_model=None if cfg.method == "full" else plain,
+                )
         _fault_injection(step)
     bar.close()
 
@@ -142,13 +178,23 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         records = tracking.read(run.metrics)
         tracking.plot(records, run.loss_plot)
         summary = {
-            "steps": total_steps, "method": cfg.method, "tokens": state["tokens"] * accelerator.num_processes,
-            "trained_tokens": state["trained_tokens"], "wall_time_s": round(state["elapsed"], 2),
-            "tokens_per_s": round(_throughput(state, accelerator.num_processes), 1), "eval_s": round(state["eval_s"], 2),
-            "peak_memory_mb": peak_memory_mb(), "final_train_loss": records[-1]["loss"] if records else None,
-            "final_eval_loss": last_eval, "trainable_params": trainable, "total_params": total_params,
-            "device": str(accelerator.device), "dtype": str(dtype).removeprefix("torch."),
-            "packing": use_positions, "examples": len(prepared.train), "rows": len(rows),
+            "steps": total_steps,
+            "method": cfg.method,
+            "tokens": state["tokens"] * accelerator.num_processes,
+            "trained_tokens": state["trained_tokens"],
+            "wall_time_s": round(state["elapsed"], 2),
+            "tokens_per_s": round(_throughput(state, accelerator.num_processes), 1),
+            "eval_s": round(state["eval_s"], 2),
+            "peak_memory_mb": peak_memory_mb(),
+            "final_train_loss": records[-1]["loss"] if records else None,
+            "final_eval_loss": last_eval,
+            "trainable_params": trainable,
+            "total_params": total_params,
+            "device": str(accelerator.device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "packing": use_positions,
+            "examples": len(prepared.train),
+            "rows": len(rows),
         }
         files.write_json(run.summary, summary)
     accelerator.end_training()
@@ -180,13 +226,23 @@ def accumulate(net: Any, micro: list[dict], accelerator: Accelerator, pad: int) 
 def build_model(cfg: RunConfig, dtype: torch.dtype, device: Any) -> Any:
     """Base model in the run's dtype (4-bit for qlora), made trainable by the method."""
     if cfg.method == "qlora":
-        base = model.load_model(cfg.model, dtype=dtype, device=device, quantization="4bit", compute_dtype=dtype,
-                                trust_remote_code=cfg.trust_remote_code)
+        base = model.load_model(
+            cfg.model,
+            dtype=dtype,
+            device=device,
+            quantization="4bit",
+            compute_dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     else:
         # Full fine-tuning keeps fp32 master weights and lets autocast run the matmuls in 16 bits;
         # LoRA keeps the frozen base in 16 bits (half the memory) and peft keeps adapters in fp32.
-        base = model.load_model(cfg.model, dtype=torch.float32 if cfg.method == "full" else dtype, device=device,
-                                trust_remote_code=cfg.trust_remote_code)
+        base = model.load_model(
+            cfg.model,
+            dtype=torch.float32 if cfg.method == "full" else dtype,
+            device=device,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     base.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     return adapter.attach(base, cfg)
 
@@ -230,12 +286,20 @@ class DataOrder:
         return out
 
 
-def eval_loss(net: Any, examples: list[dict], rows: list[list[int]], batch_size: int, pad: int, use_positions: bool,
-              accelerator: Accelerator) -> float:
+def eval_loss(
+    net: Any,
+    examples: list[dict],
+    rows: list[list[int]],
+    batch_size: int,
+    pad: int,
+    use_positions: bool,
+    accelerator: Accelerator,
+) -> float:
     """Mean loss per trained token over the held-out rows, each rank taking its share."""
-    mine = rows[accelerator.process_index::accelerator.num_processes]
-    total, count = loss.held_out(net, examples, mine, batch_size, pad, use_positions, accelerator.device,
-                                 accelerator.autocast)
+    mine = rows[accelerator.process_index :: accelerator.num_processes]
+    total, count = loss.held_out(
+        net, examples, mine, batch_size, pad, use_positions, accelerator.device, accelerator.autocast
+    )
     sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
     return float(sums[0] / max(sums[1], 1))
 

@@ -61,14 +61,24 @@ def test_preview_colors_on_a_terminal(tmp_path, tiny_llama_dir, capsys):
 
 def test_preview_warns_when_few_tokens_are_trained(tmp_path, tiny_llama_dir, capsys):
     f = tmp_path / "d.jsonl"
-    f.write_text("".join(json.dumps({"prompt": "the quick brown fox " * 30, "completion": "ok"}) + "\n" for _ in range(3)))
+    f.write_text(
+        "".join(json.dumps({"prompt": "the quick brown fox " * 30, "completion": "ok"}) + "\n" for _ in range(3))
+    )
     assert cli.main(["data", "preview", str(write_config(tmp_path, tiny_llama_dir, train=str(f))), "--no-color"]) == 0
     assert "WARNING: only" in capsys.readouterr().out
 
 
 def test_override_on_the_command_line(tmp_path, tiny_llama_dir, shared_data, capsys):
     cfg = write_config(tmp_path, tiny_llama_dir, train="nope.jsonl")
-    args = ["data", "preview", str(cfg), f"data.train={shared_data / 'alpaca/alpaca_5000.json'}", "data.limit=7", "-n", "0"]
+    args = [
+        "data",
+        "preview",
+        str(cfg),
+        f"data.train={shared_data / 'alpaca/alpaca_5000.json'}",
+        "data.limit=7",
+        "-n",
+        "0",
+    ]
     assert cli.main(args) == 0
     assert "rows            7" in capsys.readouterr().out
 
@@ -78,7 +88,9 @@ def bad_cases(tmp_path: Path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     wrong_type = tmp_path / "wrong_type.jsonl"
-    wrong_type.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "a", "output": 5}) + "\n")
+    wrong_type.write_text(
+        json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "a", "output": 5}) + "\n"
+    )
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "a"}) + "\n")
     empty = tmp_path / "empty.jsonl"
@@ -91,17 +103,31 @@ def bad_cases(tmp_path: Path):
     return [
         ("missing file", {"train": str(tmp_path / "nope.jsonl")}, "data file not found"),
         ("unknown extension", {"train": str(tmp_path / "data.xlsx")}, "unsupported file type '.xlsx'"),
-        ("undetectable format", {"train": str(good)}, "cannot tell the data format from the columns ['answer', 'question']"),
+        (
+            "undetectable format",
+            {"train": str(good)},
+            "cannot tell the data format from the columns ['answer', 'question']",
+        ),
         ("row of wrong type", {"train": str(wrong_type)}, "wrong_type.jsonl:2: field 'output' must be str"),
         ("missing field", {"train": str(missing)}, "missing.jsonl:2: missing field 'output'"),
         ("empty after filtering", {"train": str(empty)}, "no usable rows left after filtering"),
         ("empty file", {"train": str(tmp_path / "nothing.jsonl")}, "nothing.jsonl: no rows to read"),
-        ("not UTF-8", {"train": str(tmp_path / "latin1.csv")}, "latin1.csv:2: not UTF-8 text (invalid continuation byte at byte 21)"),
-        ("template fill", {"train": str(scores), "template": {"prompt": "{q}", "completion": "{score:d}"}},
-         "scores.tsv:2: data.template.completion '{score:d}' cannot be filled from this row"),
+        (
+            "not UTF-8",
+            {"train": str(tmp_path / "latin1.csv")},
+            "latin1.csv:2: not UTF-8 text (invalid continuation byte at byte 21)",
+        ),
+        (
+            "template fill",
+            {"train": str(scores), "template": {"prompt": "{q}", "completion": "{score:d}"}},
+            "scores.tsv:2: data.template.completion '{score:d}' cannot be filled from this row",
+        ),
         ("eval fraction", {"train": str(good), "eval": 1.5}, "data.eval: an eval fraction must be between 0 and 1"),
-        ("template column", {"train": str(good), "template": {"prompt": "{questoin}", "completion": "{answer}"}},
-         "data.template.prompt names column(s) ['questoin']"),
+        (
+            "template column",
+            {"train": str(good), "template": {"prompt": "{questoin}", "completion": "{answer}"}},
+            "data.template.prompt names column(s) ['questoin']",
+        ),
         ("unknown key", {"train": str(good), "packingg": True}, "data.packingg: unknown key"),
         ("wrong type", {"train": str(good), "max_length": "long"}, "data.max_length: Input should be a valid integer"),
     ]

@@ -30,9 +30,13 @@ def setup(tmp_path_factory, tiny_llama_dir):
     (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     a = make_adapter(tiny_llama_dir, tmp / "a", 4, ["q_proj", "v_proj"], 1)
     b = make_adapter(tiny_llama_dir, tmp / "b", 8, ["gate_proj", "up_proj", "down_proj"], 2)
-    cfg = config.validate({"model": str(tiny_llama_dir), "output_dir": str(tmp / "run"),
-                           "data": {"train": str(tmp / "eval.jsonl"), "eval": str(tmp / "eval.jsonl"),
-                                    "cache_dir": str(tmp / "c")}})
+    cfg = config.validate(
+        {
+            "model": str(tiny_llama_dir),
+            "output_dir": str(tmp / "run"),
+            "data": {"train": str(tmp / "eval.jsonl"), "eval": str(tmp / "eval.jsonl"), "cache_dir": str(tmp / "c")},
+        }
+    )
     return tmp, cfg, {"a": str(a), "b": str(b)}
 
 
@@ -79,8 +83,9 @@ def test_eval_json_shape_metrics_and_html(setup):
 def test_generation_only_without_references(setup, capsys):
     tmp, cfg, adapters = setup
     (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
-    opts = evaluate.EvalOptions(adapters=adapters, data=str(tmp / "prompts.jsonl"), output=str(tmp / "gen"),
-                                max_new_tokens=4)
+    opts = evaluate.EvalOptions(
+        adapters=adapters, data=str(tmp / "prompts.jsonl"), output=str(tmp / "gen"), max_new_tokens=4
+    )
     report = evaluate.run(cfg, opts)
     assert "metrics skipped" in report["note"]
     assert all("exact_match" not in m for m in report["models"].values())
@@ -108,7 +113,10 @@ def test_bad_inputs(setup, tmp_path, capsys):
     base_args = ["eval", str(cfg_path), "--max-new-tokens", "2"]
     cases = [
         (["--adapter", f"x={other}", "--output", str(tmp_path / "o1")], "was trained on 'someone/else'"),
-        (["--adapter", f"a={adapters['a']}", "--metric", "accuracyy", "--output", str(tmp_path / "o2")], "--metric 'accuracyy' does not exist"),
+        (
+            ["--adapter", f"a={adapters['a']}", "--metric", "accuracyy", "--output", str(tmp_path / "o2")],
+            "--metric 'accuracyy' does not exist",
+        ),
         (["--adapter", "nameonly"], "is not NAME=PATH"),
         (["--adapter", f"a={tmp_path}"], "no adapter_config.json"),
     ]
@@ -129,13 +137,24 @@ def test_harness_scores_each_model_on_the_shared_base(setup, tmp_path, capsys):
     tmp, cfg, adapters = setup
     docs = [{"question": f"item {i} is", "answer": [" red", " green blue", " one two three"][i % 3]} for i in range(6)]
     (tmp_path / "ll.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tmp_path / "ll.yaml").write_text(yaml.safe_dump({
-        "task": "lk_ll", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "ll.jsonl")}},
-        "test_split": "test", "output_type": "loglikelihood", "doc_to_text": "{{question}}",
-        "doc_to_target": "{{answer}}", "target_delimiter": "", "metric_list": [{"metric": "perplexity", "aggregation": "perplexity",
-                                                        "higher_is_better": False}]}))
-    opts = evaluate.EvalOptions(adapters=adapters, output=str(tmp_path / "out"), max_new_tokens=2,
-                                harness=str(tmp_path / "ll.yaml"))
+    (tmp_path / "ll.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "lk_ll",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(tmp_path / "ll.jsonl")}},
+                "test_split": "test",
+                "output_type": "loglikelihood",
+                "doc_to_text": "{{question}}",
+                "doc_to_target": "{{answer}}",
+                "target_delimiter": "",
+                "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}],
+            }
+        )
+    )
+    opts = evaluate.EvalOptions(
+        adapters=adapters, output=str(tmp_path / "out"), max_new_tokens=2, harness=str(tmp_path / "ll.yaml")
+    )
     report = evaluate.run(cfg, opts)
 
     # By hand: exp(-mean over docs of the answer's summed log-probability after the question).
@@ -173,8 +192,15 @@ def test_quickstart_compare_is_eval_with_sql_exact_match(tmp_path, tiny_llama_di
     make_adapter(tiny_llama_dir, run / "adapter", 4, ["q_proj", "v_proj"], 3)
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(run / "adapter")
     cfg_path = tmp_path / "quickstart.yaml"
-    cfg_path.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "output_dir": str(run), "data": {
-        "train": str(eval_path), "eval": str(eval_path), "cache_dir": str(tmp_path / "c")}}))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_llama_dir),
+                "output_dir": str(run),
+                "data": {"train": str(eval_path), "eval": str(eval_path), "cache_dir": str(tmp_path / "c")},
+            }
+        )
+    )
     assert cli.main(["quickstart", "compare", str(cfg_path), "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     report = json.loads((run / "eval" / "eval.json").read_text())
@@ -186,5 +212,8 @@ def test_quickstart_compare_is_eval_with_sql_exact_match(tmp_path, tiny_llama_di
     assert "held-out questions: 4" in out and f"[1] {report['examples'][0]['prompt'][-1]['content']}" in out
     assert cli.main(["quickstart", "compare", str(cfg_path), "--max-new-tokens", "6"]) == 0, "a rerun replaces it"
     capsys.readouterr()
-    assert cli.main(["quickstart", "compare", str(tmp_path / "quickstart.yaml"), "output_dir=" + str(tmp_path / "none")]) == 2
+    assert (
+        cli.main(["quickstart", "compare", str(tmp_path / "quickstart.yaml"), "output_dir=" + str(tmp_path / "none")])
+        == 2
+    )
     assert "no adapter yet" in capsys.readouterr().err

@@ -21,15 +21,17 @@ SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def make_adapter(base_dir: Path, out: Path, r: int = 8, **lora) -> Path:
     """A LoRA of `base_dir` with random B: a fresh LoRA is a no-op, and parity against a no-op proves nothing."""
     torch.manual_seed(0)
     base = lkmodel.load_model(str(base_dir))
-    net = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False,
-                                          **lora))
+    net = get_peft_model(
+        base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False, **lora)
+    )
     net.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     return out
@@ -38,8 +40,10 @@ def make_adapter(base_dir: Path, out: Path, r: int = 8, **lora) -> Path:
 def train_qlora_adapter(base_dir: Path, out: Path) -> Path:
     """A real QLoRA adapter: peft on the 4-bit tiny llama, a few optimizer steps from the usual B = 0 start."""
     torch.manual_seed(0)
-    net = get_peft_model(lkmodel.load_model(str(base_dir), quantization="4bit"),
-                         LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    net = get_peft_model(
+        lkmodel.load_model(str(base_dir), quantization="4bit"),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+    )
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-2)
     ids = torch.randint(0, 600, (2, 24))
     for _ in range(4):
@@ -114,8 +118,17 @@ def test_qlora_merge_uses_dequantized_base(tmp_path, bases):
     assert all(v.abs().max() > 0 for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k)
     held_out = tmp_path / "eval.jsonl"
     held_out.write_text(json.dumps({"prompt": "the quick brown fox", "completion": "jumps"}) + "\n")
-    config.dump(config.validate({"model": str(bases["llama"]), "method": "qlora", "output_dir": str(run),
-                                 "data": {"train": str(held_out), "eval": str(held_out)}}), run / "config.yaml")
+    config.dump(
+        config.validate(
+            {
+                "model": str(bases["llama"]),
+                "method": "qlora",
+                "output_dir": str(run),
+                "data": {"train": str(held_out), "eval": str(held_out)},
+            }
+        ),
+        run / "config.yaml",
+    )
     report = merge.merge(run, tmp_path / "merged", dtype="fp32")  # qlora detected from the run's config
     assert report["qlora"] and report["ok"] and report["vs_4bit"]["ok"] and report["prompts"].startswith("1 held-out")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -161,8 +174,10 @@ def test_gguf_round_trip_and_modelfile(tmp_path, bases, outtype):
     assert back_tok.eos_token == "<|im_end|>" and back_tok.chat_template == tiny_tokenizer().chat_template
     text = (tmp_path / "out" / "Modelfile").read_text()
     assert text.startswith(f"FROM ./{gguf_path.name}\n") and result["modelfile_warning"] is None
-    assert ('{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n'
-            '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n') in text
+    assert (
+        '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n'
+        '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n'
+    ) in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text and "SYSTEM" not in text
     assert not list((tmp_path / "out").glob(".*.tmp")), "no temp file left"
 
@@ -184,7 +199,10 @@ def test_modelfile_follows_the_chat_template():
     text, warning = ollama.modelfile("m.gguf", tok, gen)
     assert warning is None
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
-    assert 'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}' in text
+    assert (
+        'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}'
+        in text
+    )
     # Llama 2 folds the system turn into the first user turn: no automatic TEMPLATE, a warning instead.
     text, warning = ollama.modelfile("m.gguf", tiny_tokenizer("llama2"), gen)
     assert not any(line.startswith("TEMPLATE") for line in text.splitlines()) and "write TEMPLATE by hand" in warning

@@ -30,15 +30,20 @@ from lorakit.serve import protocol as p
 from lorakit.serve import server
 
 MSGS = [{"role": "user", "content": "the quick brown fox"}]
-CHATS = [MSGS, [{"role": "user", "content": "What is the capital of France? Explain like I am five."}],
-         [{"role": "system", "content": "be polite"}, {"role": "user", "content": "sum of two numbers"}]]
+CHATS = [
+    MSGS,
+    [{"role": "user", "content": "What is the capital of France? Explain like I am five."}],
+    [{"role": "system", "content": "be polite"}, {"role": "user", "content": "sum of two numbers"}],
+]
 
 
 def make_adapter(base_dir: Path, out: Path, r: int, targets: list[str], seed: int) -> Path:
     """A LoRA with random non-zero B weights, published atomically as `lorakit train` does."""
     torch.manual_seed(seed)
-    net = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                         LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+    net = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False),
+    )
     tmp = out.with_name(f".{out.name}.tmp")
     net.save_pretrained(tmp)
     if out.exists():
@@ -58,12 +63,14 @@ def world(tmp_path_factory):
 
 def start(world, adapters_dir=None, **kw):
     tmp, base = world
-    opts = server.ServeOptions(model=str(base), served_model_name="base",
-                               adapters_dir=str(adapters_dir or tmp / "adapters"), **kw)
+    opts = server.ServeOptions(
+        model=str(base), served_model_name="base", adapters_dir=str(adapters_dir or tmp / "adapters"), **kw
+    )
     app, serving = server.build(opts)
     http = TestClient(app)
-    client = OpenAI(base_url="http://testserver/v1", api_key=kw.get("api_key") or "none", http_client=http,
-                    max_retries=0)
+    client = OpenAI(
+        base_url="http://testserver/v1", api_key=kw.get("api_key") or "none", http_client=http, max_retries=0
+    )
     return client, serving, http
 
 
@@ -91,14 +98,28 @@ def test_models_chat_completions_and_streaming_match_offline_peft(world):
         r = client.chat.completions.create(model=name, messages=MSGS, max_tokens=8, temperature=0)
         assert r.choices[0].message.content == offline(base, adapter)[0]
         assert r.usage.completion_tokens == 8 and r.usage.total_tokens == r.usage.prompt_tokens + 8
-        chunks = list(client.chat.completions.create(model=name, messages=MSGS, max_tokens=8, temperature=0,
-                                                     stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model=name,
+                messages=MSGS,
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
         assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 8
         outs[name] = r.choices[0].message.content
     assert len(set(outs.values())) == 3, "each adapter answers differently"
-    parts = client.chat.completions.create(model="a", max_tokens=8, temperature=0, messages=[
-        {"role": "user", "content": [{"type": "text", "text": "the quick "}, {"type": "text", "text": "brown fox"}]}])
+    parts = client.chat.completions.create(
+        model="a",
+        max_tokens=8,
+        temperature=0,
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "the quick "}, {"type": "text", "text": "brown fox"}]}
+        ],
+    )
     assert parts.choices[0].message.content == outs["a"], "content parts are joined"
     c = client.completions.create(model="a", prompt=["the quick brown", "hello"], max_tokens=5, temperature=0)
     s = list(client.completions.create(model="a", prompt="the quick brown", max_tokens=5, temperature=0, stream=True))
@@ -108,7 +129,7 @@ def test_models_chat_completions_and_streaming_match_offline_peft(world):
     assert len(n2.choices) == 2 and n2.usage.completion_tokens == 8
     assert [x.message.content for x in n2.choices] == [x.message.content for x in again.choices], "seeded sampling"
     stop = client.chat.completions.create(model="a", messages=MSGS, max_tokens=8, temperature=0, stop=[outs["a"][2:4]])
-    assert stop.choices[0].message.content == outs["a"][:outs["a"].find(outs["a"][2:4])]
+    assert stop.choices[0].message.content == outs["a"][: outs["a"].find(outs["a"][2:4])]
     assert stop.choices[0].finish_reason == "stop"
     metrics = http.get("/metrics").text
     assert 'lorakit_requests_total{model="a"}' in metrics and "lorakit_queue_depth 0" in metrics
@@ -128,7 +149,9 @@ def test_mixed_adapter_batch_equals_offline_one_by_one(world):
 
     batched = [r.choices[0].message.content for r in asyncio.run(together())]
     assert serving.engine.batches == 1, "all six rows, of three adapters and two prompt lengths, in one batch"
-    expected = {m: offline(base, None if m == "base" else tmp / "adapters" / m, CHATS[:2], 6) for m in ("a", "b", "base")}
+    expected = {
+        m: offline(base, None if m == "base" else tmp / "adapters" / m, CHATS[:2], 6) for m in ("a", "b", "base")
+    }
     assert batched == [expected[m][CHATS.index(c)] for m, c in rows]
 
 
@@ -188,8 +211,11 @@ def test_hot_reload_while_requests_stream(world, tmp_path, monkeypatch):
     shutil.copytree(tmp / "adapters", adapters)
     # The three streams start together (max_batch 3, a long window) and are held after their first token
     # until the reload is done, so they are surely in flight during it.
-    app, serving = server.build(server.ServeOptions(model=str(base), served_model_name="base",
-                                                    adapters_dir=str(adapters), max_batch=3, batch_window_ms=60_000))
+    app, serving = server.build(
+        server.ServeOptions(
+            model=str(base), served_model_name="base", adapters_dir=str(adapters), max_batch=3, batch_window_ms=60_000
+        )
+    )
     held, go, step = threading.Event(), threading.Event(), serving.engine._step
 
     def gated(rows):
@@ -207,8 +233,9 @@ def test_hot_reload_while_requests_stream(world, tmp_path, monkeypatch):
 
         def stream(model: str, key: str) -> None:
             try:
-                chunks = client.chat.completions.create(model=model, messages=CHATS[1], max_tokens=40, temperature=0,
-                                                        stream=True)
+                chunks = client.chat.completions.create(
+                    model=model, messages=CHATS[1], max_tokens=40, temperature=0, stream=True
+                )
                 texts[key] = "".join(c.choices[0].delta.content or "" for c in chunks)
             except Exception as e:  # noqa: BLE001 - reported below
                 failures.append(e)
@@ -264,14 +291,18 @@ def test_a_client_that_hangs_up_on_a_plain_request_stops_its_row(world, monkeypa
         body = json.dumps({"model": "base", "messages": MSGS, "max_tokens": 200, "temperature": 0}).encode()
         port = int(url.split(":")[2].split("/")[0])
         with socket.create_connection(("127.0.0.1", port)) as conn:
-            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             assert held.wait(60)
         assert left.wait(60), "the server noticed the hang-up while the row was decoding"
         go.set()
         # Served after the abandoned row was settled (they share the next decoding step).
         OpenAI(base_url=url, api_key="none", max_retries=0).chat.completions.create(
-            model="base", messages=MSGS, max_tokens=2)
+            model="base", messages=MSGS, max_tokens=2
+        )
     assert jobs[0].finish_reason == "cancelled" and jobs[0].completion_tokens < 200
     assert serving.stats.errors[499] == 1
 
@@ -318,8 +349,9 @@ def test_a_broken_adapter_leaves_the_model_as_it_was(world, tmp_path):
     assert r.status_code == 200, r.text
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "half", "lora_path": "half"})
     assert r.status_code == 400
-    assert list(serving.registry.net.peft_config) == [serving.registry.active["sql-v1.5"].internal], \
+    assert list(serving.registry.net.peft_config) == [serving.registry.active["sql-v1.5"].internal], (
         "the failed version left nothing behind"
+    )
     assert chat(serving, "sql-v1.5") == offline(base, tmp / "adapters" / "a")[0]
     assert chat(serving, "base") == offline(base, None)[0]
 
@@ -377,8 +409,9 @@ def test_lru_eviction_reloads_on_demand_and_unload(world):
     assert list(serving.registry.active) == ["a"]
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "a2", "lora_path": "a"})
     assert r.status_code == 200, r.text
-    assert list(serving.registry.active) == ["a2"] and serving.registry.scan(tmp / "adapters") == [], \
+    assert list(serving.registry.active) == ["a2"] and serving.registry.scan(tmp / "adapters") == [], (
         "a rescan does not bring evicted adapters back"
+    )
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "a2"}).status_code == 200
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="a2", messages=MSGS, max_tokens=2)
@@ -439,11 +472,21 @@ def test_bad_inputs_are_4xx_in_openai_shape_and_the_server_keeps_serving(world):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="ghost", messages=MSGS, max_tokens=2)
     assert e.value.body["param"] == "model"
-    for kwargs in ({"messages": []}, {"max_tokens": 0}, {"max_tokens": -3}, {"max_tokens": 65},
-                   {"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 8},
-                   {"messages": [{"role": "wizard", "content": "hi"}]}, {"temperature": 5}, {"n": 0},
-                   {"logprobs": True}, {"stop": ["x"] * 17}, {"extra_body": {"frequency_penalty": 0.5}},
-                   {"seed": 2**64}, {"response_format": {"type": "json_object"}}):
+    for kwargs in (
+        {"messages": []},
+        {"max_tokens": 0},
+        {"max_tokens": -3},
+        {"max_tokens": 65},
+        {"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 8},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"temperature": 5},
+        {"n": 0},
+        {"logprobs": True},
+        {"stop": ["x"] * 17},
+        {"extra_body": {"frequency_penalty": 0.5}},
+        {"seed": 2**64},
+        {"response_format": {"type": "json_object"}},
+    ):
         with pytest.raises(openai.BadRequestError, match="Error code: 400"):
             client.chat.completions.create(model="a", **{"messages": MSGS, "max_tokens": 4, **kwargs})
             pytest.fail(f"accepted {kwargs}")
@@ -454,9 +497,24 @@ def test_bad_inputs_are_4xx_in_openai_shape_and_the_server_keeps_serving(world):
     with pytest.raises(openai.BadRequestError, match="over 64 completions"):
         client.completions.create(model="a", prompt=["hi"] * 9, n=8, max_tokens=2)
     # "Off" values of unsupported fields and explicit nulls are what many clients send: accepted.
-    r = http.post("/v1/chat/completions", headers=headers, json={
-        "model": "a", "messages": MSGS, "max_tokens": 2, "temperature": None, "top_p": None, "n": None, "stream": None,
-        "tools": [], "logit_bias": {}, "logprobs": False, "top_logprobs": 0, "presence_penalty": 0})
+    r = http.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={
+            "model": "a",
+            "messages": MSGS,
+            "max_tokens": 2,
+            "temperature": None,
+            "top_p": None,
+            "n": None,
+            "stream": None,
+            "tools": [],
+            "logit_bias": {},
+            "logprobs": False,
+            "top_logprobs": 0,
+            "presence_penalty": 0,
+        },
+    )
     assert r.status_code == 200, r.text
     # Without max_tokens, the answer may fill the rest of the context (256 here), not default past it.
     long_prompt = [{"role": "user", "content": "word " * 100}]  # about 210 tokens of the 256
@@ -511,8 +569,16 @@ def test_engine_failure_is_a_500_for_that_request_only(world, monkeypatch):
 
 def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
     tmp, base = world
-    opts = server.ServeOptions(model=str(base), served_model_name="tiny", adapters={"b": str(tmp / "adapters" / "b")},
-                               port=9000, api_key="k", max_model_len=512, dtype="bf16", max_adapters=3)
+    opts = server.ServeOptions(
+        model=str(base),
+        served_model_name="tiny",
+        adapters={"b": str(tmp / "adapters" / "b")},
+        port=9000,
+        api_key="k",
+        max_model_len=512,
+        dtype="bf16",
+        max_adapters=3,
+    )
     cmd, env = server.vllm_command(opts)
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16" and cmd[cmd.index("--max-cpu-loras") + 1] == "3"
     assert cmd[cmd.index("--max-loras") + 1] == "1", "one adapter here"
@@ -524,7 +590,9 @@ def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
         server.vllm_command(server.ServeOptions(model=str(base), adapters_dir=str(tmp / "adapters")))
     monkeypatch.setattr(server.shutil, "which", lambda name: None)
     monkeypatch.setattr(server.importlib.util, "find_spec", lambda name: None)
-    assert cli.main(["serve", "--model", str(base), "--adapter", f"b={tmp / 'adapters' / 'b'}", "--engine", "vllm"]) == 2
+    assert (
+        cli.main(["serve", "--model", str(base), "--adapter", f"b={tmp / 'adapters' / 'b'}", "--engine", "vllm"]) == 2
+    )
     err = capsys.readouterr().err
     assert "needs vLLM" in err and "vllm serve" in err
 

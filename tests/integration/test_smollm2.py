@@ -27,12 +27,20 @@ def installed():
 
 def test_real_model_trains_and_reloads(tmp_path, installed):
     train_path, eval_path = quickstart.make_task(tmp_path / "data", n_train=48, n_eval=8, seed=1)
-    cfg = config.validate({
-        "model": "smollm2-135m-instruct", "output_dir": str(tmp_path / "run"),
-        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(train_path), "eval": str(eval_path), "max_length": 256, "cache_dir": str(tmp_path / "c")},
-        "train": {"max_steps": 4, "batch_size": 1, "lr": 2e-3, "scheduler": "constant"},
-    })
+    cfg = config.validate(
+        {
+            "model": "smollm2-135m-instruct",
+            "output_dir": str(tmp_path / "run"),
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {
+                "train": str(train_path),
+                "eval": str(eval_path),
+                "max_length": 256,
+                "cache_dir": str(tmp_path / "c"),
+            },
+            "train": {"max_steps": 4, "batch_size": 1, "lr": 2e-3, "scheduler": "constant"},
+        }
+    )
     result = train.run(cfg, progress=False)
     s = result.summary
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -29,16 +29,26 @@ def task_file(path: Path, n: int = 64) -> Path:
     with open(path, "w") as f:
         for _ in range(n):
             words = rng.choices(WORDS, k=4)
-            f.write(json.dumps({"prompt": "reverse: " + " ".join(words), "completion": " ".join(reversed(words))}) + "\n")
+            f.write(
+                json.dumps({"prompt": "reverse: " + " ".join(words), "completion": " ".join(reversed(words))}) + "\n"
+            )
     return path
 
 
 def make_config(tmp_path: Path, model_dir: Path, **over) -> config.RunConfig:
-    raw = {"model": str(model_dir), "method": "lora", "output_dir": str(tmp_path / "run"),
-           "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
-           "data": {"train": str(task_file(tmp_path / "task.jsonl")), "eval": 0.125, "max_length": 128,
-                    "cache_dir": str(tmp_path / "cache")},
-           "train": {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "seed": 0, "scheduler": "constant"}}
+    raw = {
+        "model": str(model_dir),
+        "method": "lora",
+        "output_dir": str(tmp_path / "run"),
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {
+            "train": str(task_file(tmp_path / "task.jsonl")),
+            "eval": 0.125,
+            "max_length": 128,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "train": {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "seed": 0, "scheduler": "constant"},
+    }
     for key, value in over.items():
         config.apply_override(raw, f"{key}={json.dumps(value)}")
     return config.validate(raw)
@@ -59,8 +69,14 @@ def test_lora_lowers_the_loss_and_reloads_with_plain_peft(tmp_path, arch_dirs, a
     s = result.summary
     assert s["steps"] == 12 and s["final_eval_loss"] is not None and 0 < s["trainable_params"] < s["total_params"]
     assert s["packing"] is (arch != "bloom")
-    for name in ("loss.png", "summary.json", "config.yaml", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json"):
+    for name in (
+        "loss.png",
+        "summary.json",
+        "config.yaml",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer_config.json",
+    ):
         assert (tmp_path / "run" / name).is_file(), name
     assert config.load(tmp_path / "run" / "config.yaml") == cfg
 
@@ -110,8 +126,10 @@ def test_grad_accum_gives_the_same_gradients_as_one_big_batch(tmp_path, arch_dir
     for batch_size in (8, 2):
         torch.manual_seed(0)
         net = train.build_model(cfg, torch.float32, "cpu")
-        micro = [packing.collate([[examples[i] for i in rows[r]] for r in range(j, j + batch_size)], tok.pad_token_id)
-                 for j in range(0, 8, batch_size)]
+        micro = [
+            packing.collate([[examples[i] for i in rows[r]] for r in range(j, j + batch_size)], tok.pad_token_id)
+            for j in range(0, 8, batch_size)
+        ]
         train.accumulate(net, micro, Accelerator(cpu=True), tok.pad_token_id)
         grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad and p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
@@ -121,15 +139,25 @@ def test_grad_accum_gives_the_same_gradients_as_one_big_batch(tmp_path, arch_dir
 
 def run_cli(args, env=None):
     exe = Path(sys.executable).parent / "lorakit"
-    return subprocess.run([str(exe), *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    )
 
 
 def test_killed_run_resumes_to_identical_weights(tmp_path, arch_dirs):
     def write(name, out):
-        cfg = make_config(tmp_path, arch_dirs["llama"], output_dir=str(tmp_path / out),
-                          **{"adapter.dropout": 0.1, "train.save_every": 3, "train.max_steps": 10,
-                             "train.scheduler": "cosine", "train.warmup_steps": 2})
+        cfg = make_config(
+            tmp_path,
+            arch_dirs["llama"],
+            output_dir=str(tmp_path / out),
+            **{
+                "adapter.dropout": 0.1,
+                "train.save_every": 3,
+                "train.max_steps": 10,
+                "train.scheduler": "cosine",
+                "train.warmup_steps": 2,
+            },
+        )
         path = tmp_path / name
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         return path
@@ -209,8 +237,13 @@ def test_a_full_disk_is_one_message_and_leaves_nothing_half_written(tmp_path, ar
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
 
     exe = Path(sys.executable).parent / "lorakit"
-    done = subprocess.run([str(exe), "train", str(path), "--overwrite", "--no-progress"], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=small_files)
+    done = subprocess.run(
+        [str(exe), "train", str(path), "--overwrite", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=small_files,
+    )
     assert done.returncode == 2, done.stderr
     messages = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(messages) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -240,7 +273,10 @@ def test_bad_inputs_exit_2_with_one_message(tmp_path, arch_dirs, capsys, monkeyp
         ({"train": {**good["train"], "lr": 5}}, "train.lr: Input should be less than 1"),
         ({"adapter": {**good["adapter"], "r": 0}}, "adapter.r: Input should be greater than or equal to 1"),
         ({"model": str(tmp_path / "no-such-model")}, "no-such-model"),
-        ({"adapter": {**good["adapter"], "target_modules": ["q_proj", "qkv"]}}, "adapter.target_modules: ['qkv'] match no module"),
+        (
+            {"adapter": {**good["adapter"], "target_modules": ["q_proj", "qkv"]}},
+            "adapter.target_modules: ['qkv'] match no module",
+        ),
         ({"output_dir": str(tmp_path / "a_file" / "run")}, "cannot write there"),
     ]
     for change, fragment in cases:
@@ -248,7 +284,7 @@ def test_bad_inputs_exit_2_with_one_message(tmp_path, arch_dirs, capsys, monkeyp
         err = capsys.readouterr().err
         # Progress bars may come first on stderr; the message comes last, once.
         assert err.count("error: ") == 1 and "Traceback" not in err, err
-        message = err[err.index("error: "):]
+        message = err[err.index("error: ") :]
         assert fragment in message, err
     # The target-module error lists the names that do exist.
     cli.main(["train", str(write_yaml(tmp_path, {**good, **cases[4][0]})), "--no-progress"])
@@ -266,7 +302,9 @@ def test_qlora_without_bitsandbytes(tmp_path, arch_dirs, monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name.startswith("bitsandbytes") else object())
+    monkeypatch.setattr(
+        "importlib.util.find_spec", lambda name, *a: None if name.startswith("bitsandbytes") else object()
+    )
     cfg = make_config(tmp_path, arch_dirs["llama"], method="qlora")
     with pytest.raises(LorakitError, match="pip install bitsandbytes"):
         train.run(cfg, progress=False)
@@ -284,15 +322,23 @@ def test_disk_full_while_saving_leaves_nothing_half_written(tmp_path, arch_dirs,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(_PeftModel, "save_pretrained", full_disk)
-    with pytest.raises(LorakitError, match=r"could not write .*adapter: No space left on device\. Nothing half-written"):
+    with pytest.raises(
+        LorakitError, match=r"could not write .*adapter: No space left on device\. Nothing half-written"
+    ):
         train.run(cfg, progress=False)
     assert not (tmp_path / "run" / "adapter").exists()
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".adapter")], "temp folder removed"
 
 
-@pytest.mark.parametrize("variant", [{"adapter.use_dora": True}, {"adapter.use_rslora": True, "train.gradient_checkpointing": True},
-                                     {"adapter.modules_to_save": ["lm_head"], "train.scheduler": "linear", "train.warmup_steps": 2}],
-                         ids=["dora", "rslora+checkpointing", "modules_to_save"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"adapter.use_dora": True},
+        {"adapter.use_rslora": True, "train.gradient_checkpointing": True},
+        {"adapter.modules_to_save": ["lm_head"], "train.scheduler": "linear", "train.warmup_steps": 2},
+    ],
+    ids=["dora", "rslora+checkpointing", "modules_to_save"],
+)
 def test_lora_variants_train_and_save_their_config(tmp_path, arch_dirs, variant):
     cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.max_steps": 6, **variant})
     train.run(cfg, progress=False)

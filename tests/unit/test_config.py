@@ -51,8 +51,10 @@ def test_eval_fraction_outside_open_unit_interval_is_refused(tmp_path, fraction)
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = config.load(write(tmp_path, {"data": {"train": "x.jsonl"}}),
-                      ["train.max_steps=20", "data.train=y.jsonl", "data.eval=0.1", "adapter.target_modules=[q_proj,v_proj]"])
+    cfg = config.load(
+        write(tmp_path, {"data": {"train": "x.jsonl"}}),
+        ["train.max_steps=20", "data.train=y.jsonl", "data.eval=0.1", "adapter.target_modules=[q_proj,v_proj]"],
+    )
     assert cfg.train.max_steps == 20 and cfg.data.train == "y.jsonl" and cfg.data.eval == 0.1
     assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
 

@@ -32,8 +32,11 @@ def test_eval_fraction_split_is_disjoint_and_seeded(tmp_path):
 
 
 def test_eval_file(tmp_path):
-    cfg = DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", qa_rows(5))),
-                     eval=str(write_jsonl(tmp_path / "e.jsonl", qa_rows(3))), cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        train=str(write_jsonl(tmp_path / "t.jsonl", qa_rows(5))),
+        eval=str(write_jsonl(tmp_path / "e.jsonl", qa_rows(3))),
+        cache_dir=str(tmp_path / "c"),
+    )
     p = data.prepare(cfg, tiny_tokenizer())
     assert len(p.eval) == 3 and p.stats["eval_rows"] == 3
 
@@ -73,8 +76,10 @@ def test_summary_counts(tmp_path):
 
 
 def test_empty_after_filtering(tmp_path):
-    cfg = DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": ""}] * 3)),
-                     cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        train=str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": ""}] * 3)),
+        cache_dir=str(tmp_path / "c"),
+    )
     with pytest.raises(LorakitError, match=r"no usable rows left after filtering \(3 no assistant answer\)"):
         data.prepare(cfg, tiny_tokenizer())
 
@@ -87,9 +92,16 @@ def test_no_trained_token_at_all(tmp_path):
 
 
 def test_row_error_names_the_file_and_line(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                          {"role": "assistant", "content": "c"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ]
+        },
+    ]
     cfg = DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", rows)), cache_dir=str(tmp_path / "c"))
     with pytest.raises(LorakitError, match=r"d\.jsonl:2: the chat template refused"):
         data.prepare(cfg, tiny_tokenizer("llama2"))

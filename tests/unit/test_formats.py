@@ -83,7 +83,8 @@ def test_paradetox_template(shared_data):
     assert conv.examples[0]["messages"] == [
         {"role": "system", "content": "You detoxify text."},
         {"role": "user", "content": "Rewrite politely: " + records[0]["toxic"]},
-        {"role": "assistant", "content": records[0]["neutral1"]}]
+        {"role": "assistant", "content": records[0]["neutral1"]},
+    ]
 
 
 def test_template_empty_completion_rows_are_dropped_and_counted(shared_data):
@@ -103,9 +104,18 @@ def test_wikisql_text_is_plain_text(shared_data):
 def test_prompt_completion_and_messages_with_system():
     recs = [{"prompt": "2+2?", "completion": "4"}]
     assert formats.convert(recs, ["r:1"]).examples[0]["messages"] == [
-        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
-    msgs = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-                          {"role": "assistant", "content": "hello"}]}]
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    msgs = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ]
+        }
+    ]
     assert roles(formats.convert(msgs, ["r:1"]).examples[0]) == ["system", "user", "assistant"]
     added = formats.convert([{"prompt": "a", "completion": "b"}], ["r:1"], system_prompt="S")
     assert added.examples[0]["messages"][0] == {"role": "system", "content": "S"}
@@ -120,13 +130,19 @@ def test_undetectable_format_lists_columns_and_formats():
         assert accepted in msg
 
 
-@pytest.mark.parametrize("rows, pattern", [
-    ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], r"f:2: missing field 'output'"),
-    ([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": 3}], r"f:2: field 'output' must be str"),
-    ([{"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}], r"f:1: messages\[1\]\.role 'robot'"),
-    ([{"messages": "hello"}], r"f:1: field 'messages' must be list"),
-    ([{"conversations": [{"from": "alien", "value": "x"}]}], r"f:1: conversations\[0\]\.from 'alien' is unknown"),
-])
+@pytest.mark.parametrize(
+    "rows, pattern",
+    [
+        ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], r"f:2: missing field 'output'"),
+        ([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": 3}], r"f:2: field 'output' must be str"),
+        (
+            [{"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}],
+            r"f:1: messages\[1\]\.role 'robot'",
+        ),
+        ([{"messages": "hello"}], r"f:1: field 'messages' must be list"),
+        ([{"conversations": [{"from": "alien", "value": "x"}]}], r"f:1: conversations\[0\]\.from 'alien' is unknown"),
+    ],
+)
 def test_malformed_rows_name_the_row(rows, pattern):
     with pytest.raises(LorakitError, match=pattern):
         formats.convert(rows, [f"f:{i + 1}" for i in range(len(rows))])
@@ -150,6 +166,10 @@ def test_llama2_parquet_transcript_with_system(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"text": text}]), tmp_path / "d.parquet")
     rows = sources.read(str(tmp_path / "d.parquet"))
     ex = formats.convert(rows.records, rows.where).examples[0]
-    assert ex["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-                              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-                              {"role": "assistant", "content": "Bye!"}]
+    assert ex["messages"] == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye!"},
+    ]

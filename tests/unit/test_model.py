@@ -71,13 +71,16 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
         lkmodel.load_tokenizer("someorg/no-such-model")
 
 
-@pytest.mark.parametrize("name, message", [
-    ("./models/missing", "path not found"),
-    ("/nowhere/at/all", "path not found"),
-    ("missing.gguf", "GGUF file not found: missing.gguf"),
-    ("not a model!", "neither an existing path nor a Hugging Face id"),
-    ("bare-word", "Accepted: the alias 'smollm2-135m-instruct'"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("./models/missing", "path not found"),
+        ("/nowhere/at/all", "path not found"),
+        ("missing.gguf", "GGUF file not found: missing.gguf"),
+        ("not a model!", "neither an existing path nor a Hugging Face id"),
+        ("bare-word", "Accepted: the alias 'smollm2-135m-instruct'"),
+    ],
+)
 def test_bad_names(name, message):
     with pytest.raises(LorakitError, match=message):
         lkmodel.resolve(name)
@@ -149,10 +152,13 @@ def test_pick_dtype(monkeypatch):
         lkmodel.pick_dtype("fp8", "cpu")
 
 
-@pytest.mark.parametrize("arch, expected", [
-    ("llama", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
-    ("bloom", ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]),
-])
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("llama", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+        ("bloom", ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]),
+    ],
+)
 def test_linear_module_names(tok, arch, expected):
     assert lkmodel.linear_module_names(tiny_model(arch, tok)) == expected
 

@@ -23,8 +23,11 @@ def cli_command(name: str) -> cli.Command:
 def test_flags_default_to_the_dataclass_defaults(name):
     cmd = cli_command(name)
     opts = options.from_args(cmd.options, parse(name, REQUIRED.get(name, [])))
-    required = [f.name for f in dataclasses.fields(cmd.options)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cmd.options)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     assert opts == cmd.options(**{k: getattr(opts, k) for k in required}), "no default exists twice"
     assert parse(name, REQUIRED.get(name, [])).cmd is cmd
 
@@ -42,15 +45,41 @@ def test_every_field_has_a_flag_with_its_help_and_default(name, capsys):
 
 
 def test_values_reach_the_options_object(monkeypatch):
-    args = parse("eval", ["--adapter", "a=runs/a", "--adapter", "b=runs/b", "--normalize", "sql, case", "--stop", "x",
-                          "--stop", "y", "--metric", "bleu", "--max-new-tokens", "9", "--temperature", "0.5"])
+    args = parse(
+        "eval",
+        [
+            "--adapter",
+            "a=runs/a",
+            "--adapter",
+            "b=runs/b",
+            "--normalize",
+            "sql, case",
+            "--stop",
+            "x",
+            "--stop",
+            "y",
+            "--metric",
+            "bleu",
+            "--max-new-tokens",
+            "9",
+            "--temperature",
+            "0.5",
+        ],
+    )
     opts = options.from_args(options.EvalOptions, args)
     assert opts.adapters == {"a": "runs/a", "b": "runs/b"} and opts.normalize == ["sql", "case"]
     assert (opts.stop, opts.metrics, opts.max_new_tokens, opts.temperature) == (["x", "y"], ["bleu"], 9, 0.5)
     monkeypatch.setenv("LORAKIT_API_KEY", "from-env")
-    serve = options.from_args(options.ServeOptions, parse("serve", ["--model", "m", "--batching", "off",
-                                                                    "--watch-interval", "3", "--quantization", "4bit"]))
-    assert (serve.api_key, serve.batching, serve.watch_interval_s, serve.quantization) == ("from-env", "off", 3.0, "4bit")
+    serve = options.from_args(
+        options.ServeOptions,
+        parse("serve", ["--model", "m", "--batching", "off", "--watch-interval", "3", "--quantization", "4bit"]),
+    )
+    assert (serve.api_key, serve.batching, serve.watch_interval_s, serve.quantization) == (
+        "from-env",
+        "off",
+        3.0,
+        "4bit",
+    )
     assert options.from_args(options.ServeOptions, parse("serve", ["--model", "m", "--api-key", "k"])).api_key == "k"
     with pytest.raises(LorakitError, match="--adapter 'nameonly' is not NAME=PATH"):
         options.from_args(options.EvalOptions, parse("eval", ["--adapter", "nameonly"]))

@@ -38,8 +38,11 @@ def test_collate_restarts_positions_and_ignores_cross_example_targets():
 
 
 def test_collate_unpacked_uses_attention_mask():
-    batch = packing.collate([[{"input_ids": [1, 2], "labels": [1, 2]}], [{"input_ids": [3], "labels": [3]}]],
-                            pad_id=0, use_position_ids=False)
+    batch = packing.collate(
+        [[{"input_ids": [1, 2], "labels": [1, 2]}], [{"input_ids": [3], "labels": [3]}]],
+        pad_id=0,
+        use_position_ids=False,
+    )
     assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
     with pytest.raises(ValueError, match="need position_ids"):
         packing.collate([[{"input_ids": [1], "labels": [1]}, {"input_ids": [2], "labels": [2]}]], 0, False)
@@ -50,8 +53,10 @@ def examples(tok, n=6):
     words = "the quick brown fox jumps over lazy dog model learns answer questions about weather".split()
     out = []
     for i in range(n):
-        chat = [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 12)))},
-                {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(2, 15)))}]
+        chat = [
+            {"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 12)))},
+            {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(2, 15)))},
+        ]
         if i % 3 == 2:  # some multi-turn rows
             chat += [{"role": "user", "content": "and then?"}, {"role": "assistant", "content": "the dog sleeps"}]
         enc = render.encode(tok, {"messages": chat}, train_on="all" if i == 0 else "completions")

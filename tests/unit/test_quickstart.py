@@ -60,8 +60,10 @@ def test_eval_values_never_appear_in_train(tmp_path):
     [
         ("SELECT name FROM employees WHERE city = 'Berlin';", "select name from employees where city='Berlin'"),
         ("  SELECT  COUNT( * )\nFROM employees ;", "SELECT COUNT(*) FROM employees;"),
-        ("```sql\nSELECT salary FROM employees WHERE name = 'Ana';\n```",
-         "SELECT salary FROM employees WHERE name = 'Ana';"),
+        (
+            "```sql\nSELECT salary FROM employees WHERE name = 'Ana';\n```",
+            "SELECT salary FROM employees WHERE name = 'Ana';",
+        ),
         ("SELECT name FROM Employees WHERE salary>50000", "SELECT name FROM employees WHERE salary > 50000;"),
     ],
 )
@@ -74,8 +76,7 @@ def test_exact_match_ignores_layout_and_keyword_case(pred, ref):
     [
         # String literals keep their case and spacing: they are data, not SQL.
         ("SELECT name FROM employees WHERE city = 'berlin';", "SELECT name FROM employees WHERE city = 'Berlin';"),
-        ("SELECT name FROM employees WHERE city = 'New  York';",
-         "SELECT name FROM employees WHERE city = 'New York';"),
+        ("SELECT name FROM employees WHERE city = 'New  York';", "SELECT name FROM employees WHERE city = 'New York';"),
         ("SELECT * FROM employees WHERE city = 'Berlin';", "SELECT name FROM employees WHERE city = 'Berlin';"),
         ("SELECT name FROM employees WHERE salary > 5000;", "SELECT name FROM employees WHERE salary > 50000;"),
         ("The answer is SELECT name FROM employees;", "SELECT name FROM employees;"),

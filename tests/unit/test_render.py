@@ -7,9 +7,13 @@ from lorakit.errors import LorakitError
 from lorakit.render import IGNORE
 from tiny import tiny_tokenizer
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
-        {"role": "assistant", "content": "It is 6."}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "It is 6."},
+]
 
 
 def trained_runs(tok, enc):
@@ -41,7 +45,10 @@ def test_every_assistant_turn_and_its_end_token_is_trained(template, end):
 def test_answer_text_repeated_in_the_prompt_is_not_trained():
     # A string search for the answer would find it in the user turn first; offsets do not.
     tok = tiny_tokenizer("chatml")
-    chat = [{"role": "user", "content": "Say: the capital of France"}, {"role": "assistant", "content": "the capital of France"}]
+    chat = [
+        {"role": "user", "content": "Say: the capital of France"},
+        {"role": "assistant", "content": "the capital of France"},
+    ]
     enc = render.encode(tok, {"messages": chat})
     assert trained_runs(tok, enc) == ["the capital of France<|im_end|>"]
 
@@ -67,8 +74,10 @@ def test_fallback_templates_end_each_trained_turn_with_eos(name):
 
 def test_template_that_drops_eos_gets_it_appended_and_counted():
     tok = tiny_tokenizer(None)
-    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
-                        "{% if add_generation_prompt %}assistant: {% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     enc = render.encode(tok, {"messages": CHAT})
     assert enc.eos_added == 2
     # " 4" is one token that straddles the prompt's trailing space: overlapping tokens are trained.
@@ -107,8 +116,15 @@ def test_tools_go_into_the_system_turn_for_templates_without_tools(shared_data):
     assert all(obs[:40] not in r for r in runs)
 
 
-@pytest.mark.parametrize("path", ["alpaca/alpaca_5000.json", "gpteacher/roleplay-simple-deduped-roleplay-instruct.json",
-                                  "guanaco/guanaco_1k_messages.jsonl", "sharegpt/sharegpt_v3_first1000.json"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "alpaca/alpaca_5000.json",
+        "gpteacher/roleplay-simple-deduped-roleplay-instruct.json",
+        "guanaco/guanaco_1k_messages.jsonl",
+        "sharegpt/sharegpt_v3_first1000.json",
+    ],
+)
 def test_trained_text_is_exactly_the_answers_on_real_rows(shared_data, path):
     tok = tiny_tokenizer("chatml")
     rows = sources.read(str(shared_data / path), limit=20)

@@ -54,7 +54,12 @@ def test_adapter_source_says_why_there_is_no_adapter(tmp_path):
 
 def test_read_adapter_is_peft_config_and_a_broken_one_is_one_message(tmp_path):
     meta = read_adapter(adapter(tmp_path / "a", base="org/base"))
-    assert (meta.peft_type, meta.r, meta.target_modules, meta.base_model_name_or_path) == ("LORA", 8, {"q_proj"}, "org/base")
+    assert (meta.peft_type, meta.r, meta.target_modules, meta.base_model_name_or_path) == (
+        "LORA",
+        8,
+        {"q_proj"},
+        "org/base",
+    )
     (tmp_path / "a" / "adapter_config.json").write_text("{not json")
     with pytest.raises(LorakitError, match=r"a/adapter_config.json: not a peft adapter config"):
         read_adapter(tmp_path / "a")
@@ -78,7 +83,9 @@ def test_eval_and_merge_accept_the_same_adapter(tmp_path, monkeypatch, tiny_llam
     from transformers import AutoModelForCausalLM
 
     monkeypatch.chdir(tiny_llama_dir.parent)
-    net = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj"]))
+    net = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj"])
+    )
     net.save_pretrained(tmp_path / "adapter")
     meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     meta["base_model_name_or_path"] = tiny_llama_dir.name  # as peft records a base loaded from a relative path
@@ -86,9 +93,41 @@ def test_eval_and_merge_accept_the_same_adapter(tmp_path, monkeypatch, tiny_llam
     rows = tmp_path / "eval.jsonl"
     rows.write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(json.dumps({"model": str(tiny_llama_dir), "output_dir": str(tmp_path / "run"),
-                               "data": {"train": str(rows), "eval": str(rows), "cache_dir": str(tmp_path / "c")}}))
-    assert cli.main(["eval", str(cfg), "--adapter", f"a={tmp_path / 'adapter'}", "--max-new-tokens", "2",
-                     "--metric", "exact_match"]) == 0, capsys.readouterr().err
-    assert cli.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--base", str(tiny_llama_dir),
-                     "--dtype", "fp32"]) == 0, capsys.readouterr().err
+    cfg.write_text(
+        json.dumps(
+            {
+                "model": str(tiny_llama_dir),
+                "output_dir": str(tmp_path / "run"),
+                "data": {"train": str(rows), "eval": str(rows), "cache_dir": str(tmp_path / "c")},
+            }
+        )
+    )
+    assert (
+        cli.main(
+            [
+                "eval",
+                str(cfg),
+                "--adapter",
+                f"a={tmp_path / 'adapter'}",
+                "--max-new-tokens",
+                "2",
+                "--metric",
+                "exact_match",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
+    assert (
+        cli.main(
+            [
+                "merge",
+                str(tmp_path / "adapter"),
+                str(tmp_path / "merged"),
+                "--base",
+                str(tiny_llama_dir),
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err

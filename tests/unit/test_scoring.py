@@ -15,14 +15,23 @@ def test_token_f1_by_hand():
 
 
 def test_exact_match_contains_and_normalizers():
-    totals, per = scoring.score(["SELECT a FROM t;", "select  A from T", "no"], ["select a from t", "SELECT a FROM t", "yes"],
-                                ["exact_match", "contains"], {}, normalize=["sql"])
+    totals, per = scoring.score(
+        ["SELECT a FROM t;", "select  A from T", "no"],
+        ["select a from t", "SELECT a FROM t", "yes"],
+        ["exact_match", "contains"],
+        {},
+        normalize=["sql"],
+    )
     # The sql normalizer drops ';' and lowercases keywords and identifiers (SQL is case-insensitive).
     assert [p["exact_match"] for p in per] == [1.0, 1.0, 0.0]
     assert totals["exact_match"] == pytest.approx(2 / 3)
-    _, per = scoring.score(["SELECT a FROM t WHERE c = 'X'"], ["select a from t where c = 'x'"], ["exact_match"], {}, ["sql"])
+    _, per = scoring.score(
+        ["SELECT a FROM t WHERE c = 'X'"], ["select a from t where c = 'x'"], ["exact_match"], {}, ["sql"]
+    )
     assert per[0]["exact_match"] == 0.0  # string literals stay case-sensitive
-    totals, per = scoring.score(["Hello  World"], ["hello world"], ["exact_match"], {}, normalize=["case", "whitespace"])
+    totals, per = scoring.score(
+        ["Hello  World"], ["hello world"], ["exact_match"], {}, normalize=["case", "whitespace"]
+    )
     assert per[0]["exact_match"] == 1.0
     totals, per = scoring.score(["The answer is Paris, of course"], ["Paris"], ["contains", "exact_match"], {})
     assert per[0] == {"contains": 1.0, "exact_match": 0.0}

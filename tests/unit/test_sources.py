@@ -47,9 +47,15 @@ def test_fingerprint_follows_contents_not_names_of_folders(tmp_path):
     (tmp_path / "b").mkdir()
     for d in ("a", "b"):
         (tmp_path / d / "x.jsonl").write_text('{"text": "same"}\n')
-    assert sources.read(str(tmp_path / "a" / "x.jsonl")).fingerprint == sources.read(str(tmp_path / "b" / "x.jsonl")).fingerprint
+    assert (
+        sources.read(str(tmp_path / "a" / "x.jsonl")).fingerprint
+        == sources.read(str(tmp_path / "b" / "x.jsonl")).fingerprint
+    )
     (tmp_path / "b" / "x.jsonl").write_text('{"text": "edited"}\n')
-    assert sources.read(str(tmp_path / "a" / "x.jsonl")).fingerprint != sources.read(str(tmp_path / "b" / "x.jsonl")).fingerprint
+    assert (
+        sources.read(str(tmp_path / "a" / "x.jsonl")).fingerprint
+        != sources.read(str(tmp_path / "b" / "x.jsonl")).fingerprint
+    )
 
 
 def test_missing_file(tmp_path):

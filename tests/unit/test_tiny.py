@@ -50,7 +50,8 @@ def test_chat_templates():
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     chatml = tiny_tokenizer("chatml")
     assert chatml.apply_chat_template(chat, tokenize=False) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n")
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    )
     prompt = chatml.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
     llama2 = tiny_tokenizer("llama2")

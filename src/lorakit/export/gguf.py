@@ -23,14 +23,28 @@ from lorakit.run_folder import locate
 
 SUPPORTED = ("llama",)  # llama-family layouts: Llama 1-3.0, SmolLM 1/2, TinyLlama
 OUTTYPES = {"f32": "fp32", "f16": "fp16"}  # --outtype -> the dtype whose parity tolerance applies
-LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 ROUND_TRIP_TEXT = "The quick brown fox jumps over the lazy dog. SELECT name FROM t WHERE id = 1234;"
 
 
-def export(source: str, out: str | Path, outtype: str = "f16", pre: str | None = None, base: str | None = None,
-           force: bool = False) -> dict:
+def export(
+    source: str,
+    out: str | Path,
+    outtype: str = "f16",
+    pre: str | None = None,
+    base: str | None = None,
+    force: bool = False,
+) -> dict:
     """`export --format gguf`: SOURCE is a model folder, or a run/adapter folder merged (fp32) into OUT/merged first."""
     from lorakit import merge, model
 
@@ -46,8 +60,10 @@ def export(source: str, out: str | Path, outtype: str = "f16", pre: str | None =
     else:
         where = model.resolve(source)
         if where.kind not in ("alias", "folder"):
-            raise LorakitError(f"{source}: export a model folder, a run folder or an adapter folder "
-                               "(a GGUF or hub model needs no lorakit export)")
+            raise LorakitError(
+                f"{source}: export a model folder, a run folder or an adapter folder "
+                "(a GGUF or hub model needs no lorakit export)"
+            )
         model_dir = Path(where.path)
     return {**export_model(model_dir, out, outtype=outtype, pre=pre), "merged": merged}
 
@@ -58,8 +74,10 @@ def export_model(model_dir: str | Path, out: str | Path, outtype: str = "f16", p
 
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / "config.json").is_file():
-        raise LorakitError(f"{model_dir}: not a model folder (no config.json). Export a merged model: "
-                           f"`lorakit merge ADAPTER {model_dir}` first, or pass a run/adapter folder (it is merged for you)")
+        raise LorakitError(
+            f"{model_dir}: not a model folder (no config.json). Export a merged model: "
+            f"`lorakit merge ADAPTER {model_dir}` first, or pass a run/adapter folder (it is merged for you)"
+        )
     if outtype not in OUTTYPES:
         raise LorakitError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -82,8 +100,10 @@ def rope_permute(t: torch.Tensor, heads: int) -> torch.Tensor:
 def check_supported(cfg: Any) -> None:
     """Refuse what this writer does not lay out, before spending time on it."""
     if cfg.model_type not in SUPPORTED:
-        raise LorakitError(f"export --format gguf supports {', '.join(SUPPORTED)} models (e.g. SmolLM2, Llama), "
-                           f"not '{cfg.model_type}'; convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
+        raise LorakitError(
+            f"export --format gguf supports {', '.join(SUPPORTED)} models (e.g. SmolLM2, Llama), "
+            f"not '{cfg.model_type}'; convert the merged folder with llama.cpp's convert_hf_to_gguf.py"
+        )
     rope = getattr(cfg, "rope_parameters", None) or {}
     problems = [f"{k}=True" for k in ("attention_bias", "mlp_bias") if getattr(cfg, k, False)]
     if rope.get("rope_type", "default") != "default":  # llama3/yarn scaling needs extra GGUF keys and tensors
@@ -91,8 +111,10 @@ def check_supported(cfg: Any) -> None:
     if (getattr(cfg, "head_dim", None) or 0) not in (0, cfg.hidden_size // cfg.num_attention_heads):
         problems.append(f"head_dim {cfg.head_dim} != hidden_size / heads")
     if problems:
-        raise LorakitError(f"export --format gguf writes plain llama layouts; this model has {', '.join(problems)}. "
-                           "Convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
+        raise LorakitError(
+            f"export --format gguf writes plain llama layouts; this model has {', '.join(problems)}. "
+            "Convert the merged folder with llama.cpp's convert_hf_to_gguf.py"
+        )
 
 
 def write(model: Any, tokenizer: Any, path: Path, outtype: str = "f32", pre: str | None = None) -> None:
@@ -147,8 +169,10 @@ def _write_tokenizer(w: Any, tok: Any, vocab_size: int, pre: str) -> None:
 
     backend = json.loads(tok.backend_tokenizer.to_str())
     if backend["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
-        raise LorakitError("export --format gguf supports byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, "
-                           "Qwen); this one is sentencepiece-like (Llama 2, Mistral): use llama.cpp's convert_hf_to_gguf.py")
+        raise LorakitError(
+            "export --format gguf supports byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, "
+            "Qwen); this one is sentencepiece-like (Llama 2, Mistral): use llama.cpp's convert_hf_to_gguf.py"
+        )
     special = {tok.convert_ids_to_tokens(i) for i in special_ids(tok)}
     added = {t.content for t in tok.added_tokens_decoder.values()}
     tokens, types = [], []
@@ -156,16 +180,27 @@ def _write_tokenizer(w: Any, tok: Any, vocab_size: int, pre: str) -> None:
         t = tok.convert_ids_to_tokens(i)
         # Rows past the tokenizer (vocab padded to a multiple of 64) get placeholder names, as in llama.cpp.
         tokens.append(t if t is not None else f"[PAD{i}]")
-        kind = (gguf.TokenType.UNUSED if t is None else gguf.TokenType.CONTROL if t in special
-                else gguf.TokenType.USER_DEFINED if t in added else gguf.TokenType.NORMAL)
+        kind = (
+            gguf.TokenType.UNUSED
+            if t is None
+            else gguf.TokenType.CONTROL
+            if t in special
+            else gguf.TokenType.USER_DEFINED
+            if t in added
+            else gguf.TokenType.NORMAL
+        )
         types.append(kind)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]])
-    for setter, value in ((w.add_bos_token_id, tok.bos_token_id), (w.add_eos_token_id, tok.eos_token_id),
-                          (w.add_pad_token_id, tok.pad_token_id), (w.add_unk_token_id, tok.unk_token_id)):
+    for setter, value in (
+        (w.add_bos_token_id, tok.bos_token_id),
+        (w.add_eos_token_id, tok.eos_token_id),
+        (w.add_pad_token_id, tok.pad_token_id),
+        (w.add_unk_token_id, tok.unk_token_id),
+    ):
         if value is not None:
             setter(value)
     w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
@@ -200,16 +235,23 @@ def round_trip(model: Any, tokenizer: Any, path: Path, outtype: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     chat = [{"role": "user", "content": "How many employees work in Lisbon? Answer in SQL."}]
-    texts = [ROUND_TRIP_TEXT] + ([tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)]
-                                 if tokenizer.chat_template else [])
+    texts = [ROUND_TRIP_TEXT] + (
+        [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)]
+        if tokenizer.chat_template
+        else []
+    )
     back_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for t in texts:
         want_ids, got_ids = (k(t, add_special_tokens=False)["input_ids"] for k in (tokenizer, back_tok))
         if want_ids != got_ids:
-            raise LorakitError(f"GGUF round trip FAILED: the file's tokenizer splits {t[:60]!r} differently "
-                               f"({got_ids[:12]}... vs {want_ids[:12]}...); nothing written. Try another --pre")
+            raise LorakitError(
+                f"GGUF round trip FAILED: the file's tokenizer splits {t[:60]!r} differently "
+                f"({got_ids[:12]}... vs {want_ids[:12]}...); nothing written. Try another --pre"
+            )
     ids = torch.tensor([tokenizer(texts[-1], add_special_tokens=False)["input_ids"]])
     back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    report = parity.compare(parity.logits(back, [ids]), parity.logits(model, [ids]), parity.TOLERANCE[OUTTYPES[outtype]])
+    report = parity.compare(
+        parity.logits(back, [ids]), parity.logits(model, [ids]), parity.TOLERANCE[OUTTYPES[outtype]]
+    )
     parity.require(report, "GGUF round trip FAILED", "Nothing was written.")
     return {**report, "outtype": outtype}

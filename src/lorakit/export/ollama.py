@@ -27,33 +27,67 @@ def chat_pieces(tokenizer: Any) -> dict[str, str]:
     def render(chat: list[dict], gen: bool = False) -> str:
         return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
 
-    unsupported = LorakitError("Modelfile: this chat template is not one block per turn, so it cannot be "
-                               "written as an Ollama TEMPLATE automatically; write TEMPLATE by hand")
+    unsupported = LorakitError(
+        "Modelfile: this chat template is not one block per turn, so it cannot be "
+        "written as an Ollama TEMPLATE automatically; write TEMPLATE by hand"
+    )
     try:
         s, su, sua, gen, u = render([S]), render([S, U]), render([S, U, A]), render([S, U], True), render([U])
     except (TemplateError, ValueError):  # no template, or one that refuses these chats
         raise unsupported from None
-    head = tokenizer.bos_token if tokenizer.bos_token and "bos_token" in (tokenizer.chat_template or "") \
-        and s.startswith(tokenizer.bos_token) else ""
-    blocks = (s[len(head):], su[len(s):], sua[len(su):])
-    if not (su.startswith(s) and sua.startswith(su) and gen.startswith(su) and u.startswith(head)
-            and u.endswith(blocks[1]) and len(u) >= len(head) + len(blocks[1])
-            and all(b.count(m["content"]) == 1 for b, m in zip(blocks, (S, U, A)))):
+    head = (
+        tokenizer.bos_token
+        if tokenizer.bos_token and "bos_token" in (tokenizer.chat_template or "") and s.startswith(tokenizer.bos_token)
+        else ""
+    )
+    blocks = (s[len(head) :], su[len(s) :], sua[len(su) :])
+    if not (
+        su.startswith(s)
+        and sua.startswith(su)
+        and gen.startswith(su)
+        and u.startswith(head)
+        and u.endswith(blocks[1])
+        and len(u) >= len(head) + len(blocks[1])
+        and all(b.count(m["content"]) == 1 for b, m in zip(blocks, (S, U, A)))
+    ):
         raise unsupported
     (sys_pre, sys_post), (user_pre, user_post), (asst_pre, asst_post) = (
-        b.split(m["content"]) for b, m in zip(blocks, (S, U, A)))
-    p = {"head": head, "sys_pre": sys_pre, "sys_post": sys_post, "user_pre": user_pre, "user_post": user_post,
-         "gen": gen[len(su):], "asst_post": asst_post, "default_system": ""}
-    extra = u[len(head):len(u) - len(blocks[1])]  # the system turn the template adds on its own
+        b.split(m["content"]) for b, m in zip(blocks, (S, U, A))
+    )
+    p = {
+        "head": head,
+        "sys_pre": sys_pre,
+        "sys_post": sys_post,
+        "user_pre": user_pre,
+        "user_post": user_post,
+        "gen": gen[len(su) :],
+        "asst_post": asst_post,
+        "default_system": "",
+    }
+    extra = u[len(head) : len(u) - len(blocks[1])]  # the system turn the template adds on its own
     if extra:
         if not (extra.startswith(sys_pre) and extra.endswith(sys_post)):
             raise unsupported
-        p["default_system"] = extra[len(sys_pre):len(extra) - len(sys_post)]
+        p["default_system"] = extra[len(sys_pre) : len(extra) - len(sys_post)]
     # The Ollama template below opens the assistant turn right after each user turn: that must be
     # the generation prompt, and the pieces must rebuild the template's own rendering of a 2-turn chat.
     two_turns = [S, U, A, {"role": "user", "content": "LKMARKUSER2"}]
-    rebuilt = (head + sys_pre + S["content"] + sys_post + user_pre + U["content"] + user_post + p["gen"]
-               + A["content"] + asst_post + user_pre + "LKMARKUSER2" + user_post + p["gen"])
+    rebuilt = (
+        head
+        + sys_pre
+        + S["content"]
+        + sys_post
+        + user_pre
+        + U["content"]
+        + user_post
+        + p["gen"]
+        + A["content"]
+        + asst_post
+        + user_pre
+        + "LKMARKUSER2"
+        + user_post
+        + p["gen"]
+    )
     if asst_pre != p["gen"] or render(two_turns, True) != rebuilt:
         raise unsupported
     return p
@@ -77,10 +111,12 @@ def modelfile(gguf_name: str, tokenizer: Any, generation_config: Any) -> tuple[s
         warning = f"{e}. The Modelfile has no TEMPLATE: Ollama uses the chat template stored in the GGUF"
         lines.append(f"# {warning}")
     else:
-        lines.append(f'TEMPLATE """{p["head"]}{{{{ if .System }}}}{p["sys_pre"]}{{{{ .System }}}}{p["sys_post"]}'
-                     f'{{{{ end }}}}{{{{ range .Messages }}}}{{{{ if eq .Role "user" }}}}{p["user_pre"]}{{{{ .Content }}}}'
-                     f'{p["user_post"]}{p["gen"]}{{{{ else if eq .Role "assistant" }}}}{{{{ .Content }}}}'
-                     f'{p["asst_post"]}{{{{ end }}}}{{{{ end }}}}"""')
+        lines.append(
+            f'TEMPLATE """{p["head"]}{{{{ if .System }}}}{p["sys_pre"]}{{{{ .System }}}}{p["sys_post"]}'
+            f'{{{{ end }}}}{{{{ range .Messages }}}}{{{{ if eq .Role "user" }}}}{p["user_pre"]}{{{{ .Content }}}}'
+            f'{p["user_post"]}{p["gen"]}{{{{ else if eq .Role "assistant" }}}}{{{{ .Content }}}}'
+            f'{p["asst_post"]}{{{{ end }}}}{{{{ end }}}}"""'
+        )
         if p["default_system"]:
             lines.append(f'SYSTEM """{p["default_system"]}"""')
         # Also stop at the token closing a turn and at one opening a new user turn.

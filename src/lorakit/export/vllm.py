@@ -13,8 +13,19 @@ from lorakit.run_folder import adapter_source, check_base, find_adapter, read_ad
 
 RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 # Module names vLLM's LoRA layers wrap in llama-family models (it fuses q/k/v and gate/up itself).
-TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-           "gate_up_proj", "embed_tokens", "lm_head"}
+TARGETS = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+    "embed_tokens",
+    "lm_head",
+}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # lorakit's names -> vLLM's --dtype
 
 
@@ -27,21 +38,26 @@ def check(base: str, adapters: dict[str, Path], force: bool = False) -> list[int
         ranks += ranks_here
         odd = [r for r in ranks_here if r not in RANKS]
         if odd:
-            problems.append(f"{name}: rank {', '.join(map(str, odd))} is not one vLLM accepts "
-                            f"({', '.join(map(str, RANKS))}); retrain with adapter.r=8/16/32/..., or merge it "
-                            "(lorakit merge) and serve the merged model")
+            problems.append(
+                f"{name}: rank {', '.join(map(str, odd))} is not one vLLM accepts "
+                f"({', '.join(map(str, RANKS))}); retrain with adapter.r=8/16/32/..., or merge it "
+                "(lorakit merge) and serve the merged model"
+            )
         targets = meta.target_modules or []
         targets = [targets] if isinstance(targets, str) else targets
         # peft may store full module paths (model.layers.0.self_attn.q_proj); vLLM matches the last part.
         bad = sorted({t.split(".")[-1] for t in targets} - TARGETS) if "all-linear" not in targets else []
         if bad:
-            problems.append(f"{name}: target modules {bad} are not ones vLLM's LoRA layers wrap "
-                            f"({', '.join(sorted(TARGETS))})")
+            problems.append(
+                f"{name}: target modules {bad} are not ones vLLM's LoRA layers wrap ({', '.join(sorted(TARGETS))})"
+            )
         if meta.use_dora:
             problems.append(f"{name}: DoRA adapters are not supported by vLLM; merge it (lorakit merge) instead")
         if meta.modules_to_save:
-            problems.append(f"{name}: fully trained modules ({meta.modules_to_save}, modules_to_save) are not "
-                            "loaded by vLLM; merge it (lorakit merge) instead")
+            problems.append(
+                f"{name}: fully trained modules ({meta.modules_to_save}, modules_to_save) are not "
+                "loaded by vLLM; merge it (lorakit merge) instead"
+            )
         if meta.bias != "none" or getattr(meta, "lora_bias", False):
             problems.append(f"{name}: trained biases are not supported by vLLM LoRA; merge it instead")
         try:
@@ -53,10 +69,20 @@ def check(base: str, adapters: dict[str, Path], force: bool = False) -> list[int
     return ranks
 
 
-def command(base: str, adapters: dict[str, Path], *, port: int = 8000, host: str | None = None,
-            served_name: str | None = None, max_seqs: int | None = None, max_model_len: int | None = None,
-            dtype: str = "auto", max_adapters: int | None = None, quantization: str | None = None,
-            force: bool = False) -> list[str]:
+def command(
+    base: str,
+    adapters: dict[str, Path],
+    *,
+    port: int = 8000,
+    host: str | None = None,
+    served_name: str | None = None,
+    max_seqs: int | None = None,
+    max_model_len: int | None = None,
+    dtype: str = "auto",
+    max_adapters: int | None = None,
+    quantization: str | None = None,
+    force: bool = False,
+) -> list[str]:
     """`vllm serve BASE [--enable-lora --lora-modules NAME=PATH ...] ...` as argv.
 
     max_adapters: adapters held in memory (--max-cpu-loras); at most that many are batched at once.
@@ -66,13 +92,24 @@ def command(base: str, adapters: dict[str, Path], *, port: int = 8000, host: str
     cmd = ["vllm", "serve", _model_arg(base)]
     if adapters:
         at_once = min(len(adapters), max_adapters or len(adapters))
-        cmd += ["--enable-lora", "--lora-modules", *(f"{n}={Path(p).resolve()}" for n, p in adapters.items()),
-                "--max-lora-rank", str(max(ranks)), "--max-loras", str(at_once)]
+        cmd += [
+            "--enable-lora",
+            "--lora-modules",
+            *(f"{n}={Path(p).resolve()}" for n, p in adapters.items()),
+            "--max-lora-rank",
+            str(max(ranks)),
+            "--max-loras",
+            str(at_once),
+        ]
         if max_adapters:
             cmd += ["--max-cpu-loras", str(max_adapters)]
     cmd += ["--port", str(port)]
-    for flag, value in (("--host", host), ("--served-model-name", served_name), ("--max-num-seqs", max_seqs),
-                        ("--max-model-len", max_model_len)):
+    for flag, value in (
+        ("--host", host),
+        ("--served-model-name", served_name),
+        ("--max-num-seqs", max_seqs),
+        ("--max-model-len", max_model_len),
+    ):
         if value:
             cmd += [flag, str(value)]
     if dtype != "auto":
@@ -93,8 +130,9 @@ def _model_arg(base: str) -> str:
     return str(Path(resolved.path).resolve()) if resolved.kind in ("alias", "folder") else base
 
 
-def for_source(source: str, adapters: dict[str, str], base: str | None = None,
-               force: bool = False) -> tuple[list[str], list[str]]:
+def for_source(
+    source: str, adapters: dict[str, str], base: str | None = None, force: bool = False
+) -> tuple[list[str], list[str]]:
     """`export --format vllm`: SOURCE is a run/adapter folder (served under its folder's name) or the base.
 
     Returns the command line and warnings (QLoRA adapters, which vLLM would run on the unquantized base).
@@ -108,8 +146,9 @@ def for_source(source: str, adapters: dict[str, str], base: str | None = None,
     else:
         base = base or source
     if not found:
-        raise LorakitError("export --format vllm: no adapter to serve; give a run/adapter folder as SOURCE "
-                           "or --adapter NAME=PATH")
+        raise LorakitError(
+            "export --format vllm: no adapter to serve; give a run/adapter folder as SOURCE or --adapter NAME=PATH"
+        )
     if not base:
         raise LorakitError(f"{source}: the adapter does not name its base model; pass --base MODEL")
     dirs, warnings = {}, []
@@ -119,7 +158,9 @@ def for_source(source: str, adapters: dict[str, str], base: str | None = None,
         if run_cfg is not None and run_cfg.method == "qlora":
             # Measured on SmolLM2: the QLoRA adapter on the unquantized base moves logits by up to 20
             # (of 39) against the 4-bit model it was trained on; top-1 tokens agree only 64% of the time.
-            warnings.append(f"{name} was trained with QLoRA on the 4-bit base, and vLLM would run it on the "
-                            f"unquantized base, where it answers differently. Serve `lorakit merge {path} OUT` "
-                            "(merged into the dequantized base) instead, or add --quantization bitsandbytes.")
+            warnings.append(
+                f"{name} was trained with QLoRA on the 4-bit base, and vLLM would run it on the "
+                f"unquantized base, where it answers differently. Serve `lorakit merge {path} OUT` "
+                "(merged into the dequantized base) instead, or add --quantization bitsandbytes."
+            )
     return command(base, dirs, force=force), warnings

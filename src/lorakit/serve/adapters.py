@@ -44,8 +44,13 @@ def fingerprint(path: Path) -> str:
 
 
 class Registry:
-    def __init__(self, base_model: Any, model_lock: threading.Lock, allowed_dir: Path | None = None,
-                 max_adapters: int | None = None):
+    def __init__(
+        self,
+        base_model: Any,
+        model_lock: threading.Lock,
+        allowed_dir: Path | None = None,
+        max_adapters: int | None = None,
+    ):
         self.net = base_model  # a PeftModel while at least one adapter is loaded
         self.model_lock = model_lock
         self.allowed_dir = allowed_dir.resolve() if allowed_dir else None

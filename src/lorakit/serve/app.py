@@ -25,8 +25,14 @@ from lorakit.serve.metrics import Stats
 from lorakit.serve.serving import APIError, Serving
 
 log = logging.getLogger("lorakit.serve")
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "invalid_request_error", 500: "server_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    500: "server_error",
+}
 
 
 def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
@@ -114,7 +120,11 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"")
-        if self.api_key and scope["path"] != "/health" and not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+        if (
+            self.api_key
+            and scope["path"] != "/health"
+            and not secrets.compare_digest(given, f"Bearer {self.api_key}".encode())
+        ):
             self.stats.error(401)
             return await _error(401, "invalid or missing API key (Authorization: Bearer KEY)")(scope, receive, send)
         length = headers.get(b"content-length", b"")
@@ -144,8 +154,9 @@ async def _disconnected(request: Request) -> None:
 
 
 def _error(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
-    info = p.ErrorInfo(message=message, type=type_ or ERROR_TYPES.get(status, "invalid_request_error"), param=param,
-                       code=status)
+    info = p.ErrorInfo(
+        message=message, type=type_ or ERROR_TYPES.get(status, "invalid_request_error"), param=param, code=status
+    )
     return JSONResponse(p.ErrorResponse(error=info).model_dump(), status_code=status)
 
 

@@ -66,8 +66,16 @@ class Rows:
 
 
 class Engine:
-    def __init__(self, get_model: Callable[[], Any], tokenizer: Any, eos_ids: list[int], max_batch: int = 8,
-                 window_s: float = 0.01, model_lock: threading.Lock | None = None, per_row_adapters: bool = True):
+    def __init__(
+        self,
+        get_model: Callable[[], Any],
+        tokenizer: Any,
+        eos_ids: list[int],
+        max_batch: int = 8,
+        window_s: float = 0.01,
+        model_lock: threading.Lock | None = None,
+        per_row_adapters: bool = True,
+    ):
         self.get_model, self.tokenizer, self.eos_ids = get_model, tokenizer, set(eos_ids)
         self.max_batch, self.window_s, self.per_row_adapters = max_batch, window_s, per_row_adapters
         self.lock = model_lock or threading.Lock()  # held during every forward; adapter loads take it too
@@ -126,8 +134,11 @@ class Engine:
             return []
         while len(jobs) < room:
             try:
-                nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic())) if rows is None \
+                nxt = (
+                    self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if rows is None
                     else self.queue.get_nowait()
+                )
             except queue.Empty:
                 break
             if nxt is None:
@@ -149,8 +160,8 @@ class Engine:
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for b, job in enumerate(jobs):
-            ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
-            mask[b, width - len(job.prompt_ids):] = 1
+            ids[b, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            mask[b, width - len(job.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
         logits = self._forward(jobs, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
@@ -167,11 +178,18 @@ class Engine:
         rows.pos = rows.pos + 1
         return self._settle(rows, logits)
 
-    def _forward(self, jobs: list[Job], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: DynamicCache) -> torch.Tensor:
+    def _forward(
+        self, jobs: list[Job], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
         """Next-token logits (B, vocab) in fp32 on the CPU."""
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self.cache_kw: cache,
-                  "use_cache": True, "logits_to_keep": 1}  # logits of the last position only: vocab x prompt is big
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            self.cache_kw: cache,
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }  # logits of the last position only: vocab x prompt is big
         with self.lock:
             # The model is fetched under the lock: the registry wraps it in peft at the first adapter load
             # and unwraps it when the last one goes, and the base weights (so this cache) stay valid.
@@ -213,8 +231,9 @@ class Engine:
         idx = torch.tensor(keep, device=rows.mask.device)
         rows.cache.batch_select_indices(idx)
         rows.mask, rows.pos = rows.mask[idx], rows.pos[idx]
-        rows.jobs, rows.last, rows.tokens, rows.gens = ([xs[b] for b in keep] for xs in
-                                                        (rows.jobs, rows.last, rows.tokens, rows.gens))
+        rows.jobs, rows.last, rows.tokens, rows.gens = (
+            [xs[b] for b in keep] for xs in (rows.jobs, rows.last, rows.tokens, rows.gens)
+        )
         return rows
 
     @staticmethod
@@ -255,7 +274,7 @@ class Engine:
         """Record one token; emit the new text; return whether the row goes on."""
         if token in self.eos_ids:
             # Text held back (a possible stop-string start, a half-decoded character) is final now.
-            rest = self.tokenizer.decode(tokens, skip_special_tokens=True)[len(job.text):] if tokens else ""
+            rest = self.tokenizer.decode(tokens, skip_special_tokens=True)[len(job.text) :] if tokens else ""
             job.text += rest
             _finish(job, rest, "stop")
             return False
@@ -264,7 +283,7 @@ class Engine:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
         if cut >= 0:
-            delta, job.text = text[len(job.text):cut], text[:cut]
+            delta, job.text = text[len(job.text) : cut], text[:cut]
             _finish(job, delta, "stop")
             return False
         # Hold back text that could be the start of a stop string, and half-decoded UTF-8.
@@ -274,10 +293,10 @@ class Engine:
                 if text.endswith(s[:k]):
                     safe = min(safe, len(text) - k)
                     break
-        delta = text[len(job.text):safe] if safe > len(job.text) else ""
-        job.text = text[:max(safe, len(job.text))]
+        delta = text[len(job.text) : safe] if safe > len(job.text) else ""
+        job.text = text[: max(safe, len(job.text))]
         if job.completion_tokens >= job.max_tokens:
-            rest = text[len(job.text):]
+            rest = text[len(job.text) :]
             job.text = text
             _finish(job, delta + rest, "length")
             return False

@@ -52,12 +52,19 @@ class Stats:
     def prometheus(self, engine: Engine, registry: Registry) -> str:
         """Prometheus text exposition: the engine's queue, rows and batches and the adapters loaded (read now),
         then request errors, per-model requests, tokens and latency."""
-        lines = ["# TYPE lorakit_queue_depth gauge", f"lorakit_queue_depth {engine.depth()}",
-                 "# TYPE lorakit_running_rows gauge", f"lorakit_running_rows {engine.running}",
-                 "# TYPE lorakit_adapters_loaded gauge", f"lorakit_adapters_loaded {len(registry.active)}",
-                 "# TYPE lorakit_batches_total counter", f"lorakit_batches_total {engine.batches}",
-                 "# TYPE lorakit_joined_rows_total counter", f"lorakit_joined_rows_total {engine.joined}",
-                 "# TYPE lorakit_request_errors_total counter"]
+        lines = [
+            "# TYPE lorakit_queue_depth gauge",
+            f"lorakit_queue_depth {engine.depth()}",
+            "# TYPE lorakit_running_rows gauge",
+            f"lorakit_running_rows {engine.running}",
+            "# TYPE lorakit_adapters_loaded gauge",
+            f"lorakit_adapters_loaded {len(registry.active)}",
+            "# TYPE lorakit_batches_total counter",
+            f"lorakit_batches_total {engine.batches}",
+            "# TYPE lorakit_joined_rows_total counter",
+            f"lorakit_joined_rows_total {engine.joined}",
+            "# TYPE lorakit_request_errors_total counter",
+        ]
         lines += [f'lorakit_request_errors_total{{status="{k}"}} {v}' for k, v in sorted(self.errors.items())]
         models = sorted(self.models.items())
         for key in ("requests", "prompt_tokens", "completion_tokens"):

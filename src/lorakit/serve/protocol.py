@@ -10,13 +10,29 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # Fields that change what a completion means; ignoring them silently would return a wrong answer. Their
 # "off" values (false, 0, 1, [], {}, null) are fine: clients often send those.
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "functions", "logit_bias", "presence_penalty",
-               "frequency_penalty", "suffix")
+UNSUPPORTED = (
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "tools",
+    "functions",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "suffix",
+)
 SEED_MAX = 2**63 - 1 - 8  # torch seeds are signed 64-bit; n <= 8 rows use seed, seed + 1, ...
 
 

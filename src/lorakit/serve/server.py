@@ -56,11 +56,18 @@ def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise LorakitError(f"--adapters-dir {adapters_dir}: not a folder")
     batching = opts.batching == "on"
-    serving = Serving(base, tokenizer, opts.served_model_name or opts.model, adapters_dir=adapters_dir,
-                      max_adapters=opts.max_adapters, max_batch=opts.max_batch if batching else 1,
-                      window_s=opts.batch_window_ms / 1000 if batching else 0.0,
-                      per_row_adapters=batching, max_tokens_limit=opts.max_tokens_limit,
-                      max_model_len=opts.max_model_len)
+    serving = Serving(
+        base,
+        tokenizer,
+        opts.served_model_name or opts.model,
+        adapters_dir=adapters_dir,
+        max_adapters=opts.max_adapters,
+        max_batch=opts.max_batch if batching else 1,
+        window_s=opts.batch_window_ms / 1000 if batching else 0.0,
+        per_row_adapters=batching,
+        max_tokens_limit=opts.max_tokens_limit,
+        max_model_len=opts.max_model_len,
+    )
     for name, path in opts.adapters.items():
         try:
             # --adapter paths are the operator's own choice: only run-time loads are confined to adapters_dir.
@@ -115,10 +122,18 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
     if opts.adapters_dir:
         found = {d.name: find_adapter(d) for d in sorted(Path(opts.adapters_dir).iterdir()) if d.is_dir()}
         adapters |= {n: p for n, p in found.items() if p is not None and n not in adapters}
-    cmd = vllm.command(opts.model, adapters, port=opts.port, host=opts.host,
-                       served_name=opts.served_model_name or opts.model,
-                       max_seqs=opts.max_batch if opts.batching == "on" else 1, max_model_len=opts.max_model_len,
-                       dtype=opts.dtype, max_adapters=opts.max_adapters, quantization=opts.quantization)
+    cmd = vllm.command(
+        opts.model,
+        adapters,
+        port=opts.port,
+        host=opts.host,
+        served_name=opts.served_model_name or opts.model,
+        max_seqs=opts.max_batch if opts.batching == "on" else 1,
+        max_model_len=opts.max_model_len,
+        dtype=opts.dtype,
+        max_adapters=opts.max_adapters,
+        quantization=opts.quantization,
+    )
     return cmd, {"VLLM_API_KEY": opts.api_key} if opts.api_key else {}
 
 
@@ -126,8 +141,9 @@ def run(opts: ServeOptions) -> int:
     if opts.engine == "vllm":
         cmd, env = vllm_command(opts)
         if shutil.which("vllm") is None and importlib.util.find_spec("vllm") is None:
-            raise LorakitError("--engine vllm needs vLLM (GPU machines): pip install vllm. It would run:\n  "
-                               + shlex.join(cmd))
+            raise LorakitError(
+                "--engine vllm needs vLLM (GPU machines): pip install vllm. It would run:\n  " + shlex.join(cmd)
+            )
         print(shlex.join(cmd), flush=True)
         os.execvpe(cmd[0], cmd, {**os.environ, **env})
     import uvicorn
@@ -139,7 +155,10 @@ def run(opts: ServeOptions) -> int:
     if opts.adapters_dir:  # SIGHUP rescans the folder; --watch also rescans it every few seconds
         watcher = watch(serving, Path(opts.adapters_dir), opts.watch_interval_s if opts.watch else None)
         signal.signal(signal.SIGHUP, lambda *_: watcher.wake.set())
-    print(f"serving {serving.served_name} with adapters {list(serving.registry.known)} on "
-          f"http://{opts.host}:{opts.port}/v1", flush=True)
+    print(
+        f"serving {serving.served_name} with adapters {list(serving.registry.known)} on "
+        f"http://{opts.host}:{opts.port}/v1",
+        flush=True,
+    )
     uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")
     return 0

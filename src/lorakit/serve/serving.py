@@ -32,10 +32,21 @@ class APIError(Exception):
 
 
 class Serving:
-    def __init__(self, base_model: Any, tokenizer: Any, served_name: str, *, adapters_dir: Path | None = None,
-                 max_adapters: int | None = None, max_batch: int = 8, window_s: float = 0.01,
-                 per_row_adapters: bool = True, max_tokens_limit: int = 1024, max_model_len: int | None = None,
-                 default_max_tokens: int = 256):
+    def __init__(
+        self,
+        base_model: Any,
+        tokenizer: Any,
+        served_name: str,
+        *,
+        adapters_dir: Path | None = None,
+        max_adapters: int | None = None,
+        max_batch: int = 8,
+        window_s: float = 0.01,
+        per_row_adapters: bool = True,
+        max_tokens_limit: int = 1024,
+        max_model_len: int | None = None,
+        default_max_tokens: int = 256,
+    ):
         self.tokenizer, self.served_name = tokenizer, served_name
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
         self.context = max_model_len or int(getattr(base_model.config, "max_position_embeddings", 2048))
@@ -44,8 +55,7 @@ class Serving:
         gen = base_model.generation_config
         eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
         eos_ids = [i for i in {tokenizer.eos_token_id, *eos} if i is not None]
-        self.engine = Engine(lambda: self.registry.net, tokenizer, eos_ids, max_batch, window_s, lock,
-                             per_row_adapters)
+        self.engine = Engine(lambda: self.registry.net, tokenizer, eos_ids, max_batch, window_s, lock, per_row_adapters)
         self.stats = Stats()
         self.started = p.now()
 
@@ -54,8 +64,15 @@ class Serving:
 
     # ---- models ----
     def models(self) -> p.ModelList:
-        data = [p.ModelCard(id=self.served_name, created=self.started, root=self.served_name, parent=None,
-                            max_model_len=self.context)]
+        data = [
+            p.ModelCard(
+                id=self.served_name,
+                created=self.started,
+                root=self.served_name,
+                parent=None,
+                max_model_len=self.context,
+            )
+        ]
         for name, info in self.registry.describe().items():
             data.append(p.ModelCard(id=name, created=self.started, root=info["path"], parent=self.served_name, **info))
         return p.ModelList(data=data)
@@ -77,13 +94,15 @@ class Serving:
         try:
             self.registry.unload(req.lora_name)
         except KeyError:
-            raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", "not_found_error",
-                           "lora_name") from None
+            raise APIError(
+                404, f"The lora adapter '{req.lora_name}' cannot be found.", "not_found_error", "lora_name"
+            ) from None
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
     # ---- completions ----
-    async def chat(self, req: p.ChatCompletionRequest, gone: Gone | None = None
-                   ) -> p.ChatCompletionResponse | AsyncIterator[p.ChatCompletionStreamResponse | p.ErrorResponse]:
+    async def chat(
+        self, req: p.ChatCompletionRequest, gone: Gone | None = None
+    ) -> p.ChatCompletionResponse | AsyncIterator[p.ChatCompletionStreamResponse | p.ErrorResponse]:
         """A chat.completion, or (stream=True) an iterator of its chunks.
 
         gone: returns once the client has left; a non-streamed request then stops its rows (a stream
@@ -93,8 +112,9 @@ class Serving:
         jobs = await asyncio.to_thread(self.prepare, req, prompts)  # may load an evicted adapter
         return self.stream(req, jobs, chat=True) if req.stream else await self.complete(req, jobs, True, gone)
 
-    async def completions(self, req: p.CompletionRequest, gone: Gone | None = None
-                          ) -> p.CompletionResponse | AsyncIterator[p.CompletionStreamResponse | p.ErrorResponse]:
+    async def completions(
+        self, req: p.CompletionRequest, gone: Gone | None = None
+    ) -> p.CompletionResponse | AsyncIterator[p.CompletionStreamResponse | p.ErrorResponse]:
         """A text_completion, or (stream=True) an iterator of its chunks."""
         prompts = self.text_prompts(req)
         jobs = await asyncio.to_thread(self.prepare, req, prompts)
@@ -104,8 +124,9 @@ class Serving:
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
         try:
-            text = self.tokenizer.apply_chat_template([m.render() for m in req.messages], add_generation_prompt=True,
-                                                      tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                [m.render() for m in req.messages], add_generation_prompt=True, tokenize=False
+            )
         except Exception as e:  # noqa: BLE001 - no template, or one that rejects these roles (must alternate...)
             raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds any BOS
@@ -119,13 +140,17 @@ class Serving:
     def prepare(self, req: p.SamplingFields, prompts: list[list[int]]) -> list[Job]:
         """Check limits and pin the adapter version for each of the request's rows (prompts x n)."""
         if len(prompts) * req.n > MAX_ROWS:
-            raise APIError(400, f"{len(prompts)} prompts x n={req.n} is over {MAX_ROWS} completions in one request; "
-                           "split it", param="prompt")
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts x n={req.n} is over {MAX_ROWS} completions in one request; split it",
+                param="prompt",
+            )
         given = req.max_tokens is not None
         max_tokens = req.max_tokens if given else min(self.default_max_tokens, self.max_tokens_limit)
         if max_tokens <= 0 or max_tokens > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_limit}, got {max_tokens}",
-                           param="max_tokens")
+            raise APIError(
+                400, f"max_tokens must be between 1 and {self.max_tokens_limit}, got {max_tokens}", param="max_tokens"
+            )
         budgets = []
         for ids in prompts:
             room = self.context - len(ids)
@@ -133,17 +158,30 @@ class Serving:
             budget = max_tokens if given else min(max_tokens, room)
             if budget < 1 or len(ids) + budget > self.context:
                 asked = f" + max_tokens ({max_tokens})" if given else ""
-                raise APIError(400, f"This model's maximum context length is {self.context} tokens: the prompt "
-                               f"({len(ids)} tokens){asked} is over it", param="messages")
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {self.context} tokens: the prompt "
+                    f"({len(ids)} tokens){asked} is over it",
+                    param="messages",
+                )
             budgets.append(budget)
         jobs: list[Job] = []
         try:
             for ids, max_tokens in zip(prompts, budgets):
                 for i in range(req.n):
                     version = self._pin(req.model)
-                    jobs.append(Job(ids, version.internal if version else None, max_tokens, req.temperature,
-                                    req.top_p, req.stops(), None if req.seed is None else req.seed + i,
-                                    release=(lambda v=version: self.registry.release(v)) if version else lambda: None))
+                    jobs.append(
+                        Job(
+                            ids,
+                            version.internal if version else None,
+                            max_tokens,
+                            req.temperature,
+                            req.top_p,
+                            req.stops(),
+                            None if req.seed is None else req.seed + i,
+                            release=(lambda v=version: self.registry.release(v)) if version else lambda: None,
+                        )
+                    )
         except APIError:
             for job in jobs:
                 job.release()
@@ -156,8 +194,12 @@ class Serving:
         try:
             return self.registry.acquire(model)
         except KeyError:
-            raise APIError(404, f"The model `{model}` does not exist. Known models: "
-                           f"{[self.served_name, *self.registry.known]}", "not_found_error", "model") from None
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist. Known models: {[self.served_name, *self.registry.known]}",
+                "not_found_error",
+                "model",
+            ) from None
         except (ValueError, OSError) as e:  # evicted, and its files have changed into something unloadable
             raise APIError(500, f"adapter {model} could not be loaded again: {e}", "server_error", "model") from None
 
@@ -168,6 +210,7 @@ class Serving:
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+
         def emit(i: int, text: str, done: bool, reason: str | None) -> None:
             try:
                 loop.call_soon_threadsafe(events.put_nowait, (i, text, done, reason))
@@ -187,8 +230,9 @@ class Serving:
             for job in jobs:
                 job.cancelled = job.finish_reason is None
 
-    async def complete(self, req: p.SamplingFields, jobs: list[Job], chat: bool, gone: Gone | None = None
-                       ) -> p.ChatCompletionResponse | p.CompletionResponse:
+    async def complete(
+        self, req: p.SamplingFields, jobs: list[Job], chat: bool, gone: Gone | None = None
+    ) -> p.ChatCompletionResponse | p.CompletionResponse:
         t0 = time.perf_counter()
         texts = [""] * len(jobs)
         reasons: list[str | None] = [None] * len(jobs)
@@ -220,15 +264,26 @@ class Serving:
         answers, usage = enumerate(zip(texts, reasons)), self._usage(req, jobs)
         if chat:
             return p.ChatCompletionResponse(
-                id=p.new_id("chatcmpl"), created=p.now(), model=req.model, usage=usage,
-                choices=[p.ChatCompletionResponseChoice(index=i, message=p.ChatCompletionMessage(content=t),
-                                                        finish_reason=r) for i, (t, r) in answers])
+                id=p.new_id("chatcmpl"),
+                created=p.now(),
+                model=req.model,
+                usage=usage,
+                choices=[
+                    p.ChatCompletionResponseChoice(index=i, message=p.ChatCompletionMessage(content=t), finish_reason=r)
+                    for i, (t, r) in answers
+                ],
+            )
         return p.CompletionResponse(
-            id=p.new_id("cmpl"), created=p.now(), model=req.model, usage=usage,
-            choices=[p.CompletionResponseChoice(index=i, text=t, finish_reason=r) for i, (t, r) in answers])
+            id=p.new_id("cmpl"),
+            created=p.now(),
+            model=req.model,
+            usage=usage,
+            choices=[p.CompletionResponseChoice(index=i, text=t, finish_reason=r) for i, (t, r) in answers],
+        )
 
-    async def stream(self, req: p.SamplingFields, jobs: list[Job], chat: bool
-                     ) -> AsyncIterator[p.ChatCompletionStreamResponse | p.CompletionStreamResponse | p.ErrorResponse]:
+    async def stream(
+        self, req: p.SamplingFields, jobs: list[Job], chat: bool
+    ) -> AsyncIterator[p.ChatCompletionStreamResponse | p.CompletionStreamResponse | p.ErrorResponse]:
         """OpenAI stream chunks; the caller frames them as SSE and ends with [DONE]. A failure mid-stream is
         one chunk in OpenAI's error shape (the openai client raises it)."""
         t0 = time.perf_counter()
@@ -250,8 +305,9 @@ class Serving:
             async for i, delta, done, reason in events:
                 if jobs[i].error:
                     self.stats.error(500)
-                    yield p.ErrorResponse(error=p.ErrorInfo(message=f"generation failed: {jobs[i].error}",
-                                                            type="server_error", code=500))
+                    yield p.ErrorResponse(
+                        error=p.ErrorInfo(message=f"generation failed: {jobs[i].error}", type="server_error", code=500)
+                    )
                     return
                 if not delta and not done:
                     continue
@@ -273,5 +329,9 @@ class Serving:
         return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def _count(self, model: str, jobs: list[Job], seconds: float) -> None:
-        self.stats.count(model, prompt_tokens=sum(len(j.prompt_ids) for j in jobs),
-                         completion_tokens=sum(j.completion_tokens for j in jobs), seconds=seconds)
+        self.stats.count(
+            model,
+            prompt_tokens=sum(len(j.prompt_ids) for j in jobs),
+            completion_tokens=sum(j.completion_tokens for j in jobs),
+            seconds=seconds,
+        )
