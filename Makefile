@@ -25,6 +25,8 @@ quickstart: $(STAMP)
 	$(VENV)/bin/lorakit quickstart compare configs/quickstart.yaml
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 	$(PY) -m pytest -q --durations=10 tests
 
 clean:

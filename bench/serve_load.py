@@ -20,8 +20,8 @@ import time
 
 import httpx
 
-from lorakit.serve import server
 from lorakit.errors import LorakitError
+from lorakit.serve import server
 
 QUESTIONS = [
     "Who works in Lisbon?",

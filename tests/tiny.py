@@ -114,15 +114,15 @@ def tiny_tokenizer(chat_template: str | None = "chatml", eos: str | None = None)
 
 
 def _config(arch: str, tokenizer: PreTrainedTokenizerFast):
-    ids = dict(
+    ids = {
         # Wider than the 0.02 default: with a frozen random head of std 0.02 the logits can barely move,
         # so LoRA (which leaves the head alone) could not show learning in a dozen steps.
-        initializer_range=0.2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+        "initializer_range": 0.2,
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if arch == "bloom":
         # Bloom has no GQA and names its sizes differently (n_embed/n_head/n_layer).
         return AutoConfig.for_model("bloom", hidden_size=64, n_head=4, n_layer=2, **ids)

@@ -110,11 +110,10 @@ def _split(conv: formats.Converted, fraction: float, seed: int) -> tuple[formats
         raise LorakitError(f"data.eval={fraction} leaves no training rows out of {n}; use a smaller fraction")
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    pick = lambda idx: formats.Converted(
-        [conv.examples[i] for i in idx],
-        [conv.where[i] for i in idx],  # noqa: E731
-        conv.format,
-    )
+
+    def pick(idx: list[int]) -> formats.Converted:
+        return formats.Converted([conv.examples[i] for i in idx], [conv.where[i] for i in idx], conv.format)
+
     train, ev = pick(sorted(order[n_eval:])), pick(sorted(order[:n_eval]))
     train.dropped = conv.dropped
     return train, ev

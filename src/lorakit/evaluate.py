@@ -14,13 +14,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-
 from lorakit import data, files, loss, model, packing, render, scoring
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
+from lorakit.generate import generate
 from lorakit.options import EvalOptions
 from lorakit.run_folder import EVAL_HTML, EVAL_JSON, RunFolder, adapter_dir, check_base, find_adapter, read_adapter
-from lorakit.generate import generate
 
 BASE = "base"
 

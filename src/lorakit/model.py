@@ -215,13 +215,13 @@ def load_model(
         else:
             model = _from_pretrained(AutoModelForCausalLM, where, dtype=dtype, trust_remote_code=trust_remote_code)
         return model.to(device)
-    kwargs = dict(
-        quantization_config=bnb_config(quantization, compute_dtype or dtype),
-        dtype=dtype,
+    kwargs = {
+        "quantization_config": bnb_config(quantization, compute_dtype or dtype),
+        "dtype": dtype,
         # bitsandbytes quantizes while placing weights, so the device is chosen at load time.
-        device_map={"": str(device)},
-        trust_remote_code=trust_remote_code,
-    )
+        "device_map": {"": str(device)},
+        "trust_remote_code": trust_remote_code,
+    }
     if where.kind == "gguf":
         # bitsandbytes quantizes from checkpoint files: write the dequantized weights out first.
         with tempfile.TemporaryDirectory() as tmp:

@@ -136,10 +136,7 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     if isinstance(data, dict):
         # {"data": [...]} or {"train": [...]} wrappers are common in exported sets.
         lists = [k for k, v in data.items() if isinstance(v, list)]
-        if len(lists) == 1:
-            data = data[lists[0]]
-        else:
-            data = [data]
+        data = data[lists[0]] if len(lists) == 1 else [data]
     if not isinstance(data, list):
         raise LorakitError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
     return data, [f"{path}:row {i + 1}" for i in range(len(data))]
@@ -187,7 +184,7 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
 
     try:
         table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise LorakitError(f"{path}: not a readable parquet file ({e})") from None
     rows = table.to_pylist()
     return rows, [f"{path}:row {i + 1}" for i in range(len(rows))]

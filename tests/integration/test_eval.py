@@ -4,6 +4,7 @@ import json
 import math
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def setup(tmp_path_factory, tiny_llama_dir):
 
 
 def test_base_and_two_adapters_share_one_base(setup):
-    tmp, cfg, adapters = setup
+    _, cfg, adapters = setup
     net = evaluate.load_models(cfg, {n: Path(p) for n, p in adapters.items()}, force=False)
     base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(cfg.model).parameters())
     lora_params = sum(p.numel() for n, p in net.named_parameters() if "lora_" in n)
@@ -67,7 +68,7 @@ def test_eval_json_shape_metrics_and_html(setup):
     assert report == saved
 
     class Examples(HTMLParser):
-        ids: list = []
+        ids: ClassVar[list] = []
 
         def handle_starttag(self, tag, attrs):
             d = dict(attrs)
@@ -94,14 +95,14 @@ def test_generation_only_without_references(setup, capsys):
 
 def test_the_base_alone_before_any_training(setup, tmp_path):
     """No adapter yet (the run has not trained): the base model is evaluated on its own."""
-    tmp, cfg, _ = setup
+    _, cfg, _ = setup
     report = evaluate.run(cfg, evaluate.EvalOptions(output=str(tmp_path / "out"), max_new_tokens=4))
     assert list(report["models"]) == ["base"] and "loss" in report["models"]["base"]
     assert all(list(ex["outputs"]) == ["base"] for ex in report["examples"])
 
 
 def test_bad_inputs(setup, tmp_path, capsys):
-    tmp, cfg, adapters = setup
+    _, cfg, adapters = setup
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     other = tmp_path / "other"
@@ -134,7 +135,7 @@ def test_harness_scores_each_model_on_the_shared_base(setup, tmp_path, capsys):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lorakit[harness]')")
     from transformers import AutoTokenizer
 
-    tmp, cfg, adapters = setup
+    _, cfg, adapters = setup
     docs = [{"question": f"item {i} is", "answer": [" red", " green blue", " one two three"][i % 3]} for i in range(6)]
     (tmp_path / "ll.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "ll.yaml").write_text(

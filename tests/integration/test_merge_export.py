@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import cli, config, merge
-from lorakit.export import gguf, ollama, vllm
 from lorakit import model as lkmodel
 from lorakit.errors import LorakitError
+from lorakit.export import gguf, ollama, vllm
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 IDS = torch.tensor([[3, 17, 42, 99, 120, 7]])
@@ -148,7 +148,7 @@ def test_qlora_merge_uses_dequantized_base(tmp_path, bases):
 
 def test_refusals(tmp_path, bases, capsys):
     adapter = make_adapter(bases["llama"], tmp_path / "adapter")
-    with pytest.raises(LorakitError, match="was trained on .* not on"):
+    with pytest.raises(LorakitError, match=r"was trained on .* not on"):
         merge.merge(adapter, tmp_path / "m1", base=str(bases["qwen2"]))
     (tmp_path / "exists").mkdir()
     assert cli.main(["merge", str(adapter), str(tmp_path / "exists")]) == 2
@@ -210,7 +210,7 @@ def test_modelfile_follows_the_chat_template():
 
 
 def test_gguf_refuses_unsupported_architectures(tmp_path, bases):
-    with pytest.raises(LorakitError, match="supports llama models .* not 'qwen2'"):
+    with pytest.raises(LorakitError, match=r"supports llama models .* not 'qwen2'"):
         gguf.export_model(bases["qwen2"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -21,13 +21,13 @@ import uvicorn
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import cli
 from lorakit.generate import generate
 from lorakit.serve import protocol as p
 from lorakit.serve import server
+from tiny import save_tiny
 
 MSGS = [{"role": "user", "content": "the quick brown fox"}]
 CHATS = [
@@ -264,7 +264,7 @@ def test_hot_reload_while_requests_stream(world, tmp_path, monkeypatch):
 
 
 def test_a_client_that_hangs_up_on_a_plain_request_stops_its_row(world, monkeypatch):
-    tmp, base = world
+    _, base = world
     app, serving = server.build(server.ServeOptions(model=str(base), served_model_name="base"))
     held, go, step = threading.Event(), threading.Event(), serving.engine._step
 

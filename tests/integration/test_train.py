@@ -18,7 +18,7 @@ from lorakit import cli, config, packing, train
 from lorakit.errors import LorakitError
 from tiny import save_tiny
 
-WORDS = "red green blue cat dog fish one two three sun moon star".split()
+WORDS = ["red", "green", "blue", "cat", "dog", "fish", "one", "two", "three", "sun", "moon", "star"]
 
 
 def task_file(path: Path, n: int = 64) -> Path:

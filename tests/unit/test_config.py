@@ -46,7 +46,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
 def test_eval_fraction_outside_open_unit_interval_is_refused(tmp_path, fraction):
-    with pytest.raises(LorakitError, match="data.eval: an eval fraction must be between 0 and 1"):
+    with pytest.raises(LorakitError, match=r"data.eval: an eval fraction must be between 0 and 1"):
         config.load(write(tmp_path, {"data": {"train": "x.jsonl", "eval": fraction}}))
 
 

@@ -87,7 +87,7 @@ def test_empty_after_filtering(tmp_path):
 def test_no_trained_token_at_all(tmp_path):
     rows = [{"prompt": "a long question " * 20, "completion": "yes"}] * 3
     cfg = DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", rows)), max_length=16, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(LorakitError, match="no token would be trained.*max_length=16"):
+    with pytest.raises(LorakitError, match=r"no token would be trained.*max_length=16"):
         data.prepare(cfg, tiny_tokenizer())
 
 

@@ -80,7 +80,7 @@ def test_other_chat_template_and_missing_pad(tok):
     llama2_tok.pad_token = None
     model = tiny_model("llama", llama2_tok)
     chats = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "What is the capital of France?"}]]
-    with pytest.raises(ValueError, match="no pad token: load it with lorakit.model.load_tokenizer"):
+    with pytest.raises(ValueError, match=r"no pad token: load it with lorakit.model.load_tokenizer"):
         generate(model, llama2_tok, chats, max_new_tokens=6)
     llama2_tok = with_pad(llama2_tok)  # what model.load_tokenizer does: pads with EOS
     assert llama2_tok.pad_token == llama2_tok.eos_token

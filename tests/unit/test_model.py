@@ -65,7 +65,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     # huggingface_hub reads the variable once at import, so flip its constant too.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert lkmodel.resolve("someorg/no-such-model").kind == "hub"
-    with pytest.raises(LorakitError, match="could not download 'someorg/no-such-model'.*local folder"):
+    with pytest.raises(LorakitError, match=r"could not download 'someorg/no-such-model'.*local folder"):
         lkmodel.load_model("someorg/no-such-model")
     with pytest.raises(LorakitError, match="HF_HOME"):
         lkmodel.load_tokenizer("someorg/no-such-model")
@@ -148,7 +148,7 @@ def test_pick_dtype(monkeypatch):
     assert lkmodel.pick_dtype("auto", "cuda:0") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert lkmodel.pick_dtype("auto", torch.device("cuda")) == torch.float16
-    with pytest.raises(LorakitError, match="train.precision"):
+    with pytest.raises(LorakitError, match=r"train.precision"):
         lkmodel.pick_dtype("fp8", "cpu")
 
 

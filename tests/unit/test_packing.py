@@ -50,7 +50,22 @@ def test_collate_unpacked_uses_attention_mask():
 
 def examples(tok, n=6):
     rng = random.Random(1)
-    words = "the quick brown fox jumps over lazy dog model learns answer questions about weather".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "model",
+        "learns",
+        "answer",
+        "questions",
+        "about",
+        "weather",
+    ]
     out = []
     for i in range(n):
         chat = [

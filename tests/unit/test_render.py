@@ -91,14 +91,14 @@ def test_truncation_is_flagged():
 
 
 def test_unknown_fallback_name():
-    with pytest.raises(LorakitError, match="data.chat_template 'vicuna9' is unknown"):
+    with pytest.raises(LorakitError, match=r"data.chat_template 'vicuna9' is unknown"):
         render.setup_template(tiny_tokenizer("chatml"), "vicuna9")
 
 
 def test_template_refusing_roles_is_a_clear_error():
     tok = tiny_tokenizer("llama2")  # raises on non-alternating roles
     chat = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
-    with pytest.raises(LorakitError, match="chat template refused.*data.chat_template: chatml"):
+    with pytest.raises(LorakitError, match=r"chat template refused.*data.chat_template: chatml"):
         render.encode(tok, {"messages": chat})
 
 

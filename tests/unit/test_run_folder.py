@@ -48,7 +48,7 @@ def test_adapter_source_says_why_there_is_no_adapter(tmp_path):
     full = run_folder(tmp_path / "full", "model")
     with pytest.raises(LorakitError, match="is a full fine-tune"):
         adapter_source(full.root)
-    with pytest.raises(LorakitError, match="no adapter_config.json there"):
+    with pytest.raises(LorakitError, match=r"no adapter_config.json there"):
         adapter_source(tmp_path)
 
 

@@ -59,7 +59,7 @@ def test_fingerprint_follows_contents_not_names_of_folders(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(LorakitError, match="data file not found: .*nope.jsonl"):
+    with pytest.raises(LorakitError, match=r"data file not found: .*nope.jsonl"):
         sources.read(str(tmp_path / "nope.jsonl"))
 
 
@@ -96,5 +96,5 @@ def test_hub_id_offline_is_a_clear_message(monkeypatch):
     # Both libraries read the variables once, at import: patch the values they already hold.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(LorakitError, match="could not load dataset 'someorg/somedata'.*offline.*local file"):
+    with pytest.raises(LorakitError, match=r"could not load dataset 'someorg/somedata'.*offline.*local file"):
         sources.read("someorg/somedata")

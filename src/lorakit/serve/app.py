@@ -141,7 +141,7 @@ class Guard:
                 raise StarletteHTTPException(413, f"request body over {self.max_body_bytes} bytes")
             return message
 
-        await self.app(scope, counted, send)
+        return await self.app(scope, counted, send)
 
 
 async def _disconnected(request: Request) -> None:

@@ -212,10 +212,9 @@ class Serving:
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(i: int, text: str, done: bool, reason: str | None) -> None:
-            try:
+            # A closed loop raises RuntimeError: its client is gone, and the row is (being) cancelled.
+            with suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, (i, text, done, reason))
-            except RuntimeError:  # the loop is closed: its client is gone, and the row is (being) cancelled
-                pass
 
         for i, job in enumerate(jobs):
             job.emit = lambda text, done, reason, i=i: emit(i, text, done, reason)
