@@ -1,4 +1,4 @@
-"""Wiring of `lorakit serve`: its options, the app built from them, the adapter watcher, uvicorn or vLLM.
+"""Wiring of `lorakit serve`: the app built from its options, the adapter watcher, uvicorn or vLLM.
 
 `build` loads the base and the adapters and returns the app with its Serving; `run` adds the watcher
 (--watch, SIGHUP) and serves the app with uvicorn, or execs vLLM's server with the same model and adapters.
