@@ -80,15 +80,8 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder
 
 def check_overwritable(out: Path, cfg: RunConfig) -> None:
     """--overwrite deletes an earlier run's folder, never a folder of the user's own."""
-    target, here = out.resolve(), Path.cwd().resolve()
-    why = None
-    if target == here or target in here.parents:
-        why = "is the working folder or one above it"
-    elif any(target in Path(p).resolve().parents for p in (cfg.data.train, cfg.data.eval) if isinstance(p, str)):
-        why = "holds this run's data"
-    elif any(out.iterdir()) and not RunFolder(out).config.is_file():
-        why = "is not a lorakit run folder (it has no config.yaml)"
-    if why:
+    data = [p for p in (cfg.data.train, cfg.data.eval) if isinstance(p, str)]
+    if why := files.why_not_deletable(out, RunFolder(out).config.name, data):
         raise LorakitError(
             f"--overwrite: output_dir {out} {why}; lorakit only deletes its own runs. "
             "Set output_dir=runs/NAME (a new or earlier run folder)."

@@ -26,7 +26,8 @@ BASE = "base"
 
 def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Evaluate; write eval.json and eval.html into the output folder; return the eval.json content."""
-    out = _claim(output_dir(cfg, opts), opts.overwrite)
+    held_out = [opts.data, cfg.data.eval if isinstance(cfg.data.eval, str) else None]
+    out = _claim(output_dir(cfg, opts), opts.overwrite, held_out)
     adapters = {name: adapter_dir(p) for name, p in (opts.adapters or _run_adapter(cfg)).items()}
     builtin, user = scoring.resolve(opts.metrics)
     tasks = harness_tasks(opts.harness) if opts.harness else []  # a missing package fails before any work
@@ -248,10 +249,15 @@ def _run_adapter(cfg: RunConfig) -> dict[str, Path]:
     return {run.name: found} if found is not None else {}
 
 
-def _claim(out: Path, overwrite: bool) -> Path:
+def _claim(out: Path, overwrite: bool, data: list[str | None]) -> Path:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise LorakitError(f"output folder {out} exists; pass --overwrite to replace it or --output another/folder")
+        if why := files.why_not_deletable(out, EVAL_JSON, data):
+            raise LorakitError(
+                f"--overwrite: output folder {out} {why}; lorakit only replaces its own eval "
+                "folders. Pass --output another/folder."
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def why_not_deletable(folder: Path, marker: str, data: Iterable[str | None] = ()) -> str | None:
+    """Why `--overwrite` must not delete `folder`, or None: lorakit deletes its own results (a folder holding
+    `marker`, or an empty one), never the working folder or one above it, nor a folder holding the data."""
+    target, here = folder.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        return "is the working folder or one above it"
+    if any(target in Path(p).resolve().parents for p in data if p):
+        return "holds this run's data"
+    if any(folder.iterdir()) and not (folder / marker).is_file():
+        return f"has no {marker}, so lorakit did not write it"
+    return None
 
 
 def write_error(path: Path, e: Exception) -> LorakitError:

@@ -128,6 +128,14 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert cli.main(base_args + ["--adapter", f"x={other}", "--force", "--output", str(tmp_path / "o3")]) == 0
     assert cli.main(base_args + ["--adapter", f"x={other}", "--force", "--output", str(tmp_path / "o3")]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    # --overwrite replaces an eval folder, never a folder of the user's own
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cli.main(base_args + ["--output", str(mine), "--overwrite"]) == 2
+    assert "has no eval.json, so lorakit did not write it" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert cli.main(base_args + ["--output", str(tmp_path / "o3"), "--overwrite"]) == 0
 
 
 def test_harness_scores_each_model_on_the_shared_base(setup, tmp_path, capsys):

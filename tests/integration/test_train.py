@@ -213,7 +213,7 @@ def test_overwrite_only_deletes_lorakit_runs(tmp_path, arch_dirs, monkeypatch):
     mine.mkdir()
     (mine / "notes.txt").write_text("my notes")
     cfg = make_config(tmp_path, arch_dirs["llama"], output_dir=str(mine), **{"train.max_steps": 1})
-    with pytest.raises(LorakitError, match="is not a lorakit run folder"):
+    with pytest.raises(LorakitError, match=r"has no config.yaml, so lorakit did not write it"):
         train.run(cfg, overwrite=True, progress=False)
     with pytest.raises(LorakitError, match="holds this run's data"):
         train.run(cfg.model_copy(update={"output_dir": str(tmp_path)}), overwrite=True, progress=False)
