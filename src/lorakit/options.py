@@ -166,6 +166,7 @@ class ServeOptions:
     quantization: Literal["4bit", "8bit"] | None = option(
         None, help="load the base with bitsandbytes (default: 4bit for a QLoRA run config, else none)"
     )
+    force: bool = option(False, help="accept adapters trained on a different base")
     engine: Literal["lorakit", "vllm"] = option(
         "lorakit", help="vllm: exec vLLM's OpenAI server with the same model and adapters (GPU machines)"
     )

@@ -6,6 +6,7 @@ on a socket bound beforehand, so the client can connect before the server loop s
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -24,6 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import cli
+from lorakit.errors import LorakitError
 from lorakit.generate import generate
 from lorakit.serve import protocol as p
 from lorakit.serve import server
@@ -492,8 +495,8 @@ def test_bad_inputs_are_4xx_in_openai_shape_and_the_server_keeps_serving(world):
             pytest.fail(f"accepted {kwargs}")
     with pytest.raises(openai.BadRequestError, match="not supported by lorakit serve: logprobs") as e:
         client.chat.completions.create(model="a", messages=MSGS, max_tokens=2, logprobs=True)
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="a", prompt="", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="prompt must not be an empty list"):
+        client.completions.create(model="a", prompt=[], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="over 64 completions"):
         client.completions.create(model="a", prompt=["hi"] * 9, n=8, max_tokens=2)
     # "Off" values of unsupported fields and explicit nulls are what many clients send: accepted.
@@ -550,7 +553,7 @@ def test_a_row_that_fails_ends_alone_and_tiny_temperatures_work(world):
     assert chat(serving, "a", temperature=1e-45, seed=3) == offline(base, tmp / "adapters" / "a")[0]
 
 
-def test_engine_failure_is_a_500_for_that_request_only(world, monkeypatch):
+def test_engine_failure_is_a_500_for_that_request_only(world, monkeypatch, caplog):
     client, serving, _ = start(world)
     real = serving.engine._forward
     calls = iter([RuntimeError("boom")])
@@ -562,8 +565,14 @@ def test_engine_failure_is_a_500_for_that_request_only(world, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(serving.engine, "_forward", flaky)
-    with pytest.raises(openai.InternalServerError, match="boom"):
+    with (
+        caplog.at_level(logging.ERROR, logger="lorakit.serve"),
+        pytest.raises(openai.InternalServerError, match="boom"),
+    ):
         client.chat.completions.create(model="a", messages=MSGS, max_tokens=3)
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in logged), "the cause, with its traceback"
+    assert any("answered 500: generation failed: RuntimeError: boom" in r.getMessage() for r in logged)
     assert client.chat.completions.create(model="a", messages=MSGS, max_tokens=3).choices[0].message.content is not None
 
 
@@ -621,3 +630,164 @@ def test_watcher_picks_up_a_training_run_folder(world, tmp_path):
     watcher.stop.set()
     assert serving.registry.active["sql"].path == (runs / "sql" / "adapter").resolve()
     assert chat(serving, "sql", max_tokens=6) == offline(base, runs / "sql" / "adapter", n=6)[0]
+
+
+def unmixable_adapters(world, folder: Path) -> Path:
+    """Beside a plain LoRA: one that trains lm_head in full (modules_to_save) and a DoRA adapter."""
+    tmp, base = world
+    shutil.copytree(tmp / "adapters" / "a", folder / "a")
+    for name, extra in (("saved", {"modules_to_save": ["lm_head"]}), ("dora", {"use_dora": True})):
+        torch.manual_seed(5)
+        net = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **extra),
+        )
+        if name == "saved":
+            with torch.no_grad():  # a trained head: answers that differ from the base's
+                net.base_model.model.lm_head.modules_to_save["default"].weight.mul_(3.0)
+        net.save_pretrained(folder / name)
+    return folder
+
+
+def test_adapters_that_cannot_share_a_batch_never_break_the_others(world, tmp_path):
+    """modules_to_save made every request to the other adapters a 500 (KeyError 'a@1'), and a DoRA adapter's
+    rows failed their whole batch: with mixed batches both are refused at load, with the reason."""
+    _, base = world
+    folder = unmixable_adapters(world, tmp_path / "adapters")
+    app, serving = server.build(
+        server.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(folder))
+    )
+    with uvicorn_in_thread(app) as url:
+        client = OpenAI(base_url=url, api_key="none", max_retries=0)
+        models = {m.id: m.model_extra for m in client.models.list().data}
+        for name, why in (
+            ("saved", "trains whole modules (['lm_head'], modules_to_save)"),
+            ("dora", "is a DoRA adapter"),
+        ):
+            assert (
+                not models[name]["loaded"]
+                and why in models[name]["error"]
+                and "--batching off" in models[name]["error"]
+            )
+            with pytest.raises(openai.NotFoundError, match=f"adapter {name} is not loaded: .*cannot join mixed"):
+                client.chat.completions.create(model=name, messages=MSGS, max_tokens=4, temperature=0)
+        for _ in range(2):  # one at a time, then together with the base
+            r = client.chat.completions.create(model="a", messages=MSGS, max_tokens=8, temperature=0)
+            assert r.choices[0].message.content == offline(base, folder / "a")[0]
+        with ThreadPoolExecutor(2) as pool:
+            both = pool.map(
+                lambda m: client.chat.completions.create(model=m, messages=MSGS, max_tokens=8, temperature=0),
+                ["a", "base"],
+            )
+            assert [x.choices[0].message.content for x in both] == [
+                offline(base, folder / "a")[0],
+                offline(base, None)[0],
+            ]
+        r = httpx.post(url.removesuffix("/v1") + "/v1/load_lora_adapter", json={"lora_name": "d2", "lora_path": "dora"})
+        assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"]
+    serving.close()
+    # One request at a time (the active adapter switched per request) runs them, as peft does offline.
+    app, serving = server.build(
+        server.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(folder), batching="off")
+    )
+    with uvicorn_in_thread(app) as url:
+        client = OpenAI(base_url=url, api_key="none", max_retries=0)
+        answers = {}
+        for name in ("a", "saved", "dora", "base"):
+            r = client.chat.completions.create(model=name, messages=MSGS, max_tokens=8, temperature=0)
+            answers[name] = r.choices[0].message.content
+            assert answers[name] == offline(base, None if name == "base" else folder / name)[0], name
+        assert answers["saved"] != answers["base"], "the trained head is used"
+    serving.close()
+
+
+def test_an_adapter_named_like_the_base_is_refused(world, tmp_path):
+    tmp, base = world
+    with pytest.raises(LorakitError, match=r"--adapter base=.*'base' is the base model's name"):
+        server.build(
+            server.ServeOptions(
+                model=str(base), served_model_name="base", adapters={"base": str(tmp / "adapters" / "a")}
+            )
+        )
+    shutil.copytree(tmp / "adapters" / "a", tmp_path / "adapters" / "base")
+    app, serving = server.build(
+        server.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(tmp_path / "adapters"))
+    )
+    with uvicorn_in_thread(app) as url:
+        client = OpenAI(base_url=url, api_key="none", max_retries=0)
+        listed = [m.id for m in client.models.list().data]
+        assert listed == ["base"], "listed once, as the base"
+        assert (
+            client.chat.completions.create(model="base", messages=MSGS, max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
+            == offline(base, None)[0]
+        )
+        r = httpx.post(
+            url.removesuffix("/v1") + "/v1/load_lora_adapter", json={"lora_name": "base", "lora_path": "base"}
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
+    serving.close()
+
+
+def test_serve_checks_each_adapters_base_like_eval_and_merge(world, tmp_path):
+    tmp, base = world
+    other = tmp_path / "adapters" / "other"
+    shutil.copytree(tmp / "adapters" / "a", other)
+    meta = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**meta, "base_model_name_or_path": "someone/else"}))
+    with pytest.raises(LorakitError, match=r"--adapter x=.*was trained on 'someone/else', not on the base"):
+        server.build(server.ServeOptions(model=str(base), adapters={"x": str(other)}))
+    _, forced = server.build(server.ServeOptions(model=str(base), adapters={"x": str(other)}, force=True))
+    assert list(forced.registry.active) == ["x"], "--force accepts it, as in eval and merge"
+    forced.close()
+    shutil.copytree(tmp / "adapters" / "a", tmp_path / "adapters" / "a")
+    app, serving = server.build(
+        server.ServeOptions(model=str(base), served_model_name="base", adapters_dir=str(tmp_path / "adapters"))
+    )
+    with uvicorn_in_thread(app) as url:
+        client = OpenAI(base_url=url, api_key="none", max_retries=0)
+        models = {m.id: m.model_extra for m in client.models.list().data}
+        assert "was trained on 'someone/else'" in models["other"]["error"] and models["a"]["loaded"]
+        r = httpx.post(url.removesuffix("/v1") + "/v1/load_lora_adapter", json={"lora_name": "o", "lora_path": "other"})
+        assert r.status_code == 400 and "was trained on 'someone/else'" in r.json()["error"]["message"]
+        # A reload whose new files name another base keeps the working version.
+        before = (
+            client.chat.completions.create(model="a", messages=MSGS, max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
+        )
+        shutil.rmtree(tmp_path / "adapters" / "a")
+        shutil.copytree(other, tmp_path / "adapters" / "a")
+        assert serving.registry.scan(tmp_path / "adapters") == []
+        assert "was trained on" in serving.registry.errors["a"]
+        after = (
+            client.chat.completions.create(model="a", messages=MSGS, max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
+        )
+        assert after == before
+    serving.close()
+
+
+def test_a_busy_port_fails_before_loading_and_before_saying_serving(world, capsys):
+    _, base = world
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        assert cli.main(["serve", "--model", str(base), "--port", str(port)]) == 2
+    finally:
+        busy.close()
+    out, err = capsys.readouterr()
+    assert "serving" not in out and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_an_empty_prompt_is_answered_as_openai_does(world):
+    app, serving = server.build(server.ServeOptions(model=str(world[1]), served_model_name="base"))
+    with uvicorn_in_thread(app) as url:
+        client = OpenAI(base_url=url, api_key="none", max_retries=0)
+        r = client.completions.create(model="base", prompt="", max_tokens=3, temperature=0)
+        assert r.usage.prompt_tokens == 1 and r.usage.completion_tokens == 3 and r.choices[0].text
+    serving.close()

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.run_folder import ADAPTER_CONFIG, find_adapter
+from lorakit.errors import LorakitError
+from lorakit.run_folder import ADAPTER_CONFIG, check_base, find_adapter, read_adapter
 
 log = logging.getLogger("lorakit.serve")
 FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
@@ -43,6 +44,46 @@ def fingerprint(path: Path) -> str:
     return "|".join(parts)
 
 
+class NameTaken(ValueError):
+    """An adapter named like the base model: requests for that name would reach the base."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What an adapter must be to be served beside this base, checked before it touches the model."""
+
+    served_name: str = ""  # the base's public name: no adapter may take it
+    base: str | None = None  # the base model as named at startup; adapters must have been trained on it
+    per_row: bool = True  # mixed batches (peft's per-row adapter_names), which some adapters cannot join
+    force: bool = False  # accept adapters trained on another base (the same weights under another name)
+
+    def check(self, name: str, path: Path) -> None:
+        """ValueError saying why `name` (files at `path`) cannot be served here."""
+        if name == self.served_name:
+            raise NameTaken(f"'{name}' is the base model's name; give the adapter another name")
+        try:
+            meta = read_adapter(path)
+            if self.base:
+                check_base(meta, self.base, force=self.force, where=f"adapter {name} ({path})")
+        except LorakitError as e:
+            raise ValueError(str(e)) from None
+        # peft refuses adapter_names with DoRA, and a modules_to_save copy (lm_head, say) looks up every
+        # adapter of the batch in its own table: a KeyError for all the other adapters' rows.
+        unmixable = (
+            "it is a DoRA adapter"
+            if meta.use_dora
+            else f"it trains whole modules ({sorted(meta.modules_to_save)}, modules_to_save)"
+            if meta.modules_to_save
+            else None
+        )
+        if self.per_row and unmixable:
+            raise ValueError(
+                f"adapter {name} cannot join mixed-adapter batches: {unmixable}, which peft's per-row "
+                "adapters cannot run. Serve it with --batching off, or merge it (lorakit merge) and "
+                "serve the merged model"
+            )
+
+
 class Registry:
     def __init__(
         self,
@@ -50,9 +91,11 @@ class Registry:
         model_lock: threading.Lock,
         allowed_dir: Path | None = None,
         max_adapters: int | None = None,
+        admission: Admission | None = None,
     ):
         self.net = base_model  # a PeftModel while at least one adapter is loaded
         self.model_lock = model_lock
+        self.admission = admission or Admission()
         self.allowed_dir = allowed_dir.resolve() if allowed_dir else None
         self.max_adapters = max_adapters
         # public name -> (folder, confined to allowed_dir, fingerprint of the version last loaded)
@@ -92,6 +135,7 @@ class Registry:
         """
         with self._lock_for(name):
             p = self.check_path(path, confined)
+            self.admission.check(name, p)
             fp = fingerprint(p)
             with self._meta:
                 self._counter += 1

@@ -47,6 +47,8 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
 
     def error(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
         serving.stats.error(status)
+        if status >= 500:  # the client sees the message; the operator must see it too
+            log.error("answered %d: %s", status, message)
         return _error(status, message, type_, param)
 
     @app.exception_handler(APIError)

@@ -15,6 +15,7 @@ time, with the active adapter switched by peft's `set_adapter` before its forwar
 from __future__ import annotations
 
 import inspect
+import logging
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+log = logging.getLogger("lorakit.serve")
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
@@ -254,6 +256,7 @@ class Engine:
         return a
 
     def _fail(self, jobs: list[Job], e: Exception) -> None:
+        log.error("generation failed for %d row(s)", len(jobs), exc_info=e)  # the cause, for the operator
         for job in jobs:
             if job.finish_reason is None:
                 job.error = f"{type(e).__name__}: {e}"

@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +68,8 @@ def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
         per_row_adapters=batching,
         max_tokens_limit=opts.max_tokens_limit,
         max_model_len=opts.max_model_len,
+        base_name=opts.model,
+        force=opts.force,
     )
     for name, path in opts.adapters.items():
         try:
@@ -151,6 +154,7 @@ def run(opts: ServeOptions) -> int:
     if opts.watch and not opts.adapters_dir:
         raise LorakitError("--watch needs --adapters-dir: the folder to watch for new adapter versions")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = listen(opts.host, opts.port)  # before loading anything: a busy port fails at once
     app, serving = build(opts)
     if opts.adapters_dir:  # SIGHUP rescans the folder; --watch also rescans it every few seconds
         watcher = watch(serving, Path(opts.adapters_dir), opts.watch_interval_s if opts.watch else None)
@@ -160,5 +164,21 @@ def run(opts: ServeOptions) -> int:
         f"http://{opts.host}:{opts.port}/v1",
         flush=True,
     )
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening; one message if it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted server may reuse the port at once
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise LorakitError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}. Is another server running there? "
+            "Stop it or pick another --port"
+        ) from None
+    return sock

@@ -7,6 +7,7 @@ the registry holds the adapters, app.py turns the models into HTTP.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.serve import protocol as p
-from lorakit.serve.adapters import Registry
+from lorakit.serve.adapters import Admission, NameTaken, Registry
 from lorakit.serve.engine import Engine, Job
 from lorakit.serve.metrics import Stats
 
+log = logging.getLogger("lorakit.serve")
 Gone = Callable[[], Awaitable[None]]  # returns once the client has disconnected
 MAX_ROWS = 64  # completions (prompts x n) in one request: one client cannot queue unbounded work
 
@@ -46,12 +48,15 @@ class Serving:
         max_tokens_limit: int = 1024,
         max_model_len: int | None = None,
         default_max_tokens: int = 256,
+        base_name: str | None = None,
+        force: bool = False,
     ):
         self.tokenizer, self.served_name = tokenizer, served_name
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
         self.context = max_model_len or int(getattr(base_model.config, "max_position_embeddings", 2048))
         lock = threading.Lock()
-        self.registry = Registry(base_model.eval(), lock, adapters_dir, max_adapters)
+        admission = Admission(served_name, base_name, per_row_adapters, force)
+        self.registry = Registry(base_model.eval(), lock, adapters_dir, max_adapters, admission)
         gen = base_model.generation_config
         eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
         eos_ids = [i for i in {tokenizer.eos_token_id, *eos} if i is not None]
@@ -74,18 +79,20 @@ class Serving:
             )
         ]
         for name, info in self.registry.describe().items():
+            if name == self.served_name:  # a folder named like the base, refused: the id is the base's
+                continue
             data.append(p.ModelCard(id=name, created=self.started, root=info["path"], parent=self.served_name, **info))
         return p.ModelList(data=data)
 
     def load_adapter(self, req: p.LoadLoraRequest) -> str:
-        if req.lora_name == self.served_name:
-            raise APIError(400, f"'{req.lora_name}' is the base model's name", param="lora_name")
         try:
             self.registry.load(req.lora_name, req.lora_path)
         except PermissionError as e:
             raise APIError(403, str(e), "permission_error", "lora_path") from None
         except FileNotFoundError as e:
             raise APIError(404, str(e), "not_found_error", "lora_path") from None
+        except NameTaken as e:
+            raise APIError(400, str(e), param="lora_name") from None
         except ValueError as e:
             raise APIError(400, str(e), param="lora_path") from None
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
@@ -133,9 +140,12 @@ class Serving:
 
     def text_prompts(self, req: p.CompletionRequest) -> list[list[int]]:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts or any(not s for s in prompts):
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        return [self.tokenizer(s)["input_ids"] for s in prompts]
+        if not prompts:
+            raise APIError(400, "prompt must not be an empty list", param="prompt")
+        # An empty prompt is valid (as in OpenAI's API): the model starts from its BOS token, else from EOS,
+        # the document separator of models without one (GPT-2 style).
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        return [self.tokenizer(s)["input_ids"] or [start] for s in prompts]
 
     def prepare(self, req: p.SamplingFields, prompts: list[list[int]]) -> list[Job]:
         """Check limits and pin the adapter version for each of the request's rows (prompts x n)."""
@@ -194,6 +204,10 @@ class Serving:
         try:
             return self.registry.acquire(model)
         except KeyError:
+            if model in self.registry.errors:  # a folder of the adapters dir that could not be loaded
+                raise APIError(
+                    404, f"adapter {model} is not loaded: {self.registry.errors[model]}", "not_found_error", "model"
+                ) from None
             raise APIError(
                 404,
                 f"The model `{model}` does not exist. Known models: {[self.served_name, *self.registry.known]}",
@@ -304,6 +318,7 @@ class Serving:
             async for i, delta, done, reason in events:
                 if jobs[i].error:
                     self.stats.error(500)
+                    log.error("answered 500 in a stream: generation failed: %s", jobs[i].error)
                     yield p.ErrorResponse(
                         error=p.ErrorInfo(message=f"generation failed: {jobs[i].error}", type="server_error", code=500)
                     )
