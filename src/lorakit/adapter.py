@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,3 +94,23 @@ def count_params(model: Any) -> tuple[int, int]:
 
 def is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
+
+
+def load(net: Any, path: str | Path, name: str = "default") -> PeftModel:
+    """Attach the saved adapter at `path` to `net` (a base model, or a PeftModel holding others) as `name`.
+
+    An adapter of another model's shapes is one message: --force skips the check of the base's name,
+    not the laws of matrix multiplication.
+    """
+    try:
+        if isinstance(net, PeftModel):
+            net.load_adapter(str(path), adapter_name=name)
+            return net
+        return PeftModel.from_pretrained(net, str(path), adapter_name=name)
+    except RuntimeError as e:  # torch's load_state_dict: "size mismatch for ...lora_A...: copying a param ..."
+        lines = str(e).splitlines() or [type(e).__name__]
+        first = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
+        raise LorakitError(
+            f"{path}: the adapter does not fit this base model ({first}). It was trained on a model "
+            "of other shapes: use that base model."
+        ) from None

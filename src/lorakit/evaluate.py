@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from lorakit import data, files, loss, model, packing, render, scoring
+from lorakit import adapter, data, files, loss, model, packing, render, scoring
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.generate import generate
@@ -29,6 +29,11 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     held_out = [opts.data, cfg.data.eval if isinstance(cfg.data.eval, str) else None]
     out = _claim(output_dir(cfg, opts), opts.overwrite, held_out)
     adapters = {name: adapter_dir(p) for name, p in (opts.adapters or _run_adapter(cfg)).items()}
+    if BASE in adapters:  # its rows would be the base's: adapters are switched off for the name "base"
+        hint = f"--adapter NAME={adapters[BASE]}" if not opts.adapters else "--adapter NAME=PATH"
+        raise LorakitError(
+            f"an adapter named '{BASE}': that name is the base model's in eval; name it otherwise with {hint}"
+        )
     builtin, user = scoring.resolve(opts.metrics)
     tasks = harness_tasks(opts.harness) if opts.harness else []  # a missing package fails before any work
     conv = data.held_out(cfg.data, opts.data)
@@ -108,18 +113,10 @@ def output_dir(cfg: RunConfig, opts: EvalOptions) -> Path:
 
 def load_models(cfg: RunConfig, adapters: dict[str, Path], force: bool) -> Any:
     """One base model with every adapter attached under its own name (peft multi-adapter)."""
-    from peft import PeftModel
-
-    base = model.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if not adapters:
-        return base.eval()
-    net = None
+    net = model.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     for name, path in adapters.items():
         check_base(read_adapter(path), cfg.model, force=force, where=f"adapter '{name}' ({path})")
-        if net is None:
-            net = PeftModel.from_pretrained(base, path, adapter_name=name)
-        else:
-            net.load_adapter(path, adapter_name=name)
+        net = adapter.load(net, path, name)
     return net.eval()
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from jinja2.exceptions import TemplateError
 
-from lorakit import files, model, parity, render
+from lorakit import adapter, files, model, parity, render
 from lorakit.errors import LorakitError
 from lorakit.run_folder import adapter_source, check_base, read_adapter
 
@@ -38,8 +38,6 @@ def merge(
     dtype: of the saved weights, "auto" = `default_dtype(base)`. qlora: None = from the run config.
     Returns the parity report (max_abs_logit_diff, tolerance, ...; under "vs_4bit" for QLoRA).
     """
-    from peft import PeftModel
-
     out = Path(out)
     if out.exists():
         raise LorakitError(f"output folder {out} exists; remove it (rm -r {out}) or choose another OUT")
@@ -62,13 +60,13 @@ def merge(
     quantized_reference = None
     if qlora:
         # What the adapter was trained with: the 4-bit base + adapter, bitsandbytes kernels and all.
-        trained_as = PeftModel.from_pretrained(model.load_model(base, quantization="4bit"), adir).eval()
+        trained_as = adapter.load(model.load_model(base, quantization="4bit"), adir).eval()
         quantized_reference = parity.logits(trained_as, rows)
         del trained_as
         base_model = dequantized_4bit(base)
     else:
         base_model = model.load_model(base, dtype=torch.float32)
-    net = PeftModel.from_pretrained(base_model, adir).eval()
+    net = adapter.load(base_model, adir).eval()
     reference = parity.logits(net, rows)  # unmerged W x + B A x: what the merged W' = W + BA must reproduce
     merged = net.merge_and_unload().to(model.DTYPES[dtype])
     set_stop_tokens(merged, tokenizer)

@@ -29,14 +29,26 @@ def option(
     positional: bool = False,
     env: str | None = None,
     comma: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
     flag: the flag when it is not `--field-name` (e.g. `--adapter` for `adapters`, `-n`). positional: an
     argument without a flag (optional when it has a default). env: an environment variable read when the
     option is not given. comma: a list given as one comma-separated value rather than a repeated flag.
+    minimum, maximum: the range of a number, inclusive; a value outside it is one message (exit 2).
     """
-    meta = {"help": help, "flag": flag, "metavar": metavar, "positional": positional, "env": env, "comma": comma}
+    meta = {
+        "help": help,
+        "flag": flag,
+        "metavar": metavar,
+        "positional": positional,
+        "env": env,
+        "comma": comma,
+        "minimum": minimum,
+        "maximum": maximum,
+    }
     if isinstance(default, list | dict):  # a fresh one per instance
         return field(default_factory=type(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,10 +72,10 @@ class EvalOptions:
     )
     data: str | None = option(None, help="held-out file (default: the config's data.eval)")
     output: str | None = option(None, help="output folder (default: output_dir/eval)")
-    max_new_tokens: int = option(128, help="answer length cap")
-    batch_size: int = option(8, help="generation and loss batch size")
-    temperature: float = option(0.0, help="0 = greedy; >0 samples")
-    top_p: float = option(1.0, help="nucleus sampling mass when sampling")
+    max_new_tokens: int = option(128, minimum=1, help="answer length cap")
+    batch_size: int = option(8, minimum=1, help="generation and loss batch size")
+    temperature: float = option(0.0, minimum=0, help="0 = greedy; >0 samples")
+    top_p: float = option(1.0, maximum=1, help="nucleus sampling mass when sampling")
     stop: list[str] = option([], help="stop sequence (repeatable)")
     normalize: list[str] = option(
         [], comma=True, help="exact-match normalizers, comma-separated: case, whitespace, sql"
@@ -82,7 +94,7 @@ class EvalOptions:
         "'lorakit[harness]')",
     )
     limit: int | None = option(
-        None, help="evaluate only the first N examples (of the held-out set and of each harness task)"
+        None, minimum=1, help="evaluate only the first N examples (of the held-out set and of each harness task)"
     )
     force: bool = option(False, help="accept adapters trained on a different base")
     overwrite: bool = option(False, help="replace an existing output folder")
@@ -138,27 +150,30 @@ class ServeOptions:
         False, help="load new or changed adapters of --adapters-dir without a restart (SIGHUP forces a rescan)"
     )
     host: str = option("127.0.0.1", help="bind address")
-    port: int = option(8000, help="port")
+    port: int = option(8000, minimum=1, maximum=65535, help="port")
     api_key: str | None = option(
         None, env="LORAKIT_API_KEY", help="require Authorization: Bearer KEY on all but /health"
     )
     max_adapters: int | None = option(
         None,
+        minimum=1,
         help="keep at most N adapters loaded: the least recently used is "
         "unloaded, and loaded again when a request names it",
     )
-    max_batch: int = option(8, help="requests decoded together")
+    max_batch: int = option(8, minimum=1, help="requests decoded together")
     batching: Literal["on", "off"] = option(
         "on",
         help="off: one request at a time, switching the active adapter per request (the naive server, for comparison)",
     )
-    max_tokens_limit: int = option(1024, help="largest max_tokens a request may ask")
+    max_tokens_limit: int = option(1024, minimum=1, help="largest max_tokens a request may ask")
     batch_window_ms: float = option(
-        10.0, help="how long an idle server waits for more requests to batch with the first"
+        10.0, minimum=0, help="how long an idle server waits for more requests to batch with the first"
     )
-    watch_interval_s: float = option(2.0, flag="--watch-interval", help="seconds between --watch rescans")
-    max_model_len: int | None = option(None, help="prompt + max_tokens at most (default: the model's context)")
-    max_body_bytes: int = option(1 << 20, help="largest request body in bytes")
+    watch_interval_s: float = option(2.0, minimum=0.1, flag="--watch-interval", help="seconds between --watch rescans")
+    max_model_len: int | None = option(
+        None, minimum=1, help="prompt + max_tokens at most (default: the model's context)"
+    )
+    max_body_bytes: int = option(1 << 20, minimum=1, help="largest request body in bytes")
     device: str = option("auto", help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", help="weights dtype; auto = fp32 on CPU, bf16 (or fp16) on GPU"
@@ -175,19 +190,19 @@ class ServeOptions:
 @dataclass(kw_only=True)
 class QuickstartDataOptions:
     out: str = option("runs/quickstart-data", positional=True, help="folder")
-    n_train: int = option(2000, help="training chats")
-    n_eval: int = option(50, help="held-out chats")
+    n_train: int = option(2000, minimum=1, help="training chats")
+    n_eval: int = option(50, minimum=1, help="held-out chats")
     seed: int = option(0, help="seed of the generator")
 
 
 @dataclass(kw_only=True)
 class QuickstartCompareOptions:
-    max_new_tokens: int = option(48, help="answer length cap")
+    max_new_tokens: int = option(48, minimum=1, help="answer length cap")
 
 
 @dataclass(kw_only=True)
 class PreviewOptions:
-    n: int = option(3, flag="-n", help="how many examples to print")
+    n: int = option(3, minimum=0, flag="-n", help="how many examples to print")
     no_color: bool = option(False, help="mark trained spans with [[...]] even on a terminal")
 
 
@@ -237,6 +252,7 @@ def from_args(cls: type, args: argparse.Namespace) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if typing.get_origin(_unwrap(hints[f.name])[0]) is dict and isinstance(value, list):
             value = pairs(value, flag)
+        _check_range(value, meta["minimum"], meta["maximum"], flag)
         values[f.name] = value
     return cls(**values)
 
@@ -250,6 +266,20 @@ def pairs(items: list[str], flag: str) -> dict[str, str]:
             raise LorakitError(f"{flag} '{item}' is not NAME=PATH (e.g. {flag} sql=runs/quickstart)")
         out[name] = path
     return out
+
+
+def _check_range(value: Any, low: float | None, high: float | None, flag: str) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = (
+            f"between {low:g} and {high:g}"
+            if low is not None and high is not None
+            else f"at least {low:g}"
+            if low is not None
+            else f"at most {high:g}"
+        )
+        raise LorakitError(f"{flag} {value:g}: must be {bounds}")
 
 
 def _unwrap(kind: Any) -> tuple[Any, list | None]:

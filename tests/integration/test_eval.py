@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import ClassVar
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from lorakit import cli, config, evaluate
@@ -111,6 +113,13 @@ def test_bad_inputs(setup, tmp_path, capsys):
     meta["base_model_name_or_path"] = "someone/else"
     (other / "adapter_config.json").write_text(json.dumps(meta))
     (other / "adapter_model.safetensors").write_bytes((Path(adapters["a"]) / "adapter_model.safetensors").read_bytes())
+    misfit = tmp_path / "misfit"  # the same names, other shapes: an adapter of another model
+    misfit.mkdir()
+    (misfit / "adapter_config.json").write_text(json.dumps(meta))
+    weights = load_file(Path(adapters["a"]) / "adapter_model.safetensors")
+    save_file(
+        {k: torch.zeros(v.shape[0], v.shape[1] + 8) for k, v in weights.items()}, misfit / "adapter_model.safetensors"
+    )
     base_args = ["eval", str(cfg_path), "--max-new-tokens", "2"]
     cases = [
         (["--adapter", f"x={other}", "--output", str(tmp_path / "o1")], "was trained on 'someone/else'"),
@@ -120,6 +129,10 @@ def test_bad_inputs(setup, tmp_path, capsys):
         ),
         (["--adapter", "nameonly"], "is not NAME=PATH"),
         (["--adapter", f"a={tmp_path}"], "no adapter_config.json"),
+        (["--adapter", f"base={adapters['a']}"], "an adapter named 'base': that name is the base model's in eval"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+        (["--limit", "0"], "--limit 0: must be at least 1"),
+        (["--adapter", f"x={misfit}", "--force"], "the adapter does not fit this base model (size mismatch for"),
     ]
     for extra, fragment in cases:
         assert cli.main(base_args + extra) == 2, fragment
@@ -136,6 +149,14 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "has no eval.json, so lorakit did not write it" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me"
     assert cli.main(base_args + ["--output", str(tmp_path / "o3"), "--overwrite"]) == 0
+    # A run folder named "base": its adapter would be evaluated as the base.
+    shutil.copytree(adapters["a"], tmp_path / "runs" / "base" / "adapter")
+    named_base = cfg_path.with_name("base.yaml")
+    named_base.write_text(
+        yaml.safe_dump({**cfg.model_dump(mode="json"), "output_dir": str(tmp_path / "runs" / "base")})
+    )
+    assert cli.main(["eval", str(named_base), "--max-new-tokens", "2"]) == 2
+    assert f"name it otherwise with --adapter NAME={tmp_path / 'runs' / 'base' / 'adapter'}" in capsys.readouterr().err
 
 
 def test_harness_scores_each_model_on_the_shared_base(setup, tmp_path, capsys):
