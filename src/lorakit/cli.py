@@ -294,8 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     cmd: Command | None = getattr(args, "cmd", None)
+    # argparse fills `overrides` only with the key=value words before the first option: the ones after
+    # an option (`lorakit train run.yaml --resume train.max_steps=5`) come back here, in their order.
+    if rest and cmd is not None and cmd.takes_config and not any(r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if cmd is None:
         parser.print_help()
         return 0 if not argv and args.command is None else 2

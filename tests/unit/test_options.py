@@ -1,6 +1,7 @@
 """Command-line options come from one definition: the options dataclasses and the command table."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 
@@ -85,3 +86,33 @@ def test_values_reach_the_options_object(monkeypatch):
         options.from_args(options.EvalOptions, parse("eval", ["--adapter", "nameonly"]))
     with pytest.raises(SystemExit):
         parse("serve", ["--model", "m", "--dtype", "int3"])  # choices come from the Literal
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "run.yaml", "--resume", "train.max_steps=5", "train.lr=1e-3"],
+        ["train", "run.yaml", "train.max_steps=5", "--resume", "train.lr=1e-3"],
+        ["train", "--resume", "run.yaml", "train.max_steps=5", "train.lr=1e-3"],
+        ["data", "preview", "run.yaml", "-n", "0", "train.max_steps=5", "train.lr=1e-3"],
+    ],
+)
+def test_overrides_and_options_in_any_order(argv, monkeypatch):
+    from lorakit import config, data, model, preview, train
+
+    seen = {}
+    cfg = SimpleNamespace(model="m", trust_remote_code=False, data=None)
+    monkeypatch.setattr(config, "load", lambda path, overrides: seen.update(path=path, overrides=overrides) or cfg)
+    monkeypatch.setattr(train, "run", lambda cfg, **kw: seen.update(kw) or SimpleNamespace(summary={}))
+    monkeypatch.setattr(model, "load_tokenizer", lambda *a, **kw: None)
+    monkeypatch.setattr(data, "prepare", lambda *a: SimpleNamespace(train=None, stats={}))
+    monkeypatch.setattr(preview, "print_preview", lambda *a, n, color: seen.update(n=n))
+    assert cli.main(argv) == 0
+    assert seen["path"] == "run.yaml" and seen["overrides"] == ["train.max_steps=5", "train.lr=1e-3"]
+    assert seen.get("resume", True) and seen.get("n", 0) == 0
+
+
+def test_a_stray_flag_is_still_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "run.yaml", "train.lr=1e-3", "--no-such-flag"])
+    assert e.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
