@@ -42,6 +42,14 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder
     """
     run = RunFolder.of(cfg)
     out, saved = run.root, run.config  # config.yaml: also the resolved config that later stages read
+    if resume and overwrite:
+        raise LorakitError("--resume continues the run in output_dir and --overwrite deletes it: choose one")
+    if resume and not latest(run.checkpoints):  # checked before anything is written there
+        why = "it saved none: set train.save_every" if run.has_results() else "no run has trained there"
+        raise LorakitError(
+            f"--resume: {out} has no checkpoint to resume from ({why}). Run without --resume to start a run, "
+            "or with --overwrite to start this one over."
+        )
     if overwrite and out.exists():
         check_overwritable(out, cfg)
     try:
@@ -72,8 +80,6 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder
                 f"output_dir {out} holds a run with a different config ({keys} differ); "
                 "resume it with its own config, or use --overwrite / another output_dir."
             )
-    elif resume and not latest(run.checkpoints):
-        raise LorakitError(f"--resume: {out} has no checkpoint to resume from; run without --resume.")
     config.dump(cfg, saved)
     return run
 

@@ -82,6 +82,19 @@ def cmd_train(cfg: Any, opts: o.TrainOptions) -> int:
     return 0
 
 
+def train_interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C'd training run tells: where its newest checkpoint is and the command that continues it."""
+    from lorakit import checkpoint, config
+    from lorakit.run_folder import RunFolder
+
+    run = RunFolder.of(config.load(args.config, args.overrides))
+    newest = checkpoint.latest(run.checkpoints)
+    if newest is None:
+        return f"interrupted: no checkpoint was saved in {run.root} (set train.save_every to be able to resume)"
+    again = shlex.join(["lorakit", "train", args.config, *args.overrides, "--resume"])
+    return f"interrupted: the newest checkpoint is {newest}; continue the run with:\n  {again}"
+
+
 def cmd_quickstart_data(opts: o.QuickstartDataOptions) -> int:
     from lorakit import quickstart
 
@@ -171,6 +184,7 @@ class Command:
     help: str  # one line in `lorakit --help`
     description: str  # the top of `lorakit NAME --help`
     takes_config: bool = False  # a YAML run file and key.sub=value overrides come first
+    interrupted: Callable[[argparse.Namespace], str] | None = None  # what Ctrl-C prints (default "interrupted")
 
 
 GROUPS = {
@@ -191,6 +205,7 @@ COMMANDS = [
         "Train a LoRA, QLoRA or full fine-tune. Writes to output_dir: adapter/ (peft format) or model/, "
         "config.yaml, metrics.jsonl, loss.png, summary.json and checkpoints/.",
         takes_config=True,
+        interrupted=train_interrupted,
     ),
     Command(
         "eval",
@@ -327,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(cmd.interrupted(args) if cmd.interrupted else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -213,9 +213,26 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise LorakitError(f"override '{item}': '{part}' is a value, not a section")
         node = nxt
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
-        node[parts[-1]] = value
+        parsed = value
+    # YAML reads `{a}` as a mapping and `[x]` as a list; for a key that holds text (a template, a path)
+    # the user meant the text itself.
+    if isinstance(parsed, dict | list) and _text_only(tuple(parts)):
+        parsed = value
+    node[parts[-1]] = parsed
+
+
+def _text_only(loc: tuple) -> bool:
+    """Whether the key at `loc` takes neither a mapping, a list nor a section (e.g. data.template.prompt)."""
+    parent = _model_at(loc[:-1])
+    field = parent.model_fields.get(str(loc[-1])) if parent else None
+    if field is None:
+        return False
+    kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
+    return not any(
+        get_origin(k) in (list, dict) or (isinstance(k, type) and issubclass(k, BaseModel | list | dict)) for k in kinds
+    )
 
 
 def dump(cfg: RunConfig, path: str | Path) -> None:

@@ -65,6 +65,11 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
     examples = _examples(prepared.train)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(rows) / per_step))
+    if per_step > len(rows):
+        accelerator.print(
+            f"note: one step takes {per_step} rows (batch_size x grad_accum x processes) but the data makes "
+            f"{len(rows)}: rows repeat within every step. Lower train.batch_size or train.grad_accum, or add data."
+        )
     optimizer = build_optimizer(net, cfg)
     warmup = cfg.train.warmup_steps
     scheduler = (
@@ -121,6 +126,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         grad_norm = (
             accelerator.clip_grad_norm_(net.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm else None
         )
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses; stepping the scheduler sets the next one
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -132,7 +138,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         record = {
             "step": step,
             "loss": train_loss,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "tokens_per_s": _throughput(state, accelerator.num_processes),
         }
         if grad_norm is not None:
@@ -151,7 +157,8 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
                 accelerator.log(record, step=step)
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+        # The last step is saved too: a finished run then resumes exactly when max_steps is raised.
+        if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total_steps):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 plain = accelerator.unwrap_model(net)
@@ -362,7 +369,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _fault_injection(step: int) -> None:
-    # Tests kill the real process at a chosen step (SIGKILL: no cleanup runs) to prove resume is exact.
-    kill_at = os.environ.get("LORAKIT_KILL_AFTER_STEP")
-    if kill_at and int(kill_at) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    # Tests kill the real process at a chosen step (SIGKILL: no cleanup runs) to prove resume is exact,
+    # or press Ctrl-C there (SIGINT) to see what the user is told.
+    for variable, sig in (("LORAKIT_KILL_AFTER_STEP", signal.SIGKILL), ("LORAKIT_INTERRUPT_AFTER_STEP", signal.SIGINT)):
+        at = os.environ.get(variable)
+        if at and int(at) == step:
+            os.kill(os.getpid(), sig)

@@ -180,7 +180,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, arch_dirs):
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11)), "resumed metrics continue without duplicates"
     ckpts = sorted((tmp_path / "killed" / "checkpoints").iterdir())
-    assert [p.name for p in ckpts] == ["step-0000006", "step-0000009"], "only the newest keep_checkpoints=2 stay"
+    assert [p.name for p in ckpts] == ["step-0000009", "step-0000010"], "the last step too; the newest 2 stay"
     # Each checkpoint holds its adapter in peft's format: usable without lorakit.
     net = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(arch_dirs["llama"]), ckpts[-1] / "adapter")
     saved = load_file(ckpts[-1] / "trainable.safetensors")
@@ -347,3 +347,61 @@ def test_lora_variants_train_and_save_their_config(tmp_path, arch_dirs, variant)
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["use_dora"] == cfg.adapter.use_dora and saved["use_rslora"] == cfg.adapter.use_rslora
     assert (saved["modules_to_save"] or None) == cfg.adapter.modules_to_save
+
+
+def test_resume_never_restarts_silently_and_a_finished_run_extends_exactly(tmp_path, arch_dirs, capsys):
+    llama = arch_dirs["llama"]
+    no_ckpt = make_config(tmp_path, llama, output_dir=str(tmp_path / "plain"), **{"train.max_steps": 2})
+    train.run(no_ckpt, progress=False)
+    before = {f: (tmp_path / "plain" / f).read_bytes() for f in ("metrics.jsonl", "adapter/adapter_model.safetensors")}
+    with pytest.raises(LorakitError, match=r"has no checkpoint to resume from \(it saved none: set train.save_every\)"):
+        train.run(no_ckpt, resume=True, progress=False)
+    assert before == {f: (tmp_path / "plain" / f).read_bytes() for f in before}, (
+        "nothing of the finished run was replaced"
+    )
+    new = make_config(tmp_path, llama, output_dir=str(tmp_path / "new"))
+    with pytest.raises(LorakitError, match=r"no run has trained there"):
+        train.run(new, resume=True, progress=False)
+    assert not (tmp_path / "new").exists(), "no empty folder left behind"
+
+    # A finished run with checkpoints: raising max_steps continues from its last step, as one longer run would.
+    over = {"train.save_every": 2, "adapter.dropout": 0.1}
+    straight = train.run(
+        make_config(tmp_path, llama, output_dir=str(tmp_path / "a"), **over, **{"train.max_steps": 6}), progress=False
+    )
+    train.run(
+        make_config(tmp_path, llama, output_dir=str(tmp_path / "b"), **over, **{"train.max_steps": 4}), progress=False
+    )
+    assert (tmp_path / "b" / "checkpoints" / "step-0000004").is_dir(), "the last step is checkpointed"
+    capsys.readouterr()
+    extended = train.run(
+        make_config(tmp_path, llama, output_dir=str(tmp_path / "b"), **over, **{"train.max_steps": 6}),
+        resume=True,
+        progress=False,
+    )
+    assert "(step 4)" in capsys.readouterr().out
+    for (name, p), q in zip(straight.model.named_parameters(), extended.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_continue(tmp_path, arch_dirs, capsys, monkeypatch):
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.save_every": 2, "train.max_steps": 6})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    monkeypatch.setenv("LORAKIT_INTERRUPT_AFTER_STEP", "3")  # a real SIGINT, as Ctrl-C sends
+    assert cli.main(["train", str(path), "--no-progress", "train.log_every=1"]) == 130
+    err = capsys.readouterr().err
+    assert f"the newest checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-0000002'}" in err
+    assert f"lorakit train {path} train.log_every=1 --resume" in err
+    monkeypatch.delenv("LORAKIT_INTERRUPT_AFTER_STEP")
+    assert cli.main(["train", str(path), "--no-progress", "train.log_every=1", "--resume"]) == 0
+
+
+def test_the_logged_rate_is_the_one_the_step_used_and_a_batch_over_the_data_is_said(tmp_path, arch_dirs, capsys):
+    cfg = make_config(
+        tmp_path, arch_dirs["llama"], **{"train.max_steps": 1, "train.scheduler": "cosine", "train.batch_size": 64}
+    )
+    train.run(cfg, progress=False)
+    [record] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert record["lr"] == cfg.train.lr, "a one-step cosine run logged 0.0, the rate after its only step"
+    assert "note: one step takes 64 rows" in capsys.readouterr().out

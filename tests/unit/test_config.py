@@ -59,6 +59,16 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
 
 
+def test_an_override_of_a_text_key_is_its_text(tmp_path):
+    """YAML reads `{a}` as a mapping: a template override written with braces failed as 'not a string'."""
+    cfg = config.load(
+        write(tmp_path, {"data": {"train": "x.jsonl"}}),
+        ["data.template.prompt=Rewrite politely: {toxic}", "data.template.completion={neutral1}", "output_dir=[x]"],
+    )
+    assert (cfg.data.template.prompt, cfg.data.template.completion) == ("Rewrite politely: {toxic}", "{neutral1}")
+    assert cfg.output_dir == "[x]"
+
+
 @pytest.mark.parametrize("bad", ["train.max_steps", "=3", "train.nope=1"])
 def test_bad_overrides_are_refused(tmp_path, bad):
     with pytest.raises(LorakitError):
