@@ -38,13 +38,28 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder
     """Check that `output_dir` may be used by this run, and record the config there.
 
     A folder holding another run is never overwritten without --overwrite; --resume needs the same
-    config (only the run length and logging cadence may change).
+    config (only the run length and logging cadence may change) and a checkpoint. Every refusal comes
+    before anything is written.
     """
     run = RunFolder.of(cfg)
     out, saved = run.root, run.config  # config.yaml: also the resolved config that later stages read
     if resume and overwrite:
         raise LorakitError("--resume continues the run in output_dir and --overwrite deletes it: choose one")
-    if resume and not latest(run.checkpoints):  # checked before anything is written there
+    # A run that failed during setup (bad model path, bad targets) left only its config: reusable.
+    if saved.is_file() and run.has_results() and not overwrite:
+        if not resume:
+            raise LorakitError(
+                f"output_dir {out} already holds a run. Use --resume to continue it, "
+                "--overwrite to start over, or set output_dir=another/folder."
+            )
+        diff = sorted(_diff(yaml.safe_load(saved.read_text()), cfg.model_dump(mode="json")) - RESUMABLE_CHANGES)
+        if diff:
+            keys = ", ".join(".".join(k) for k in diff)
+            raise LorakitError(
+                f"output_dir {out} holds a run with a different config ({keys} differ); "
+                "resume it with its own config, or use --overwrite / another output_dir."
+            )
+    if resume and not latest(run.checkpoints):
         why = "it saved none: set train.save_every" if run.has_results() else "no run has trained there"
         raise LorakitError(
             f"--resume: {out} has no checkpoint to resume from ({why}). Run without --resume to start a run, "
@@ -64,22 +79,6 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder
             f"output_dir {out}: cannot write there ({e.strerror}). Pick a writable folder "
             "with output_dir=... or free some disk space."
         ) from None
-    # A run that failed during setup (bad model path, bad targets) left only its config: reusable.
-    if saved.is_file() and run.has_results():
-        before = yaml.safe_load(saved.read_text())
-        now = cfg.model_dump(mode="json")
-        diff = sorted(_diff(before, now) - RESUMABLE_CHANGES) if resume else None
-        if not resume:
-            raise LorakitError(
-                f"output_dir {out} already holds a run. Use --resume to continue it, "
-                "--overwrite to start over, or set output_dir=another/folder."
-            )
-        if diff:
-            keys = ", ".join(".".join(k) for k in diff)
-            raise LorakitError(
-                f"output_dir {out} holds a run with a different config ({keys} differ); "
-                "resume it with its own config, or use --overwrite / another output_dir."
-            )
     config.dump(cfg, saved)
     return run
 
