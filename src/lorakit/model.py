@@ -226,8 +226,23 @@ def load_model(
         # bitsandbytes quantizes from checkpoint files: write the dequantized weights out first.
         with tempfile.TemporaryDirectory() as tmp:
             write_dequantized(where.path, where.gguf_file, tmp)
-            return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
-    return _from_pretrained(AutoModelForCausalLM, where, **kwargs)
+            return _cpu_4bit_safe(AutoModelForCausalLM.from_pretrained(tmp, **kwargs))
+    return _cpu_4bit_safe(_from_pretrained(AutoModelForCausalLM, where, **kwargs))
+
+
+def _cpu_4bit_safe(model: PreTrainedModel) -> PreTrainedModel:
+    """Keep 4-bit layers whose shape bitsandbytes' CPU inference kernel cannot take on its general path.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a 4-bit weight for a faster kernel at the first
+    forward without gradients, and asserts that out_features is a multiple of 32 (and in_features even):
+    any other shape (a small or odd model) crashed eval, merge and serve, though training (which never
+    repacks) worked. Such layers stay on the general path, the one training used.
+    """
+    for module in model.modules():
+        unpackable = getattr(module, "out_features", 32) % 32 or getattr(module, "in_features", 2) % 2
+        if hasattr(module, "support_avx512bf16_for_cpu") and unpackable:
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:

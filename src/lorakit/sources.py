@@ -167,15 +167,18 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
         if not reader.fieldnames:
             raise LorakitError(f"{path}: empty file or no header row; the first line must name the columns")
         records, where = [], []
+        # line_num is the last line read: a record with a quoted line break starts before it.
+        start = reader.line_num + 1
         for rec in reader:
             extra = rec.pop(None, None)  # more cells than header names
             if extra:
                 raise LorakitError(
-                    f"{path}:{reader.line_num}: row has {len(reader.fieldnames) + len(extra)} "
+                    f"{path}:{start}: row has {len(reader.fieldnames) + len(extra)} "
                     f"cells but the header has {len(reader.fieldnames)} columns"
                 )
             records.append({k: ("" if v is None else v) for k, v in rec.items()})
-            where.append(f"{path}:{reader.line_num}")
+            where.append(f"{path}:{start}")
+            start = reader.line_num + 1
     return records, where
 
 

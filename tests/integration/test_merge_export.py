@@ -1,13 +1,14 @@
 """merge (LoRA and QLoRA) with parity, GGUF round trip with Modelfile, and the vLLM command line."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import cli, config, merge
 from lorakit import model as lkmodel
@@ -190,6 +191,38 @@ def test_export_cli_merges_a_run_and_writes_gguf(tmp_path, bases, capsys):
     assert "merged" in out and "tokenizer identical" in out and "<= tolerance" in out
     assert (tmp_path / "out" / "merged" / "config.json").is_file() and (tmp_path / "out" / "Modelfile").is_file()
     assert (tmp_path / "out" / "merged.f32.gguf").is_file()
+
+
+def test_export_takes_a_full_fine_tune_run_folder(tmp_path, bases, capsys):
+    """The help says run folders are accepted; a full fine-tune's was refused ("no config.json")."""
+    run = tmp_path / "full"
+    shutil.copytree(bases["llama"], run / "model")
+    (run / "config.yaml").write_text(f"model: {bases['llama']}\nmethod: full\ndata: {{train: x.jsonl}}\n")
+    assert cli.main(["export", str(run), str(tmp_path / "out"), "--format", "gguf", "--outtype", "f32"]) == 0
+    assert "tokenizer identical" in capsys.readouterr().out and (tmp_path / "out" / "model.f32.gguf").is_file()
+
+
+def test_an_unknown_pre_tokenizer_is_refused_before_writing(tmp_path, bases, capsys):
+    assert cli.main(["export", str(bases["llama"]), str(tmp_path / "out"), "--format", "gguf", "--pre", "smolm"]) == 2
+    err = capsys.readouterr().err
+    assert "--pre 'smolm' is not a pre-tokenizer llama.cpp knows" in err and "did you mean smollm" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_merge_of_a_model_bitsandbytes_cannot_repack(tmp_path):
+    """out_features not a multiple of 32: bitsandbytes' CPU repacking asserted in merge (training worked)."""
+    tok = tiny_tokenizer()
+    odd = AutoConfig.for_model(
+        "llama", hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(odd).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    adapter = train_qlora_adapter(tmp_path / "base", tmp_path / "adapter")
+    report = merge.merge(adapter, tmp_path / "merged", base=str(tmp_path / "base"), qlora=True, dtype="fp32")
+    assert report["ok"] and report["vs_4bit"]["ok"]
 
 
 def test_modelfile_follows_the_chat_template():

@@ -81,6 +81,15 @@ def test_row_that_is_not_an_object(tmp_path):
         sources.read(str(tmp_path / "d.json"))
 
 
+def test_csv_rows_are_located_by_their_first_line(tmp_path):
+    """A record with quoted line breaks was located by its last line."""
+    (tmp_path / "d.csv").write_text('a,b\n1,"two\nlines\nhere"\n3,4\n')
+    assert sources.read(str(tmp_path / "d.csv")).where == [f"{tmp_path / 'd.csv'}:2", f"{tmp_path / 'd.csv'}:5"]
+    (tmp_path / "e.csv").write_text('a,b\n1,"two\nlines"\n5,6,7\n')
+    with pytest.raises(LorakitError, match=r"e\.csv:4: row has 3 cells"):
+        sources.read(str(tmp_path / "e.csv"))
+
+
 def test_csv_row_with_extra_cells(tmp_path):
     (tmp_path / "d.csv").write_text("a,b\n1,2\n1,2,3\n")
     with pytest.raises(LorakitError, match=r"d\.csv:3: row has 3 cells but the header has 2"):

@@ -8,6 +8,7 @@ Modelfile (ollama.py) is written beside it.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,23 @@ LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
 }
+# The pre-tokenizer names llama.cpp accepts (its src/llama-vocab.cpp, as vendored by llama-cpp-python 0.3.36);
+# any other name makes llama.cpp refuse to load the file.
+# fmt: off
+LLAMA_CPP_PRE_TOKENIZERS = frozenset({
+    "a.x-4.0", "afmoe", "bailingmoe", "bailingmoe2", "bloom", "chameleon", "chatglm-bpe", "codeshell", "cohere2moe",
+    "command-r", "dbrx", "deepseek-coder", "deepseek-llm", "deepseek-r1-qwen", "deepseek-v3", "default", "exaone",
+    "exaone-moe", "exaone4", "f2llmv2", "falcon", "falcon-h1", "falcon3", "gemma4", "gigachat", "glm4", "glm5",
+    "gpt-2", "gpt-4o", "gpt3-finnish", "granite-docling", "granite-embed-multi-311m", "granite-embed-multi-97m",
+    "grok-2", "hunyuan", "hunyuan-dense", "hy_v4", "jais", "jais-2", "jina-de", "jina-es", "jina-v1-en",
+    "jina-v2-code", "jina-v2-de", "jina-v2-es", "jina-v5-nano", "joyai-llm", "kanana2", "kimi-k2", "kormo",
+    "laguna", "lfm2", "llada-moe", "llama-bpe", "llama-v3", "llama3", "llama4", "megrez", "mellum", "mellum2",
+    "midm-2.0", "minerva-7b", "minicpm5", "minimax-m2", "modern-bert", "mpt", "olmo", "phi-2", "pixtral",
+    "poro-chat", "qwen2", "qwen35", "refact", "roberta-bpe", "sarvam-moe", "seed-coder", "smaug-bpe", "smollm",
+    "solar-open", "spark2_5", "stablelm2", "starcoder", "superbpe", "talkie", "tekken", "tiny_aya", "trillion",
+    "ufakzeka", "viking", "whitespace", "youtu",
+})
+# fmt: on
 ROUND_TRIP_TEXT = "The quick brown fox jumps over the lazy dog. SELECT name FROM t WHERE id = 1234;"
 
 
@@ -80,6 +98,13 @@ def export_model(model_dir: str | Path, out: str | Path, outtype: str = "f16", p
         )
     if outtype not in OUTTYPES:
         raise LorakitError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
+    if pre is not None and pre not in LLAMA_CPP_PRE_TOKENIZERS:
+        close = difflib.get_close_matches(pre, LLAMA_CPP_PRE_TOKENIZERS, n=3)
+        raise LorakitError(
+            f"--pre {pre!r} is not a pre-tokenizer llama.cpp knows, so it would refuse the file"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + " Leave --pre out to have it guessed from the tokenizer."
+        )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     check_supported(model.config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
