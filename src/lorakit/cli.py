@@ -106,7 +106,8 @@ def cmd_quickstart_data(opts: o.QuickstartDataOptions) -> int:
 def cmd_quickstart_compare(cfg: Any, opts: o.QuickstartCompareOptions) -> int:
     from lorakit import quickstart
 
-    quickstart.print_table(quickstart.compare(cfg, max_new_tokens=opts.max_new_tokens))
+    report = quickstart.compare(cfg, max_new_tokens=opts.max_new_tokens, device=opts.device, dtype=opts.dtype)
+    quickstart.print_table(report)
     return 0
 
 
@@ -124,7 +125,13 @@ def cmd_merge(opts: o.MergeOptions) -> int:
     from lorakit import merge
 
     report = merge.merge(
-        opts.adapter, opts.out, base=opts.base, dtype=opts.dtype, force=opts.force, qlora=True if opts.qlora else None
+        opts.adapter,
+        opts.out,
+        base=opts.base,
+        dtype=opts.dtype,
+        force=opts.force,
+        qlora=True if opts.qlora else None,
+        device=opts.device,
     )
     print(
         f"merged {'QLoRA (into the dequantized 4-bit base)' if report['qlora'] else 'LoRA'} into {opts.out} "
@@ -151,7 +158,9 @@ def cmd_export(opts: o.ExportOptions) -> int:
         return 0
     from lorakit.export import gguf
 
-    result = gguf.export(opts.source, opts.out, outtype=opts.outtype, pre=opts.pre, base=opts.base, force=opts.force)
+    result = gguf.export(
+        opts.source, opts.out, outtype=opts.outtype, pre=opts.pre, base=opts.base, force=opts.force, device=opts.device
+    )
     if result["merged"]:
         m = result["merged"]
         print(

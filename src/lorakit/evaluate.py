@@ -14,6 +14,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lorakit import adapter, data, files, loss, model, packing, render, scoring
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
@@ -47,7 +49,10 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     refs = [_reference(ex) for ex in examples]
     has_refs = all(r for r in refs)
     tokenizer = _tokenizer(cfg, adapters)
-    net = load_models(cfg, adapters, opts.force)
+    device = model.pick_device(opts.device)
+    dtype = model.pick_dtype(opts.dtype, device)
+    quantization = model.base_quantization(opts.base_precision, cfg.method)
+    net = load_models(cfg, adapters, opts.force, device=device, dtype=dtype, quantization=quantization)
     encoded = [render.encode(tokenizer, ex, max_length=cfg.data.max_length) for ex in examples] if has_refs else []
     results: dict[str, dict] = {}
     outputs: dict[str, list[str]] = {}
@@ -111,9 +116,21 @@ def output_dir(cfg: RunConfig, opts: EvalOptions) -> Path:
     return Path(opts.output) if opts.output else RunFolder.of(cfg).eval_dir
 
 
-def load_models(cfg: RunConfig, adapters: dict[str, Path], force: bool) -> Any:
-    """One base model with every adapter attached under its own name (peft multi-adapter)."""
-    net = model.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+def load_models(
+    cfg: RunConfig,
+    adapters: dict[str, Path],
+    force: bool,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
+) -> Any:
+    """One base model with every adapter attached under its own name (peft multi-adapter).
+
+    quantization "4bit" loads the base as a QLoRA run trained on it (bitsandbytes NF4, `dtype` compute).
+    """
+    net = model.load_model(
+        cfg.model, dtype=dtype, device=device, quantization=quantization, trust_remote_code=cfg.trust_remote_code
+    )
     for name, path in adapters.items():
         check_base(read_adapter(path), cfg.model, force=force, where=f"adapter '{name}' ({path})")
         net = adapter.load(net, path, name)

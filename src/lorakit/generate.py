@@ -8,6 +8,7 @@ answers are tested to equal these.
 from __future__ import annotations
 
 import torch
+from accelerate.utils import find_executable_batch_size
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -56,22 +57,29 @@ def generate(
         pad_token_id=pad_id,
         **({"temperature": temperature, "top_p": top_p} if sampling else {}),
     )
-    if seed is not None:
-        torch.manual_seed(seed)
-    # Sorting by length puts prompts of similar size in one batch, so there is little padding to waste.
+    # Sorting by length puts prompts of similar size in one batch, so there is little padding to waste, and
+    # puts the longest first: when the first batch fits in memory, every later one does.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(prompts)
+
+    # accelerate makes the batch smaller and calls again when it runs out of GPU memory.
+    @find_executable_batch_size(starting_batch_size=batch_size)
+    def run(size: int) -> None:
+        if seed is not None:
+            torch.manual_seed(seed)
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        for batch in tqdm(batches, desc="generate", disable=not progress):
+            input_ids, attention_mask = _left_pad([prompts[i] for i in batch], pad_id, device)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist()):
+                texts[i] = _decode(tokenizer, row, eos_ids, stop)
+
     was_training = model.training
     model.eval()  # dropout (LoRA's included) would make greedy decoding random
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, desc="generate", disable=not progress):
-                input_ids, attention_mask = _left_pad([prompts[i] for i in batch], pad_id, device)
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-                for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist()):
-                    texts[i] = _decode(tokenizer, row, eos_ids, stop)
+            run()
     finally:
         model.train(was_training)
     return texts

@@ -32,12 +32,15 @@ def merge(
     dtype: str = "auto",
     force: bool = False,
     qlora: bool | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Merge, check logit parity on the saved files, then move them to `out` (atomically).
 
     dtype: of the saved weights, "auto" = `default_dtype(base)`. qlora: None = from the run config.
+    device: where the merge and the parity check run ("auto": the GPU when there is one).
     Returns the parity report (max_abs_logit_diff, tolerance, ...; under "vs_4bit" for QLoRA).
     """
+    device = model.pick_device(device)
     out = Path(out)
     if out.exists():
         raise LorakitError(f"output folder {out} exists; remove it (rm -r {out}) or choose another OUT")
@@ -59,13 +62,15 @@ def merge(
     rows = parity.inputs(tokenizer, prompts)
     quantized_reference = None
     if qlora:
-        # What the adapter was trained with: the 4-bit base + adapter, bitsandbytes kernels and all.
-        trained_as = adapter.load(model.load_model(base, quantization="4bit"), adir).eval()
-        quantized_reference = parity.logits(trained_as, rows)
+        # What the adapter was trained with: the 4-bit base + adapter, bitsandbytes kernels and all, computing
+        # in the dtype training used on this device.
+        compute = model.pick_dtype(run_cfg.train.precision if run_cfg else "auto", device)
+        trained_as = adapter.load(model.load_model(base, dtype=compute, device=device, quantization="4bit"), adir)
+        quantized_reference = parity.logits(trained_as.eval(), rows)
         del trained_as
-        base_model = dequantized_4bit(base)
+        base_model = dequantized_4bit(base, device)
     else:
-        base_model = model.load_model(base, dtype=torch.float32)
+        base_model = model.load_model(base, dtype=torch.float32, device=device)
     net = adapter.load(base_model, adir).eval()
     reference = parity.logits(net, rows)  # unmerged W x + B A x: what the merged W' = W + BA must reproduce
     merged = net.merge_and_unload().to(model.DTYPES[dtype])
@@ -74,7 +79,7 @@ def merge(
     with files.atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        report = check_saved(tmp, rows, reference, quantized_reference, dtype)
+        report = check_saved(tmp, rows, reference, quantized_reference, dtype, device)
     return {**report, "prompts": prompts_from, "qlora": qlora, "eos_token_id": merged.generation_config.eos_token_id}
 
 
@@ -101,9 +106,9 @@ def default_dtype(base: str) -> str:
     return "fp16" if saved and "float16" in saved and "bfloat16" not in saved else "bf16"
 
 
-def dequantized_4bit(base: str) -> Any:
-    """The base as the 4-bit QLoRA model saw it (NF4 round trip), as plain fp32 weights."""
-    quantized = model.load_model(base, quantization="4bit")
+def dequantized_4bit(base: str, device: str = "cpu") -> Any:
+    """The base as the 4-bit QLoRA model saw it (NF4 round trip), as plain fp32 weights on `device`."""
+    quantized = model.load_model(base, device=device, quantization="4bit")
     # A fresh load, dequantized before any forward pass: on CPUs with AVX512-BF16, bitsandbytes 0.50
     # repacks 4-bit weights into a CPU layout at the first forward, and dequantizing after that
     # returns wrong weights (measured: errors larger than the weights).
@@ -146,11 +151,13 @@ def check_saved(
     reference: torch.Tensor,
     quantized_reference: torch.Tensor | None,
     dtype: str,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Reload the saved folder like a user would and compare its logits with base+adapter (and 4-bit+adapter)."""
     from transformers import AutoModelForCausalLM
 
-    got = parity.logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), rows)
+    saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": device})
+    got = parity.logits(saved.eval(), rows)
     report = {**parity.compare(got, reference, parity.TOLERANCE[dtype]), "dtype": dtype}
     checks = [("base+adapter", report)]
     if quantized_reference is not None:

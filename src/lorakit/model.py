@@ -263,6 +263,26 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesCon
     raise ValueError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
 
 
+def pick_device(device: str = "auto") -> str:
+    """Where a model runs: 'auto' is the GPU when there is one, else the CPU; cpu, cuda, cuda:1... as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise LorakitError(
+            f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA); "
+            "use --device cpu, or auto"
+        )
+    return device
+
+
+def base_quantization(precision: str, method: str | None = None) -> str | None:
+    """How to load a base for inference: 'auto' is 4-bit for a QLoRA run (the weights its adapter was trained
+    against; on the unquantized base it answers differently), else unquantized; '4bit', '8bit' or 'full'."""
+    if precision == "auto":
+        return "4bit" if method == "qlora" else None
+    return None if precision == "full" else precision
+
+
 def pick_dtype(precision: str, device: str | torch.device) -> torch.dtype:
     """Weights/autocast dtype for `train.precision`: 'auto' is fp32 on CPU, bf16 on CUDA that has it, else fp16."""
     if precision in DTYPES:

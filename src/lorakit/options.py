@@ -54,6 +54,37 @@ def option(
     return field(default=default, metadata=meta)
 
 
+# ---- options several commands take: one definition each ----
+def device_option() -> Any:
+    return option(
+        "auto", help="where the model runs: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1, ..."
+    )
+
+
+def dtype_option() -> Any:
+    return option("auto", help="the model's dtype: auto = fp32 on the CPU, bf16 on a GPU (fp16 where it has no bf16)")
+
+
+def force_option() -> Any:
+    return option(
+        False,
+        help="accept adapters whose recorded base model has another name (the same weights "
+        "under another name); without it such an adapter is refused",
+    )
+
+
+def base_precision_option() -> Any:
+    return option(
+        "auto",
+        help="how the base model is loaded: auto = 4-bit for a QLoRA run (the weights its adapter "
+        "was trained against), else in --dtype; 4bit or 8bit (bitsandbytes), or full",
+    )
+
+
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+BasePrecision = Literal["auto", "4bit", "8bit", "full"]
+
+
 # ---- the options of each command ----
 @dataclass(kw_only=True)
 class TrainOptions:
@@ -73,7 +104,10 @@ class EvalOptions:
     data: str | None = option(None, help="held-out file (default: the config's data.eval)")
     output: str | None = option(None, help="output folder (default: output_dir/eval)")
     max_new_tokens: int = option(128, minimum=1, help="answer length cap")
-    batch_size: int = option(8, minimum=1, help="generation and loss batch size")
+    batch_size: int = option(8, minimum=1, help="generation and loss batch size (made smaller while it does not fit)")
+    device: str = device_option()
+    dtype: Dtype = dtype_option()
+    base_precision: BasePrecision = base_precision_option()
     temperature: float = option(0.0, minimum=0, help="0 = greedy; >0 samples")
     top_p: float = option(1.0, maximum=1, help="nucleus sampling mass when sampling")
     stop: list[str] = option([], help="stop sequence (repeatable)")
@@ -96,7 +130,7 @@ class EvalOptions:
     limit: int | None = option(
         None, minimum=1, help="evaluate only the first N examples (of the held-out set and of each harness task)"
     )
-    force: bool = option(False, help="accept adapters trained on a different base")
+    force: bool = force_option()
     overwrite: bool = option(False, help="replace an existing output folder")
 
 
@@ -113,7 +147,8 @@ class MergeOptions:
         "in fp32; fp32 keeps it exact)",
     )
     qlora: bool = option(False, help="the adapter was trained on a 4-bit base (detected for run folders)")
-    force: bool = option(False, help="accept an adapter whose recorded base differs from --base")
+    force: bool = force_option()
+    device: str = device_option()  # the merge and its parity check; the merge itself runs in fp32
 
 
 @dataclass(kw_only=True)
@@ -133,7 +168,8 @@ class ExportOptions:
     base: str | None = option(
         None, help="base model (default: the run's model, else the adapter's base_model_name_or_path)"
     )
-    force: bool = option(False, help="accept an adapter whose recorded base differs")
+    force: bool = force_option()
+    device: str = device_option()  # the merge (of an adapter) and the checks of the written file
 
 
 @dataclass(kw_only=True)
@@ -174,14 +210,10 @@ class ServeOptions:
         None, minimum=1, help="prompt + max_tokens at most (default: the model's context)"
     )
     max_body_bytes: int = option(1 << 20, minimum=1, help="largest request body in bytes")
-    device: str = option("auto", help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:1, ...")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", help="weights dtype; auto = fp32 on CPU, bf16 (or fp16) on GPU"
-    )
-    quantization: Literal["4bit", "8bit"] | None = option(
-        None, help="load the base with bitsandbytes (default: 4bit for a QLoRA run config, else none)"
-    )
-    force: bool = option(False, help="accept adapters trained on a different base")
+    device: str = device_option()
+    dtype: Dtype = dtype_option()
+    base_precision: BasePrecision = base_precision_option()
+    force: bool = force_option()
     engine: Literal["lorakit", "vllm"] = option(
         "lorakit", help="vllm: exec vLLM's OpenAI server with the same model and adapters (GPU machines)"
     )
@@ -198,6 +230,8 @@ class QuickstartDataOptions:
 @dataclass(kw_only=True)
 class QuickstartCompareOptions:
     max_new_tokens: int = option(48, minimum=1, help="answer length cap")
+    device: str = device_option()
+    dtype: Dtype = dtype_option()
 
 
 @dataclass(kw_only=True)

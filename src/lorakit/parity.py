@@ -71,9 +71,13 @@ def inputs(tokenizer: Any, prompts: list[list[dict]], max_tokens: int = 512) -> 
 
 
 def logits(net: Any, rows: list[torch.Tensor]) -> torch.Tensor:
-    """fp32 logits of every position of every row, concatenated: (total positions, vocab)."""
+    """fp32 logits of every position of every row, concatenated on the CPU: (total positions, vocab).
+
+    Each row runs on the model's device, so two models on different devices compare directly.
+    """
+    device = next(net.parameters()).device
     with torch.no_grad():
-        return torch.cat([net(input_ids=ids).logits.float()[0] for ids in rows])
+        return torch.cat([net(input_ids=ids.to(device)).logits.float()[0].cpu() for ids in rows])
 
 
 def compare(got: torch.Tensor, reference: torch.Tensor, relative: float) -> dict[str, Any]:

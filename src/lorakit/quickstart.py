@@ -212,7 +212,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     files.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
-def compare(cfg: Any, max_new_tokens: int = 48, batch_size: int = 16) -> dict:
+def compare(
+    cfg: Any, max_new_tokens: int = 48, batch_size: int = 16, device: str = "auto", dtype: str = "auto"
+) -> dict:
     """Exact match of the base model and of the run's adapter on the run's held-out chats.
 
     It is `lorakit eval` of the run with SQL-normalized exact match (one loaded base: the adapter is
@@ -230,7 +232,13 @@ def compare(cfg: Any, max_new_tokens: int = 48, batch_size: int = 16) -> dict:
     if not isinstance(cfg.data.eval, str):
         raise LorakitError("quickstart compare needs data.eval to be a file of held-out chats")
     opts = evaluate.EvalOptions(
-        max_new_tokens=max_new_tokens, batch_size=batch_size, normalize=["sql"], metrics=["exact_match"], overwrite=True
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        normalize=["sql"],
+        metrics=["exact_match"],
+        overwrite=True,
     )
     return evaluate.run(cfg, opts)
 

@@ -247,3 +247,37 @@ def test_quickstart_compare_is_eval_with_sql_exact_match(tmp_path, tiny_llama_di
         == 2
     )
     assert "no adapter yet" in capsys.readouterr().err
+
+
+def test_a_qlora_run_is_evaluated_on_the_4bit_base_it_was_trained_on(setup, tmp_path):
+    """Its answers are the ones the adapter was trained against; --base-precision full evaluates the fp32 base."""
+    from peft import PeftModel
+
+    from lorakit import model, render
+
+    _, cfg, _ = setup
+    torch.manual_seed(0)
+    quantized = model.load_model(cfg.model, quantization="4bit")
+    net = get_peft_model(
+        quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    net.save_pretrained(tmp_path / "q")
+    qlora = cfg.model_copy(update={"method": "qlora"})
+    losses = {}
+    for precision in ("auto", "full"):
+        opts = evaluate.EvalOptions(
+            adapters={"q": str(tmp_path / "q")},
+            output=str(tmp_path / precision),
+            max_new_tokens=2,
+            metrics=["exact_match"],
+            base_precision=precision,
+        )
+        losses[precision] = evaluate.run(qlora, opts)["models"]["q"]["loss"]
+    # The same loss by hand, on each base.
+    tok = model.load_tokenizer(cfg.model)
+    examples = evaluate.data.held_out(cfg.data).examples
+    encoded = [render.encode(tok, ex, max_length=cfg.data.max_length) for ex in examples]
+    for precision, quant in (("auto", "4bit"), ("full", None)):
+        by_hand = PeftModel.from_pretrained(model.load_model(cfg.model, quantization=quant), tmp_path / "q").eval()
+        assert losses[precision] == pytest.approx(evaluate.held_out_loss(by_hand, encoded, tok, 8), rel=1e-5)
+    assert losses["auto"] != pytest.approx(losses["full"], rel=1e-4), "the two bases answer differently"

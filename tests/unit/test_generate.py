@@ -1,6 +1,7 @@
 """generate(): batched, left-padded, order-preserving chat completion on tiny local models."""
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 
 from lorakit.generate import _decode, _left_pad, generate
@@ -86,3 +87,19 @@ def test_other_chat_template_and_missing_pad(tok):
     assert llama2_tok.pad_token == llama2_tok.eos_token
     batched = generate(model, llama2_tok, chats, max_new_tokens=6, batch_size=2)
     assert batched == [generate(model, llama2_tok, [c], max_new_tokens=6)[0] for c in chats]
+
+
+def test_a_batch_that_does_not_fit_is_made_smaller(llama, tok, monkeypatch):
+    """Out of GPU memory at batch 4: the same answers come back from smaller batches."""
+    expected = generate(llama, tok, CHATS, max_new_tokens=6, batch_size=1)
+    real, sizes = llama.generate, []
+
+    def small_memory(*, input_ids, **kw):
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(llama, "generate", small_memory)
+    assert generate(llama, tok, CHATS, max_new_tokens=6, batch_size=4) == expected
+    assert sizes[0] == 4 and sizes[-1] <= 2 and len(sizes) > 3, sizes

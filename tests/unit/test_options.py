@@ -73,9 +73,9 @@ def test_values_reach_the_options_object(monkeypatch):
     monkeypatch.setenv("LORAKIT_API_KEY", "from-env")
     serve = options.from_args(
         options.ServeOptions,
-        parse("serve", ["--model", "m", "--batching", "off", "--watch-interval", "3", "--quantization", "4bit"]),
+        parse("serve", ["--model", "m", "--batching", "off", "--watch-interval", "3", "--base-precision", "4bit"]),
     )
-    assert (serve.api_key, serve.batching, serve.watch_interval_s, serve.quantization) == (
+    assert (serve.api_key, serve.batching, serve.watch_interval_s, serve.base_precision) == (
         "from-env",
         "off",
         3.0,

@@ -19,6 +19,7 @@ import torch
 from lorakit import files, parity
 from lorakit.errors import LorakitError
 from lorakit.export import ollama
+from lorakit.model import pick_device
 from lorakit.render import special_ids
 from lorakit.run_folder import locate
 
@@ -62,8 +63,12 @@ def export(
     pre: str | None = None,
     base: str | None = None,
     force: bool = False,
+    device: str = "auto",
 ) -> dict:
-    """`export --format gguf`: SOURCE is a model folder, or a run/adapter folder merged (fp32) into OUT/merged first."""
+    """`export --format gguf`: SOURCE is a model folder, or a run/adapter folder merged (fp32) into OUT/merged first.
+
+    device: where the merge and the read-back check compute ("auto": the GPU when there is one).
+    """
     from lorakit import merge, model
 
     out = Path(out)
@@ -72,7 +77,7 @@ def export(
     if found is not None and found.kind == "adapter":
         model_dir = out / "merged"
         # fp32: the GGUF's own --outtype decides the precision; rounding twice would only add error.
-        merged = merge.merge(source, model_dir, base=base, dtype="fp32", force=force)
+        merged = merge.merge(source, model_dir, base=base, dtype="fp32", force=force, device=device)
     elif found is not None:  # a model folder, or a full fine-tune's run folder
         model_dir = found.path
     else:
@@ -83,10 +88,12 @@ def export(
                 "(a GGUF or hub model needs no lorakit export)"
             )
         model_dir = Path(where.path)
-    return {**export_model(model_dir, out, outtype=outtype, pre=pre), "merged": merged}
+    return {**export_model(model_dir, out, outtype=outtype, pre=pre, device=device), "merged": merged}
 
 
-def export_model(model_dir: str | Path, out: str | Path, outtype: str = "f16", pre: str | None = None) -> dict:
+def export_model(
+    model_dir: str | Path, out: str | Path, outtype: str = "f16", pre: str | None = None, device: str = "auto"
+) -> dict:
     """GGUF of a model folder plus an Ollama Modelfile; checks logits and tokens after reading it back."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,7 +119,7 @@ def export_model(model_dir: str | Path, out: str | Path, outtype: str = "f16", p
     text, warning = ollama.modelfile(name, tokenizer, model.generation_config)
     with files.atomic_file(out / name) as tmp:  # kept only if it passes the round trip
         write(model, tokenizer, tmp, outtype, pre)
-        check = round_trip(model, tokenizer, tmp, outtype)
+        check = round_trip(model, tokenizer, tmp, outtype, device)
     files.write_text(out / "Modelfile", text)
     return {"gguf": str(out / name), "modelfile": str(out / "Modelfile"), "modelfile_warning": warning, **check}
 
@@ -255,7 +262,7 @@ def guess_pre(tokenizer: Any, cfg: Any) -> str:
     return "gpt-2" if [p.get("type") for p in parts] == ["ByteLevel"] else "default"
 
 
-def round_trip(model: Any, tokenizer: Any, path: Path, outtype: str) -> dict:
+def round_trip(model: Any, tokenizer: Any, path: Path, outtype: str, device: str = "auto") -> dict:
     """Load the GGUF with transformers (dequantized) and compare its tokenizer and logits with the source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -274,7 +281,9 @@ def round_trip(model: Any, tokenizer: Any, path: Path, outtype: str) -> dict:
                 f"({got_ids[:12]}... vs {want_ids[:12]}...); nothing written. Try another --pre"
             )
     ids = torch.tensor([tokenizer(texts[-1], add_special_tokens=False)["input_ids"]])
-    back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    device = pick_device(device)  # both models compute there; transformers reads a GGUF on the CPU
+    model, back = model.to(device), back.to(device).eval()
     report = parity.compare(
         parity.logits(back, [ids]), parity.logits(model, [ids]), parity.TOLERANCE[OUTTYPES[outtype]]
     )

@@ -28,7 +28,7 @@ def resolve_model(opts: ServeOptions) -> ServeOptions:
     """A run config (YAML) stands for its base model plus its trained adapter (named after output_dir)."""
     if not opts.model.endswith((".yaml", ".yml")):
         return opts
-    from lorakit import config
+    from lorakit import config, model
 
     cfg = config.load(opts.model)
     adapters = dict(opts.adapters)
@@ -36,23 +36,22 @@ def resolve_model(opts: ServeOptions) -> ServeOptions:
     if (adapter := find_adapter(run.root)) is not None:
         adapters.setdefault(run.name, str(adapter))
     # A QLoRA adapter answers as trained only on the 4-bit base it was trained on.
-    quantization = opts.quantization or ("4bit" if cfg.method == "qlora" else None)
-    return replace(opts, model=cfg.model, adapters=adapters, quantization=quantization)
+    precision = model.base_quantization(opts.base_precision, cfg.method) or "full"
+    return replace(opts, model=cfg.model, adapters=adapters, base_precision=precision)
 
 
 def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
     """Load the base, the --adapter ones and those of --adapters-dir; the app and its Serving."""
-    import torch
-
     from lorakit import model
     from lorakit.serve.app import create_app
     from lorakit.serve.serving import Serving
 
     opts = resolve_model(opts)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
+    device = model.pick_device(opts.device)
     dtype = model.pick_dtype(opts.dtype, device)
     tokenizer = model.load_tokenizer(opts.model)
-    base = model.load_model(opts.model, dtype=dtype, device=device, quantization=opts.quantization)
+    quantization = model.base_quantization(opts.base_precision)
+    base = model.load_model(opts.model, dtype=dtype, device=device, quantization=quantization)
     adapters_dir = Path(opts.adapters_dir) if opts.adapters_dir else None
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise LorakitError(f"--adapters-dir {adapters_dir}: not a folder")
@@ -116,6 +115,7 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
     Returns the argv and the environment to add: the key travels as VLLM_API_KEY, not in argv,
     where any local user could read it in the process list.
     """
+    from lorakit import model
     from lorakit.export import vllm
 
     opts = resolve_model(opts)
@@ -135,7 +135,7 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         max_model_len=opts.max_model_len,
         dtype=opts.dtype,
         max_adapters=opts.max_adapters,
-        quantization=opts.quantization,
+        quantization=model.base_quantization(opts.base_precision),
     )
     return cmd, {"VLLM_API_KEY": opts.api_key} if opts.api_key else {}
 
