@@ -21,7 +21,7 @@ from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.generate import generate
 from lorakit.options import EvalOptions
-from lorakit.run_folder import EVAL_HTML, EVAL_JSON, RunFolder, adapter_dir, check_base, find_adapter, read_adapter
+from lorakit.run_folder import EVAL_HTML, EVAL_JSON, RunFolder, adapter_dir, check_base, locate, read_adapter
 
 BASE = "base"
 
@@ -30,9 +30,12 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Evaluate; write eval.json and eval.html into the output folder; return the eval.json content."""
     held_out = [opts.data, cfg.data.eval if isinstance(cfg.data.eval, str) else None]
     out = _claim(output_dir(cfg, opts), opts.overwrite, held_out)
-    adapters = {name: adapter_dir(p) for name, p in (opts.adapters or _run_adapter(cfg)).items()}
-    if BASE in adapters:  # its rows would be the base's: adapters are switched off for the name "base"
-        hint = f"--adapter NAME={adapters[BASE]}" if not opts.adapters else "--adapter NAME=PATH"
+    if opts.adapters:
+        adapters, full = {name: adapter_dir(p) for name, p in opts.adapters.items()}, {}
+    else:
+        adapters, full = _own_result(cfg)
+    if BASE in adapters or BASE in full:  # its rows would be the base's: adapters are switched off for the name "base"
+        hint = f"--adapter NAME={adapters[BASE]}" if BASE in adapters and not opts.adapters else "--adapter NAME=PATH"
         raise LorakitError(
             f"an adapter named '{BASE}': that name is the base model's in eval; name it otherwise with {hint}"
         )
@@ -57,31 +60,15 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     results: dict[str, dict] = {}
     outputs: dict[str, list[str]] = {}
     for name in [BASE, *adapters]:
-        with active(net, name):
-            scores: dict[str, Any] = {}
-            if encoded:
-                nll = held_out_loss(net, encoded, tokenizer, opts.batch_size)
-                scores.update(loss=nll, perplexity=math.exp(min(nll, 50)))
-            outputs[name] = generate(
-                net,
-                tokenizer,
-                prompts,
-                max_new_tokens=opts.max_new_tokens,
-                batch_size=opts.batch_size,
-                temperature=opts.temperature,
-                top_p=opts.top_p,
-                stop=opts.stop or None,
-                seed=0 if opts.temperature else None,
-                progress=True,
-            )
-        results[name] = scores
+        results[name], outputs[name] = answer(net, name, tokenizer, prompts, encoded, tasks, opts)
+    for name, folder in full.items():  # a full fine-tune is a model of its own: it replaces the base in memory
+        del net
+        net = model.load_model(str(folder), dtype=dtype, device=device, quantization=quantization).eval()
+        results[name], outputs[name] = answer(net, name, tokenizer, prompts, encoded, tasks, opts)
     per_example: dict[str, list[dict]] = {}
-    if has_refs:
-        for name, preds in outputs.items():
-            totals, per_example[name] = scoring.score(preds, refs, builtin, user, opts.normalize)
-            results[name].update(totals)
-    for name in results if tasks else []:
-        results[name]["harness"] = harness(net, tokenizer, name, tasks, opts.batch_size, opts.limit)
+    for name, preds in outputs.items() if has_refs else ():
+        totals, per_example[name] = scoring.score(preds, refs, builtin, user, opts.normalize)
+        results[name].update(totals)
     report = {
         "models": results,
         "examples": [
@@ -96,7 +83,7 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
         ],
         "settings": {
             "data": opts.data or cfg.data.eval,
-            "adapters": {n: str(p) for n, p in adapters.items()},
+            "adapters": {n: str(p) for n, p in {**adapters, **full}.items()},
             "max_new_tokens": opts.max_new_tokens,
             "temperature": opts.temperature,
             "normalize": opts.normalize,
@@ -109,6 +96,32 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
 
     html_report.write(out / EVAL_HTML, report)
     return report
+
+
+def answer(
+    net: Any, name: str, tokenizer: Any, prompts: list, encoded: list, tasks: list[str], opts: EvalOptions
+) -> tuple[dict[str, Any], list[str]]:
+    """One model's held-out loss (when there are references), harness scores and answers to `prompts`."""
+    scores: dict[str, Any] = {}
+    with active(net, name):
+        if encoded:
+            nll = held_out_loss(net, encoded, tokenizer, opts.batch_size)
+            scores.update(loss=nll, perplexity=math.exp(min(nll, 50)))
+        texts = generate(
+            net,
+            tokenizer,
+            prompts,
+            max_new_tokens=opts.max_new_tokens,
+            batch_size=opts.batch_size,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            stop=opts.stop or None,
+            seed=0 if opts.temperature else None,
+            progress=True,
+        )
+    if tasks:
+        scores["harness"] = harness(net, tokenizer, name, tasks, opts.batch_size, opts.limit)
+    return scores, texts
 
 
 def output_dir(cfg: RunConfig, opts: EvalOptions) -> Path:
@@ -257,10 +270,12 @@ def _reference(ex: dict) -> str:
     return answers[-1] if answers else ""
 
 
-def _run_adapter(cfg: RunConfig) -> dict[str, Path]:
-    run = RunFolder.of(cfg)
-    found = find_adapter(run.root)
-    return {run.name: found} if found is not None else {}
+def _own_result(cfg: RunConfig) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The run's own result under the run's name: its adapter (lora, qlora), or its model (full); none yet: ({}, {})."""
+    found = locate(RunFolder.of(cfg).root)
+    if found is None or found.run is None:
+        return {}, {}
+    return ({found.name: found.path}, {}) if found.kind == "adapter" else ({}, {found.name: found.path})
 
 
 def _claim(out: Path, overwrite: bool, data: list[str | None]) -> Path:

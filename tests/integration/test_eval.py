@@ -281,3 +281,16 @@ def test_a_qlora_run_is_evaluated_on_the_4bit_base_it_was_trained_on(setup, tmp_
         by_hand = PeftModel.from_pretrained(model.load_model(cfg.model, quantization=quant), tmp_path / "q").eval()
         assert losses[precision] == pytest.approx(evaluate.held_out_loss(by_hand, encoded, tok, 8), rel=1e-5)
     assert losses["auto"] != pytest.approx(losses["full"], rel=1e-4), "the two bases answer differently"
+
+
+def test_a_full_fine_tune_is_compared_with_its_base(setup, tmp_path):
+    _, cfg, _ = setup
+    tuned = AutoModelForCausalLM.from_pretrained(cfg.model)
+    with torch.no_grad():
+        tuned.lm_head.weight.mul_(3.0)  # a model that answers differently
+    tuned.save_pretrained(tmp_path / "full" / "model")
+    full = cfg.model_copy(update={"method": "full", "output_dir": str(tmp_path / "full")})
+    report = evaluate.run(full, evaluate.EvalOptions(max_new_tokens=4, metrics=["exact_match"]))
+    assert list(report["models"]) == ["base", "full"]
+    assert report["models"]["full"]["loss"] != pytest.approx(report["models"]["base"]["loss"])
+    assert report["settings"]["adapters"] == {"full": str(tmp_path / "full" / "model")}

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from lorakit import cli, config, evaluate, merge, model
 from lorakit.generate import generate
+from lorakit.run_folder import find_adapter
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,7 +41,7 @@ def test_auto_is_the_gpu_in_bf16():
 
 def test_eval_and_generate_run_on_cuda(run):
     net = evaluate.load_models(
-        run, {"run": evaluate.find_adapter(run.output_dir)}, force=False, device="cuda", dtype=torch.bfloat16
+        run, {"run": find_adapter(run.output_dir)}, force=False, device="cuda", dtype=torch.bfloat16
     )
     assert next(net.parameters()).device.type == "cuda"
     tok = model.load_tokenizer(run.model)
