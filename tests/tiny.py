@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<pad>"]
 VOCAB_SIZE = 640
-ARCHS = ("llama", "qwen2", "gemma2", "gemma3", "bloom")
+ARCHS = ("llama", "qwen2", "gemma", "gemma2", "gemma3", "bloom")
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A small model learns to answer questions about
@@ -135,6 +135,8 @@ def _config(arch: str, tokenizer: PreTrainedTokenizerFast):
         max_position_embeddings=2048,
         **ids,
     )
+    if arch == "gemma":
+        return AutoConfig.for_model("gemma", head_dim=16, **sizes)
     if arch in ("gemma2", "gemma3"):
         # Gemma sets head_dim explicitly; a sliding window smaller than test sequences exercises
         # the local-attention layers too.
@@ -148,7 +150,7 @@ def _config(arch: str, tokenizer: PreTrainedTokenizerFast):
 def tiny_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised CausalLM of the real `arch` class: hidden 64, 2 layers, 4 heads, fp32.
 
-    arch: llama, qwen2, gemma2, gemma3 (text-only Gemma3ForCausalLM) or bloom. The vocab matches
+    arch: llama, qwen2, gemma, gemma2, gemma3 (text-only Gemma3ForCausalLM) or bloom. The vocab matches
     `tokenizer` and the pad/bos/eos ids come from it. Same seed, same weights.
     """
     config = _config(arch, tokenizer)

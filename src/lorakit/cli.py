@@ -23,6 +23,10 @@ from lorakit import options as o
 from lorakit.errors import LorakitError
 
 OVERRIDES_HELP = "config overrides as key.sub=value, e.g. train.max_steps=20 data.train=x.jsonl"
+LOCAL_HELP = (
+    "apply the file's `local:` block: a recipe's twin that runs offline on a CPU (the built-in model, "
+    "data from ../shared/data, fewer steps)"
+)
 
 
 def config_reference() -> str:
@@ -87,11 +91,13 @@ def train_interrupted(args: argparse.Namespace) -> str:
     from lorakit import checkpoint, config
     from lorakit.run_folder import RunFolder
 
-    run = RunFolder.of(config.load(args.config, args.overrides))
+    run = RunFolder.of(config.load(args.config, args.overrides, local=args.local))
     newest = checkpoint.latest(run.checkpoints)
     if newest is None:
         return f"interrupted: no checkpoint was saved in {run.root} (set train.save_every to be able to resume)"
-    again = shlex.join(["lorakit", "train", args.config, *args.overrides, "--resume"])
+    again = shlex.join(
+        ["lorakit", "train", args.config, *args.overrides, *(["--local"] if args.local else []), "--resume"]
+    )
     return f"interrupted: the newest checkpoint is {newest}; continue the run with:\n  {again}"
 
 
@@ -311,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         if cmd.takes_config:
             p.add_argument("config", help="YAML run file (see configs/)")
             p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
+            p.add_argument("--local", action="store_true", help=LOCAL_HELP)
         o.add_arguments(p, cmd.options)
         p.set_defaults(cmd=cmd)
     return parser
@@ -338,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd.run(opts)
         from lorakit import config
 
-        return cmd.run(config.load(args.config, args.overrides), opts)
+        return cmd.run(config.load(args.config, args.overrides, local=args.local), opts)
     except LorakitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

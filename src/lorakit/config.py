@@ -140,9 +140,11 @@ class RunConfig(_Strict):
     trust_remote_code: bool = Field(False, description="Run a hub model's own Python code (off by default).")
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), local: bool = False) -> RunConfig:
     """Read a YAML run file, apply `key.sub=value` overrides and validate.
 
+    A file may hold a `local:` block of keys: the same recipe shrunk to run offline on a CPU (the built-in
+    model, data from ../shared/data, fewer steps). `local` applies it, before the overrides.
     Relative paths (data, model, output_dir) are taken from the current directory, as in the shell.
     """
     path = Path(path)
@@ -158,9 +160,25 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunCo
         raise LorakitError(
             f"{path}: the top level must be a mapping of keys (model, data, train, ...), got {type(raw).__name__}"
         )
+    twin = raw.pop("local", None)
+    if local:
+        if not isinstance(twin, dict):
+            raise LorakitError(
+                f"{path}: --local needs a `local:` block of keys in the file (the recipe's CPU "
+                "twin: model, data, train...); this file has none"
+            )
+        raw = merged(raw, twin)
     for item in overrides:
         apply_override(raw, item)
-    return validate(raw, source=str(path))
+    return validate(raw, source=f"{path} (with its local: block)" if local else str(path))
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the keys of `over` set in it, section by section (a value, list or null replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:

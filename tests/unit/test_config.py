@@ -92,6 +92,27 @@ def test_resolved_config_round_trips(tmp_path):
     assert config.load(tmp_path / "resolved.yaml") == cfg
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
+    """Every YAML under configs/, recipes included, and its local: twin where it has one."""
     config.load(path)
+    if "local" in yaml.safe_load(path.read_text()):
+        config.load(path, local=True)
+
+
+def test_a_local_block_is_applied_section_by_section(tmp_path):
+    path = write(
+        tmp_path,
+        {
+            "model": "org/big",
+            "data": {"train": "hub/set", "max_length": 2048},
+            "local": {"model": "smollm2-135m-instruct", "data": {"train": "local.jsonl"}},
+        },
+    )
+    assert config.load(path).model == "org/big"
+    local = config.load(path, ["data.max_length=64"], local=True)
+    assert (local.model, local.data.train, local.data.max_length) == ("smollm2-135m-instruct", "local.jsonl", 64)
+    with pytest.raises(LorakitError, match="--local needs a `local:` block"):
+        config.load(write(tmp_path, {"data": {"train": "x"}}), local=True)
+    with pytest.raises(LorakitError, match=r"\(with its local: block\).*\n  data.nope: unknown key"):
+        config.load(write(tmp_path, {"data": {"train": "x"}, "local": {"data": {"nope": 1}}}), local=True)

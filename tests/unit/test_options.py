@@ -102,7 +102,9 @@ def test_overrides_and_options_in_any_order(argv, monkeypatch):
 
     seen = {}
     cfg = SimpleNamespace(model="m", trust_remote_code=False, data=None)
-    monkeypatch.setattr(config, "load", lambda path, overrides: seen.update(path=path, overrides=overrides) or cfg)
+    monkeypatch.setattr(
+        config, "load", lambda path, overrides, local: seen.update(path=path, overrides=overrides) or cfg
+    )
     monkeypatch.setattr(train, "run", lambda cfg, **kw: seen.update(kw) or SimpleNamespace(summary={}))
     monkeypatch.setattr(model, "load_tokenizer", lambda *a, **kw: None)
     monkeypatch.setattr(data, "prepare", lambda *a: SimpleNamespace(train=None, stats={}))
