@@ -77,9 +77,14 @@ def check_targets(model: Any, targets: list[str] | str) -> None:
         )
 
 
-def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    """The parameters being trained, by name: what a checkpoint must hold to resume."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: Any, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The parameters being trained, by name: what a checkpoint must hold to resume.
+
+    weights: the model's whole state dict where its parameters are shards (FSDP); default: the parameters.
+    """
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    source = weights if weights is not None else dict(model.named_parameters())
+    return {n: source[n].detach().cpu().clone() for n in trained}
 
 
 def count_params(model: Any) -> tuple[int, int]:

@@ -35,11 +35,30 @@ RESUMABLE_CHANGES = {
 
 
 def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder:
-    """Check that `output_dir` may be used by this run, and record the config there.
+    """Check that `output_dir` may be used by this run (`check_output_dir`), and record the config there."""
+    run = check_output_dir(cfg, resume, overwrite)
+    out, saved = run.root, run.config
+    try:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise LorakitError(
+            f"output_dir {out}: cannot write there ({e.strerror}). Pick a writable folder "
+            "with output_dir=... or free some disk space."
+        ) from None
+    config.dump(cfg, saved)
+    return run
+
+
+def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder:
+    """Refuse a run that may not use `output_dir`; reads only (a launcher checks once before any rank starts).
 
     A folder holding another run is never overwritten without --overwrite; --resume needs the same
-    config (only the run length and logging cadence may change) and a checkpoint. Every refusal comes
-    before anything is written.
+    config (only the run length and logging cadence may change) and a checkpoint.
     """
     run = RunFolder.of(cfg)
     out, saved = run.root, run.config  # config.yaml: also the resolved config that later stages read
@@ -67,19 +86,6 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder
         )
     if overwrite and out.exists():
         check_overwritable(out, cfg)
-    try:
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise LorakitError(
-            f"output_dir {out}: cannot write there ({e.strerror}). Pick a writable folder "
-            "with output_dir=... or free some disk space."
-        ) from None
-    config.dump(cfg, saved)
     return run
 
 
@@ -111,14 +117,18 @@ def save(
     state: dict,
     keep: int,
     peft_model: Any = None,
+    rng_states: list[dict] | None = None,
 ) -> Path:
-    """Write checkpoint `step` into the run's checkpoints/ folder atomically; delete all but the newest `keep`."""
+    """Write checkpoint `step` into the run's checkpoints/ folder atomically; delete all but the newest `keep`.
+
+    rng_states: every rank's RNG states, in rank order (default: this process's).
+    """
     final = checkpoints / f"step-{step:07d}"
     with files.atomic_dir(final) as tmp:
         save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        torch.save(rng_states or [rng_state()], tmp / "rng.pt")
         files.write_json(tmp / "state.json", {**state, "step": step})
         if peft_model is not None:
             # The adapter in peft's format where a run folder has it, so that every command taking a run
@@ -134,8 +144,14 @@ def latest(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
-    """Restore weights, optimizer, scheduler and RNGs from a checkpoint; returns its state dict."""
+def load(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0, world: int = 1) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNGs from a checkpoint; returns its state dict."""
+    rngs = torch.load(path / "rng.pt", weights_only=False)
+    if len(rngs) != world:
+        raise LorakitError(
+            f"checkpoint {path} was written by {len(rngs)} process(es); resume it with as many "
+            f"(--nproc {len(rngs)}), since each process's data order and random state continue from there"
+        )
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = set(weights) - set(params)
@@ -149,7 +165,7 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    set_rng_state(rngs[rank])
     return json.loads((path / "state.json").read_text())
 
 

@@ -86,6 +86,20 @@ def cmd_train(cfg: Any, opts: o.TrainOptions) -> int:
     return 0
 
 
+def train_launch(args: argparse.Namespace, cfg: Any, opts: o.TrainOptions) -> int | None:
+    """Several processes or hosts: check the run folder once, then start the ranks with torchrun (None: train
+    here, in this process, which may itself be one rank of a launch)."""
+    import torch
+
+    from lorakit import checkpoint, launch, train
+
+    if not launch.wanted(opts):
+        return None
+    train.check_strategy(cfg, torch.cuda.is_available(), opts.resume)
+    checkpoint.check_output_dir(cfg, opts.resume, opts.overwrite)
+    return launch.run(args.config, args.overrides, opts, args.local)
+
+
 def train_interrupted(args: argparse.Namespace) -> str:
     """What a Ctrl-C'd training run tells: where its newest checkpoint is and the command that continues it."""
     from lorakit import checkpoint, config
@@ -200,6 +214,7 @@ class Command:
     description: str  # the top of `lorakit NAME --help`
     takes_config: bool = False  # a YAML run file and key.sub=value overrides come first
     interrupted: Callable[[argparse.Namespace], str] | None = None  # what Ctrl-C prints (default "interrupted")
+    launcher: Callable[..., int | None] | None = None  # (args, cfg, opts) -> exit code of a launch, None: run here
 
 
 GROUPS = {
@@ -221,6 +236,7 @@ COMMANDS = [
         "config.yaml, metrics.jsonl, loss.png, summary.json and checkpoints/.",
         takes_config=True,
         interrupted=train_interrupted,
+        launcher=train_launch,
     ),
     Command(
         "eval",
@@ -345,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd.run(opts)
         from lorakit import config
 
-        return cmd.run(config.load(args.config, args.overrides, local=args.local), opts)
+        cfg = config.load(args.config, args.overrides, local=args.local)
+        if cmd.launcher and (code := cmd.launcher(args, cfg, opts)) is not None:
+            return code
+        return cmd.run(cfg, opts)
     except LorakitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorakit import files
 from lorakit.errors import LorakitError
@@ -117,6 +117,12 @@ class TrainConfig(_Strict):
         "auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it, else fp16 with loss scaling."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="How several processes (--nproc, torchrun) share a run: 'ddp' (each holds the whole model) "
+        "or 'fsdp' (weights, gradients and optimizer states sharded, for a model that does not fit one device; "
+        "lora and full); 'auto' is ddp.",
+    )
     eval_every: int | None = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many newest checkpoints to keep.")
@@ -138,6 +144,15 @@ class RunConfig(_Strict):
         default_factory=list, description="Experiment trackers (through accelerate), besides metrics.jsonl."
     )
     trust_remote_code: bool = Field(False, description="Run a hub model's own Python code (off by default).")
+
+    @model_validator(mode="after")
+    def _strategy_fits_method(self) -> RunConfig:
+        if self.train.strategy == "fsdp" and self.method == "qlora":
+            raise ValueError(
+                "train.strategy: fsdp shards 16/32-bit weights, not QLoRA's 4-bit ones; use ddp for "
+                "qlora (its 4-bit base fits one device), or method lora or full with fsdp"
+            )
+        return self
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), local: bool = False) -> RunConfig:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lorakit import packing
 from lorakit.render import IGNORE
@@ -45,6 +46,19 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     if count == 0:
         return logits.sum() * 0.0, 0  # keeps the graph connected so every rank still syncs
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), count
+
+
+class OnTrainedTokens(nn.Module):
+    """`model` with `loss_sum` as its forward. Training prepares this module, not the model, so that DDP and
+    FSDP see the whole loss inside one forward: their gradient hooks are set up there, and the head that
+    `loss_sum` runs on its own (on trained positions only) would otherwise be called outside them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return loss_sum(self.model, batch)
 
 
 def held_out(

@@ -91,6 +91,18 @@ class TrainOptions:
     resume: bool = option(False, help="continue from the newest checkpoint in output_dir")
     overwrite: bool = option(False, help="delete an existing output_dir (an earlier lorakit run) and start over")
     no_progress: bool = option(False, help="no progress bar (metrics still go to metrics.jsonl)")
+    nproc: int | None = option(
+        None,
+        minimum=1,
+        help="processes on this host (one per GPU; on a CPU, each takes a "
+        "share of the batch): lorakit starts them with torchrun",
+    )
+    nnodes: int = option(
+        1, minimum=1, help="hosts of a multi-host run: start the same command on each, with its --node-rank"
+    )
+    node_rank: int = option(0, minimum=0, help="this host's number in a multi-host run, 0 to nnodes-1")
+    master_addr: str = option("127.0.0.1", help="address of host 0, where the ranks meet (multi-host runs)")
+    master_port: int = option(29500, minimum=1, maximum=65535, help="port on host 0 where the ranks meet")
 
 
 @dataclass(kw_only=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import (
     get_constant_schedule_with_warmup,
@@ -48,11 +48,22 @@ class Result:
 def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Result:
     """Train one run; the adapter (or model), metrics, plot and summary land in output_dir."""
     # ---- setup ----
-    run = checkpoint.claim_output_dir(cfg, resume, overwrite)  # also writes its config.yaml
-    tracking.check_trackers(cfg.track, run.root)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = model.pick_device("auto")
     dtype = model.pick_dtype(cfg.train.precision, device)
-    accelerator = Accelerator(mixed_precision=MIXED[dtype], log_with=cfg.track or None, project_dir=str(run.root))
+    if "LOCAL_RANK" in os.environ:  # one rank of a launch: a plain single-process run has nothing to shard
+        check_strategy(cfg, device == "cuda", resume)
+    # cpu=True: several CPU processes (torchrun on a machine without a GPU) then join over gloo.
+    accelerator = Accelerator(
+        mixed_precision=MIXED[dtype],
+        log_with=cfg.track or None,
+        project_dir=cfg.output_dir,
+        cpu=device == "cpu",
+        fsdp_plugin=fsdp_plugin(cfg),
+    )
+    # The main rank claims the folder (and deletes an old run on --overwrite) before any other rank looks.
+    with accelerator.main_process_first():
+        run = checkpoint.claim_output_dir(cfg, resume, overwrite and accelerator.is_main_process)
+    tracking.check_trackers(cfg.track, run.root)
     set_seed(cfg.train.seed)
     tokenizer = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     with accelerator.main_process_first():  # tokenize once; the other ranks then read the cache
@@ -77,13 +88,21 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         if cfg.train.scheduler == "constant"
         else SCHEDULES[cfg.train.scheduler](optimizer, warmup, total_steps)
     )
-    net, optimizer = accelerator.prepare(net, optimizer)
+    # `net` stays the model (a PeftModel for lora/qlora); `step` is what runs the loss, wrapped for DDP/FSDP.
+    step_fn, optimizer = accelerator.prepare(loss.OnTrainedTokens(net), optimizer)
     trainable, total_params = adapter.count_params(net)
     # elapsed: wall time of the loop; eval_s: the part spent evaluating, left out of tokens/s.
     state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0}
     start = 0
     if resume and (ckpt := checkpoint.latest(run.checkpoints)):
-        state = checkpoint.load(ckpt, accelerator.unwrap_model(net), optimizer, scheduler)
+        state = checkpoint.load(
+            ckpt,
+            net,
+            optimizer,
+            scheduler,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
         start = state["step"]
         tracking.truncate_after(run.metrics, start)
         accelerator.print(f"resumed from {ckpt} (step {start})")
@@ -102,7 +121,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
     )
 
     # ---- train ----
-    net.train()
+    step_fn.train()
     bar = tqdm(
         total=total_steps,
         initial=start,
@@ -121,10 +140,12 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
             )
             for j in range(0, len(step_rows), cfg.train.batch_size)
         ]
-        step_loss, n_target, n_tokens = accumulate(net, micro, accelerator, pad)
+        step_loss, n_target, n_tokens = accumulate(step_fn, micro, accelerator, pad)
         state["tokens"] += n_tokens
         grad_norm = (
-            accelerator.clip_grad_norm_(net.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm else None
+            accelerator.clip_grad_norm_(step_fn.parameters(), cfg.train.max_grad_norm)
+            if cfg.train.max_grad_norm
+            else None
         )
         lr = scheduler.get_last_lr()[0]  # the rate this step uses; stepping the scheduler sets the next one
         optimizer.step()
@@ -159,29 +180,31 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         bar.update(1)
         # The last step is saved too: a finished run then resumes exactly when max_steps is raised.
         if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total_steps):
-            accelerator.wait_for_everyone()
+            # Every rank takes part: its RNG states are gathered, and FSDP gathers the sharded weights.
+            weights, rngs = whole_state(accelerator, step_fn), gather_object([checkpoint.rng_state()])
             if accelerator.is_main_process:
-                plain = accelerator.unwrap_model(net)
                 # A full fine-tune's weights are all in the checkpoint's trainable.safetensors already.
                 checkpoint.save(
                     run.checkpoints,
                     step,
-                    adapter.trainable_state(plain),
+                    adapter.trainable_state(net, weights),
                     optimizer,
                     scheduler,
                     dict(state),
                     cfg.train.keep_checkpoints,
-                    peft_model=None if cfg.method == "full" else plain,
+                    peft_model=None if cfg.method == "full" else net,
+                    rng_states=rngs,
                 )
+            accelerator.wait_for_everyone()
         _fault_injection(step)
     bar.close()
 
     # ---- save ----
     accelerator.wait_for_everyone()
+    weights = whole_state(accelerator, step_fn)
     summary = {}
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(net)
-        save_result(final, tokenizer, run.weights(cfg.method))
+        save_result(net, tokenizer, run.weights(cfg.method), weights)
         records = tracking.read(run.metrics)
         tracking.plot(records, run.loss_plot)
         summary = {
@@ -198,6 +221,8 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
             "trainable_params": trainable,
             "total_params": total_params,
             "device": str(accelerator.device),
+            "processes": accelerator.num_processes,
+            "strategy": "fsdp" if accelerator.is_fsdp2 else "ddp" if accelerator.num_processes > 1 else "single",
             "dtype": str(dtype).removeprefix("torch."),
             "packing": use_positions,
             "examples": len(prepared.train),
@@ -205,7 +230,13 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         }
         files.write_json(run.summary, summary)
     accelerator.end_training()
-    return Result(summary, accelerator.unwrap_model(net), tokenizer)
+    return Result(summary, net, tokenizer)
+
+
+def whole_state(accelerator: Accelerator, step_fn: Any) -> dict[str, torch.Tensor]:
+    """The model's whole state dict, by its own names: gathered on the main rank under FSDP, where every rank
+    must take part."""
+    return {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(step_fn).items()}
 
 
 def accumulate(net: Any, micro: list[dict], accelerator: Accelerator, pad: int) -> tuple[float, int, int]:
@@ -222,12 +253,45 @@ def accumulate(net: Any, micro: list[dict], accelerator: Accelerator, pad: int) 
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
         last = k == len(micro) - 1
         with accelerator.no_sync(net) if not last else nullcontext(), accelerator.autocast():
-            total, _ = loss.loss_sum(net, batch)
+            total, _ = net(**batch)  # loss.OnTrainedTokens, prepared by accelerate
             # DDP averages gradients over ranks; scaling by their count turns that into a sum.
             accelerator.backward(total * accelerator.num_processes / max(n_target, 1))
         step_loss += total.item()
         n_tokens += batch["input_ids"].numel() - _padding(batch, pad)
     return step_loss, n_target, n_tokens
+
+
+def check_strategy(cfg: RunConfig, on_gpu: bool, resume: bool = False) -> None:
+    """Refuse what the strategy cannot do here: accelerate shards (FSDP) over GPUs only, and an FSDP run's
+    checkpoints hold its gathered weights but not its sharded optimizer states."""
+    if cfg.train.strategy != "fsdp":
+        return
+    if not on_gpu:
+        raise LorakitError(
+            "train.strategy: fsdp needs GPUs: accelerate shards a model over CUDA devices only (on "
+            "CPU processes it would fall back to ddp). On CPUs use train.strategy: ddp"
+        )
+    if resume:
+        raise LorakitError(
+            "--resume: an FSDP run's checkpoints hold its gathered weights (usable by eval, merge "
+            "and serve) but not its sharded optimizer states, so it cannot continue exactly; start "
+            "it again, or train with train.strategy: ddp"
+        )
+
+
+def fsdp_plugin(cfg: RunConfig) -> Any:
+    """FSDP2 through accelerate for `train.strategy: fsdp` (None otherwise): each decoder layer sharded over the
+    ranks; the whole weights are gathered to the main rank to save."""
+    if cfg.train.strategy != "fsdp":
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        state_dict_type="FULL_STATE_DICT",
+        reshard_after_forward=True,
+    )
 
 
 def build_model(cfg: RunConfig, dtype: torch.dtype, device: Any) -> Any:
@@ -302,8 +366,12 @@ def eval_loss(
     use_positions: bool,
     accelerator: Accelerator,
 ) -> float:
-    """Mean loss per trained token over the held-out rows, each rank taking its share."""
-    mine = rows[accelerator.process_index :: accelerator.num_processes]
+    """Mean loss per trained token over the held-out rows, each rank taking its share.
+
+    Under FSDP every forward is a collective that all ranks must make alike: each rank then evaluates every
+    row (the sums over ranks grow n-fold together, so their ratio is the same).
+    """
+    mine = rows if accelerator.is_fsdp2 else rows[accelerator.process_index :: accelerator.num_processes]
     total, count = loss.held_out(
         net, examples, mine, batch_size, pad, use_positions, accelerator.device, accelerator.autocast
     )
@@ -311,13 +379,14 @@ def eval_loss(
     return float(sums[0] / max(sums[1], 1))
 
 
-def save_result(net: Any, tokenizer: Any, target: Path) -> None:
+def save_result(net: Any, tokenizer: Any, target: Path, weights: dict | None = None) -> None:
     """Adapter in peft's format (or the full model) with the tokenizer, written atomically.
 
-    A serving process watching this folder sees the old version or the new one, never a partial one.
+    weights: the whole state dict (accelerate's get_state_dict: gathered under FSDP, where the model's own
+    parameters are shards). A serving process watching this folder sees the old version or the new one.
     """
     with files.atomic_dir(target) as tmp:
-        net.save_pretrained(tmp)
+        net.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
 
 
@@ -370,7 +439,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _fault_injection(step: int) -> None:
     # Tests kill the real process at a chosen step (SIGKILL: no cleanup runs) to prove resume is exact,
-    # or press Ctrl-C there (SIGINT) to see what the user is told.
+    # or press Ctrl-C there (SIGINT) to see what the user is told; LORAKIT_FAULT_RANK picks one rank of several.
+    rank = os.environ.get("LORAKIT_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
     for variable, sig in (("LORAKIT_KILL_AFTER_STEP", signal.SIGKILL), ("LORAKIT_INTERRUPT_AFTER_STEP", signal.SIGINT)):
         at = os.environ.get(variable)
         if at and int(at) == step:

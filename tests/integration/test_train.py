@@ -14,7 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorakit import cli, config, packing, train
+from lorakit import cli, config, loss, packing, train
 from lorakit.errors import LorakitError
 from tiny import save_tiny
 
@@ -130,7 +130,7 @@ def test_grad_accum_gives_the_same_gradients_as_one_big_batch(tmp_path, arch_dir
             packing.collate([[examples[i] for i in rows[r]] for r in range(j, j + batch_size)], tok.pad_token_id)
             for j in range(0, 8, batch_size)
         ]
-        train.accumulate(net, micro, Accelerator(cpu=True), tok.pad_token_id)
+        train.accumulate(loss.OnTrainedTokens(net), micro, Accelerator(cpu=True), tok.pad_token_id)
         grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad and p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
