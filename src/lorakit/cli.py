@@ -8,6 +8,7 @@ and prints the result; the modules it calls hold the logic.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -72,7 +73,10 @@ def cmd_train(cfg: Any, opts: o.TrainOptions) -> int:
     from lorakit import train
     from lorakit.run_folder import RunFolder
 
-    summary = train.run(cfg, resume=opts.resume, overwrite=opts.overwrite, progress=not opts.no_progress).summary
+    result = train.run(
+        cfg, resume=opts.resume, overwrite=opts.overwrite, progress=not opts.no_progress, force=opts.force
+    )
+    summary = result.summary
     if summary:
         keys = ("steps", "final_train_loss", "final_eval_loss", "tokens_per_s", "wall_time_s", "peak_memory_mb")
         print(
@@ -198,6 +202,19 @@ def cmd_export(opts: o.ExportOptions) -> int:
     return 0
 
 
+def cmd_plan(opts: o.PlanOptions) -> int:
+    from dataclasses import asdict
+
+    from lorakit import plan
+
+    shape, setup, est, run_tokens = plan.plan(opts)
+    if opts.json:
+        print(json.dumps({**asdict(est), "model": shape.name, "setup": asdict(setup), "run_tokens": run_tokens}))
+    else:
+        print(plan.render(shape, setup, est, run_tokens))
+    return 0
+
+
 def cmd_serve(opts: o.ServeOptions) -> int:
     from lorakit.serve import server
 
@@ -275,6 +292,16 @@ COMMANDS = [
         "One base model, many LoRA adapters: /v1/chat/completions, /v1/completions (streaming), /v1/models, "
         "/v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics. The request's `model` picks the "
         "adapter; concurrent requests of different adapters share one batch.",
+    ),
+    Command(
+        "plan",
+        cmd_plan,
+        o.PlanOptions,
+        "will a run fit, and how long will it take: memory and speed from the model's config",
+        "Predict a training run's peak memory (weights, trained parameters, gradients, optimizer states, "
+        "activations, logits, framework) and tokens/s from the model's config alone, and list which common "
+        "GPUs (or this CPU's RAM) fit it, with the largest micro-batch that fits. Bundled configs: Gemma-2B, "
+        "Gemma-2 2B/9B, Llama-2 7B/13B, Llama-3.2 1B/3B, bloom-1b1.",
     ),
     Command(
         "quickstart data",
@@ -368,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`lorakit plan ... | head`): nothing more to say
+        return 0
     except OSError as e:  # a file the command reads or writes (disk full, permissions): one message, not a trace
         where = f" {e.filename}" if e.filename else ""
         print(

@@ -102,7 +102,19 @@ class TrainConfig(_Strict):
 
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides `epochs` when set.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training set (when max_steps is unset).")
-    batch_size: int = Field(4, ge=1, le=4096, description="Rows per forward pass (packed rows when packing).")
+    batch_size: int | Literal["auto"] = Field(
+        4,
+        description="Rows per forward pass (packed rows when packing), 1 to 4096; 'auto': the largest that "
+        "`lorakit plan` predicts fits this device (at most 64).",
+    )
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 4096:
+            raise ValueError(f"batch_size must be between 1 and 4096 (or auto), got {v}")
+        return v
+
     grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
     lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     seed: int = Field(42, description="Seed for weights init, dropout and data order.")

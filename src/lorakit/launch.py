@@ -31,7 +31,11 @@ def run(config_path: str, overrides: list[str], opts: Any, local: bool) -> int:
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
-    flags = [*(["--local"] if local else []), *(["--no-progress"] if opts.no_progress else [])]
+    flags = [
+        *(["--local"] if local else []),
+        *(["--no-progress"] if opts.no_progress else []),
+        *(["--force"] if opts.force else []),
+    ]
     rank_argv = ["train", config_path, *overrides, *flags]
     resume = shlex.join(["lorakit", *rank_argv, *_launch_flags(opts), "--resume"])
     args = get_args_parser().parse_args([

@@ -91,6 +91,7 @@ class TrainOptions:
     resume: bool = option(False, help="continue from the newest checkpoint in output_dir")
     overwrite: bool = option(False, help="delete an existing output_dir (an earlier lorakit run) and start over")
     no_progress: bool = option(False, help="no progress bar (metrics still go to metrics.jsonl)")
+    force: bool = option(False, help="train even where `lorakit plan` predicts the run does not fit this device")
     nproc: int | None = option(
         None,
         minimum=1,
@@ -229,6 +230,36 @@ class ServeOptions:
     engine: Literal["lorakit", "vllm"] = option(
         "lorakit", help="vllm: exec vLLM's OpenAI server with the same model and adapters (GPU machines)"
     )
+
+
+@dataclass(kw_only=True)
+class PlanOptions:
+    config: str | None = option(
+        None,
+        positional=True,
+        help="a run config (YAML); or describe the run with --model "
+        "and the options below, which also override the config's values",
+    )
+    model: str | None = option(
+        None, help="hub id, folder, config.json or alias (a bundled reference model's config needs no download)"
+    )
+    method: Literal["lora", "qlora", "full"] | None = option(
+        None, help="lora, qlora or full (default: the config's, else lora)"
+    )
+    seq_len: int | None = option(None, minimum=1, help="tokens per row (default: data.max_length, else 1024)")
+    batch: int | None = option(
+        None, minimum=1, help="rows per forward pass per process (default: train.batch_size, else 4)"
+    )
+    r: int | None = option(None, minimum=1, help="LoRA rank (default: adapter.r, else 16)")
+    gradient_checkpointing: bool = option(False, help="recompute activations (also on where the config says so)")
+    nproc: int = option(1, minimum=1, help="processes sharing the run")
+    strategy: Literal["auto", "ddp", "fsdp"] | None = option(
+        None, help="ddp or fsdp across processes (default: train.strategy)"
+    )
+    device: Literal["auto", "cpu", "gpu"] = option(
+        "auto", help="plan for GPUs (bf16; the common ones are listed) or this CPU (fp32); auto: this machine's"
+    )
+    json: bool = option(False, help="print one JSON object (bytes) instead of the table")
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lorakit import adapter, checkpoint, data, files, loss, model, packing, tracking
+from lorakit import adapter, checkpoint, data, files, loss, model, packing, plan, tracking
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.render import IGNORE
@@ -45,8 +45,13 @@ class Result:
     tokenizer: Any
 
 
-def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Result:
-    """Train one run; the adapter (or model), metrics, plot and summary land in output_dir."""
+def run(
+    cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, force: bool = False
+) -> Result:
+    """Train one run; the adapter (or model), metrics, plot and summary land in output_dir.
+
+    force: train even where `lorakit plan` predicts the run does not fit this device.
+    """
     # ---- setup ----
     device = model.pick_device("auto")
     dtype = model.pick_dtype(cfg.train.precision, device)
@@ -60,6 +65,11 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
         cpu=device == "cpu",
         fsdp_plugin=fsdp_plugin(cfg),
     )
+    # Before the folder is claimed: its config.yaml holds the micro-batch that really ran (batch_size: auto).
+    batch, estimate = plan.check_run(cfg, device, accelerator.num_processes, force)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": batch})})
+    if estimate:
+        accelerator.print(estimate)
     # The main rank claims the folder (and deletes an old run on --overwrite) before any other rank looks.
     with accelerator.main_process_first():
         run = checkpoint.claim_output_dir(cfg, resume, overwrite and accelerator.is_main_process)
@@ -161,6 +171,8 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress:
             "loss": train_loss,
             "lr": lr,
             "tokens_per_s": _throughput(state, accelerator.num_processes),
+            "tokens": state["tokens"] * accelerator.num_processes,  # input tokens so far, all ranks
+            "train_s": round(state["elapsed"] - state["eval_s"], 3),  # training time so far, evaluation left out
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)

@@ -405,3 +405,28 @@ def test_the_logged_rate_is_the_one_the_step_used_and_a_batch_over_the_data_is_s
     [record] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert record["lr"] == cfg.train.lr, "a one-step cosine run logged 0.0, the rate after its only step"
     assert "note: one step takes 64 rows" in capsys.readouterr().out
+
+
+def test_a_run_plan_predicts_too_big_is_refused_before_anything_and_auto_picks_the_batch(
+    tmp_path, arch_dirs, monkeypatch, capsys
+):
+    from lorakit import plan
+
+    small = int(0.5 * 2**30)  # less than the framework alone: nothing fits this "machine"
+    monkeypatch.setattr(plan, "this_device", lambda device, seconds=0.3: (small, 1e11))
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.max_steps": 1})
+    with pytest.raises(LorakitError, match=r"plan: peak ~.* GiB of 0.5 GiB per process .*does not fit .*--force"):
+        train.run(cfg, progress=False)
+    assert not (tmp_path / "run").exists(), "refused before the run folder was claimed"
+    assert train.run(cfg, progress=False, force=True).summary["steps"] == 1, "--force trains anyway"
+
+    budget = int(0.9 * 2**30)  # the framework and a few rows
+    monkeypatch.setattr(plan, "this_device", lambda device, seconds=0.3: (budget, 1e11))
+    auto = make_config(tmp_path, arch_dirs["llama"], output_dir=str(tmp_path / "auto"),
+                       **{"train.batch_size": "auto", "train.max_steps": 1})  # fmt: skip
+    train.run(auto, progress=False)
+    shape, setup = plan.load_shape(auto.model), plan.setup_of(cfg, "cpu")
+    expected = min(plan._largest_batch(shape, setup, budget), 64)
+    assert 1 <= expected < 64, "a budget that makes auto choose"
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["train"]["batch_size"] == expected
+    assert f"at batch {expected}" in capsys.readouterr().out
