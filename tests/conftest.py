@@ -35,3 +35,11 @@ def shared_data_dir() -> Path:
 def shared_data() -> Path:
     """The shared example data folder (skips when absent)."""
     return shared_data_dir()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so fixtures can tell whether the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

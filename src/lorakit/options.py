@@ -227,6 +227,11 @@ class ServeOptions:
     dtype: Dtype = dtype_option()
     base_precision: BasePrecision = base_precision_option()
     force: bool = force_option()
+    no_ui: bool = option(
+        False,
+        help="serve the API only: no explorer page at / (it compares the base and its "
+        "adapters side by side, and shows their training runs)",
+    )
     engine: Literal["lorakit", "vllm"] = option(
         "lorakit", help="vllm: exec vLLM's OpenAI server with the same model and adapters (GPU machines)"
     )

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ class Version:
     fingerprint: str
     users: int = 0
     retired: bool = False
+    loaded_at: float = field(default_factory=time.time)  # when this version went live (shown by the page)
 
 
 def fingerprint(path: Path) -> str:
@@ -293,7 +295,7 @@ class Registry:
         with self._meta:
             out = {n: {"path": str(k[0]), "loaded": n in self.active} for n, k in self.known.items()}
             for n, v in self.active.items():
-                out[n]["version"] = v.internal
+                out[n].update(version=v.internal, loaded_at=int(v.loaded_at))
             for n, err in self.errors.items():
                 out.setdefault(n, {"path": None, "loaded": False})["error"] = err
         return out

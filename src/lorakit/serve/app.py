@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lorakit.serve import explorer
 from lorakit.serve import protocol as p
 from lorakit.serve.metrics import Stats
 from lorakit.serve.serving import APIError, Serving
@@ -35,7 +36,9 @@ ERROR_TYPES = {
 }
 
 
-def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int = 1 << 20, ui: bool = True) -> FastAPI:
+    """The HTTP app of `serving`; ui: the explorer page at / (explorer.py)."""
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -105,11 +108,14 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
     async def unload(req: p.UnloadLoraRequest) -> PlainTextResponse:
         return PlainTextResponse(await asyncio.to_thread(serving.unload_adapter, req))
 
+    if ui:
+        explorer.add_routes(app, serving)
     return app
 
 
 class Guard:
-    """ASGI middleware: the API key on all but /health, and the body size, before any route parses a request.
+    """ASGI middleware: the API key on all but /health and the page, and the body size, before any route parses a
+    request.
 
     The size is counted as the body arrives, so a chunked upload without Content-Length is stopped too.
     """
@@ -125,6 +131,7 @@ class Guard:
         if (
             self.api_key
             and scope["path"] != "/health"
+            and not explorer.is_public(scope["path"])
             and not secrets.compare_digest(given, f"Bearer {self.api_key}".encode())
         ):
             self.stats.error(401)

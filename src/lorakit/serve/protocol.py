@@ -150,7 +150,7 @@ class UsageInfo(_Body):
 class ModelCard(_Body):
     """One entry of /v1/models: the base (with max_model_len) or an adapter (its parent is the base)."""
 
-    optional = frozenset({"max_model_len", "path", "loaded", "version", "error"})
+    optional = frozenset({"max_model_len", "path", "loaded", "version", "loaded_at", "error"})
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -162,6 +162,7 @@ class ModelCard(_Body):
     path: str | None = None
     loaded: bool | None = None
     version: str | None = None
+    loaded_at: int | None = None  # when the version serving it went live (unix time)
     error: str | None = None
 
 

@@ -80,7 +80,7 @@ def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
         serving.registry.scan(adapters_dir)
         for name, err in serving.registry.errors.items():
             log.error("adapter %s not loaded: %s", name, err)
-    return create_app(serving, opts.api_key, opts.max_body_bytes), serving
+    return create_app(serving, opts.api_key, opts.max_body_bytes, ui=not opts.no_ui), serving
 
 
 @dataclass
@@ -161,7 +161,8 @@ def run(opts: ServeOptions) -> int:
         signal.signal(signal.SIGHUP, lambda *_: watcher.wake.set())
     print(
         f"serving {serving.served_name} with adapters {list(serving.registry.known)} on "
-        f"http://{opts.host}:{opts.port}/v1",
+        f"http://{opts.host}:{opts.port}/v1"
+        + ("" if opts.no_ui else f"; the explorer page: http://{opts.host}:{opts.port}/"),
         flush=True,
     )
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -1,0 +1,79 @@
+"""The explorer: the web page `lorakit serve` answers at / (static files in ui/), and the JSON it reads
+beside the OpenAI API: the served runs (`/v1/lorakit/runs`) and the server's state (`/v1/lorakit/state`).
+
+The page itself asks the OpenAI-compatible API for its answers, so it shows exactly what API users get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, HTMLResponse, Response
+
+from lorakit.serve import runs
+from lorakit.serve.serving import APIError, Serving
+
+UI_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+def is_public(path: str) -> bool:
+    """The page and its files load without the API key; the page then asks for it, for the API calls."""
+    return path == "/" or path.startswith("/ui/")
+
+
+def add_routes(app: FastAPI, serving: Serving) -> None:
+    ui = resources.files("lorakit.serve") / "ui"
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((ui / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/ui/{name}")
+    async def asset(name: str) -> Response:
+        if name not in UI_FILES:
+            raise APIError(404, f"no {name} here", "not_found_error")
+        return Response((ui / name).read_text(encoding="utf-8"), media_type=UI_FILES[name])
+
+    @app.get("/v1/lorakit/runs")
+    async def served_runs() -> dict:
+        # Reading run folders is file work: off the event loop, which is decoding for other clients.
+        return {"runs": await asyncio.to_thread(_runs, serving)}
+
+    @app.get("/v1/lorakit/runs/{name}/eval.html")
+    async def eval_page(name: str) -> FileResponse:
+        path = _adapter(serving, name)
+        html = runs.eval_html(path) if path is not None else None
+        if html is None:
+            raise APIError(404, f"no eval.html for {name}: run `lorakit eval` on its run folder", "not_found_error")
+        return FileResponse(html, media_type="text/html")
+
+    @app.get("/v1/lorakit/state")
+    async def state() -> dict:
+        described = serving.registry.describe()
+        return {
+            "base": serving.served_name,
+            "queue_depth": serving.engine.depth(),
+            "running_rows": serving.engine.running,
+            "adapters_loaded": sum(1 for d in described.values() if d["loaded"]),
+            "adapters_evicted": sum(1 for d in described.values() if not d["loaded"] and "error" not in d),
+            "adapters_failed": sum(1 for d in described.values() if "error" in d),
+            "max_model_len": serving.context,
+        }
+
+
+def _adapter(serving: Serving, name: str) -> Path | None:
+    known = serving.registry.known.get(name)  # only the folders the server already serves
+    return known[0] if known is not None else None
+
+
+def _runs(serving: Serving) -> list[dict]:
+    out = []
+    for name in list(serving.registry.known):
+        path = _adapter(serving, name)
+        described = runs.describe(name, path) if path is not None else None
+        if described is not None:
+            out.append(described)
+    return out
