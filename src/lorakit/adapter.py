@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +102,19 @@ def is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
+def peft_name(name: str) -> str:
+    """The name an adapter takes inside peft, which names modules after it (no "."): a public name like
+    llama-3.2-finetome or sql-v1.5 stays the user's everywhere else."""
+    return re.sub(r"[^A-Za-z0-9_@-]", "_", name)
+
+
 def load(net: Any, path: str | Path, name: str = "default") -> PeftModel:
     """Attach the saved adapter at `path` to `net` (a base model, or a PeftModel holding others) as `name`.
 
     An adapter of another model's shapes is one message: --force skips the check of the base's name,
     not the laws of matrix multiplication.
     """
+    name = peft_name(name)
     try:
         if isinstance(net, PeftModel):
             net.load_adapter(str(path), adapter_name=name)

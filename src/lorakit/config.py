@@ -112,7 +112,7 @@ class TrainConfig(_Strict):
     @classmethod
     def _batch_range(cls, v: int | str) -> int | str:
         if isinstance(v, int) and not 1 <= v <= 4096:
-            raise ValueError(f"batch_size must be between 1 and 4096 (or auto), got {v}")
+            raise ValueError("must be between 1 and 4096, or auto")
         return v
 
     grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")

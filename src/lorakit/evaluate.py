@@ -163,7 +163,7 @@ def active(net: Any, name: str) -> Iterator[None]:
         with net.disable_adapter():
             yield
     else:
-        net.set_adapter(name)
+        net.set_adapter(adapter.peft_name(name))
         yield
 
 

@@ -30,9 +30,14 @@ GPUS = {
     "H100 80GB": (80 * GIB, 989e12),
 }
 # Measured by bench/plan_accuracy.py and bench/train_throughput.py; see the README's plan table.
-CPU_UTILIZATION = 0.28  # lorakit's share of the fp32 matmul peak on a CPU
-GPU_UTILIZATION = 0.40  # a conservative share for bf16 training steps on a GPU
-CPU_BASE_BYTES = 0.85 * GIB  # torch, transformers, peft, accelerate and datasets loaded, before any model
+# The share of the matmul peak lorakit's steps reach, by device and method (QLoRA on a CPU dequantizes every
+# weight at every matmul), and the per-step costs outside the matmuls: the optimizer over the trained
+# parameters, and Python and kernel launches per layer and micro-batch. Fitted by bench/plan_accuracy.py.
+UTILIZATION = {("cpu", "lora"): 0.30, ("cpu", "qlora"): 0.03, ("cpu", "full"): 0.30,
+               ("cuda", "lora"): 0.40, ("cuda", "qlora"): 0.30, ("cuda", "full"): 0.45}  # fmt: skip
+OPTIMIZER_SECONDS_PER_PARAM = {"cpu": 3e-9, "cuda": 2e-11}
+LAYER_SECONDS = {"cpu": 4e-3, "cuda": 3e-4}  # per layer and micro-batch
+CPU_BASE_BYTES = 0.65 * GIB  # torch, transformers, peft, accelerate, datasets and a tokenizer, no model yet
 GPU_BASE_BYTES = 0.6 * GIB  # the CUDA context and the caching allocator's reserve
 FRAGMENTATION = 1.10  # allocators hold more than the live tensors
 
@@ -76,6 +81,7 @@ class Setup:
     optimizer: str = "adamw"
     trained_share: float = 0.5  # of the tokens, the ones with a label (completions only trains answers)
     device: str = "cuda"  # "cuda" (bf16) or "cpu" (fp32)
+    grad_accum: int = 1  # micro-batches per optimizer step
 
 
 @dataclass
@@ -183,6 +189,10 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
         "activations": act,
         "logits": logits,
     }
+    if not gpu:
+        # Loading reads the fp32 checkpoint into a state dict beside the model it fills: twice the weights in RAM
+        # for a moment, which for a small adapter run is the peak of the whole process.
+        parts["loading"] = max(0, 2 * 4 * shape.params // shard - sum(parts.values()))
     parts["framework"] = int((GPU_BASE_BYTES if gpu else CPU_BASE_BYTES) + (FRAGMENTATION - 1) * (act + logits))
     return parts
 
@@ -219,17 +229,28 @@ def estimate(shape: Shape, s: Setup, here: tuple[int, float] | None = None) -> E
     parts = memory(shape, s)
     peak = sum(parts.values())
     per_token = flops_per_token(shape, s)
-    utilization = CPU_UTILIZATION if s.device == "cpu" else GPU_UTILIZATION
     devices = {} if s.device == "cpu" else dict(GPUS)
     if here is not None:
         devices = {f"this {s.device.upper()}": here, **devices}
     fits = {
         name: {"memory_bytes": size, "fits": peak <= size, "largest_batch": _largest_batch(shape, s, size),
-               "tokens_per_s": round(flops * utilization / per_token * s.nproc, 1)}
+               "tokens_per_s": round(tokens_per_s(shape, s, flops), 1)}
         for name, (size, flops) in devices.items()
     }  # fmt: skip
     speed = next(iter(fits.values()))["tokens_per_s"] if fits else 0.0
     return Estimate(s.device, peak, parts, per_token, speed, fits)
+
+
+def tokens_per_s(shape: Shape, s: Setup, flops: float) -> float:
+    """Training tokens a second over all processes, on a device of `flops` matmul FLOP/s: the matmuls at the
+    utilization lorakit reaches, plus the optimizer's step and the per-layer costs of each micro-batch."""
+    kind = "cpu" if s.device == "cpu" else "cuda"
+    tokens = s.batch * s.seq_len * s.grad_accum
+    trained = shape.params if s.method == "full" else _lora_params(shape, s)
+    matmuls = tokens * flops_per_token(shape, s) / (flops * UTILIZATION[kind, s.method])
+    overhead = OPTIMIZER_SECONDS_PER_PARAM[kind] * trained + LAYER_SECONDS[kind] * shape.layers * s.grad_accum
+    seconds = matmuls + overhead
+    return tokens / seconds * s.nproc
 
 
 def _largest_batch(shape: Shape, s: Setup, size: int) -> int:
@@ -278,7 +299,7 @@ def setup_of(cfg: Any, device: str, nproc: int = 1) -> Setup:
     t, a = cfg.train, cfg.adapter
     share = 1.0 if cfg.data.train_on == "all" else 0.5
     return Setup(cfg.method, cfg.data.max_length, t.batch_size, a.r, a.target_modules, t.gradient_checkpointing,
-                 nproc, t.strategy, t.optimizer, share, device)  # fmt: skip
+                 nproc, t.strategy, t.optimizer, share, device, t.grad_accum)  # fmt: skip
 
 
 def check_run(cfg: Any, device: str, nproc: int, force: bool = False) -> tuple[int, str | None]:

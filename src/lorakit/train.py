@@ -92,12 +92,7 @@ def run(
             f"{len(rows)}: rows repeat within every step. Lower train.batch_size or train.grad_accum, or add data."
         )
     optimizer = build_optimizer(net, cfg)
-    warmup = cfg.train.warmup_steps
-    scheduler = (
-        get_constant_schedule_with_warmup(optimizer, warmup)
-        if cfg.train.scheduler == "constant"
-        else SCHEDULES[cfg.train.scheduler](optimizer, warmup, total_steps)
-    )
+    scheduler = build_schedule(optimizer, cfg, total_steps)
     # `net` stays the model (a PeftModel for lora/qlora); `step` is what runs the loss, wrapped for DDP/FSDP.
     step_fn, optimizer = accelerator.prepare(loss.OnTrainedTokens(net), optimizer)
     trainable, total_params = adapter.count_params(net)
@@ -192,22 +187,7 @@ def run(
         bar.update(1)
         # The last step is saved too: a finished run then resumes exactly when max_steps is raised.
         if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total_steps):
-            # Every rank takes part: its RNG states are gathered, and FSDP gathers the sharded weights.
-            weights, rngs = whole_state(accelerator, step_fn), gather_object([checkpoint.rng_state()])
-            if accelerator.is_main_process:
-                # A full fine-tune's weights are all in the checkpoint's trainable.safetensors already.
-                checkpoint.save(
-                    run.checkpoints,
-                    step,
-                    adapter.trainable_state(net, weights),
-                    optimizer,
-                    scheduler,
-                    dict(state),
-                    cfg.train.keep_checkpoints,
-                    peft_model=None if cfg.method == "full" else net,
-                    rng_states=rngs,
-                )
-            accelerator.wait_for_everyone()
+            save_checkpoint(accelerator, step_fn, net, run, step, optimizer, scheduler, state, cfg)
         _fault_injection(step)
     bar.close()
 
@@ -219,7 +199,7 @@ def run(
         save_result(net, tokenizer, run.weights(cfg.method), weights)
         records = tracking.read(run.metrics)
         tracking.plot(records, run.loss_plot)
-        summary = {
+        summary = {  # also the run folder's summary.json
             "steps": total_steps,
             "method": cfg.method,
             "tokens": state["tokens"] * accelerator.num_processes,
@@ -243,6 +223,25 @@ def run(
         files.write_json(run.summary, summary)
     accelerator.end_training()
     return Result(summary, net, tokenizer)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> Any:
+    warmup = cfg.train.warmup_steps
+    if cfg.train.scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return SCHEDULES[cfg.train.scheduler](optimizer, warmup, total_steps)
+
+
+def save_checkpoint(accelerator: Accelerator, step_fn: Any, net: Any, run: Any, step: int, optimizer: Any,
+                    scheduler: Any, state: dict, cfg: RunConfig) -> None:  # fmt: skip
+    """Checkpoint `step`. Every rank takes part: its RNG states are gathered, and FSDP gathers the weights."""
+    weights, rngs = whole_state(accelerator, step_fn), gather_object([checkpoint.rng_state()])
+    if accelerator.is_main_process:
+        # A full fine-tune's weights are all in the checkpoint's trainable.safetensors already.
+        checkpoint.save(run.checkpoints, step, adapter.trainable_state(net, weights), optimizer, scheduler, dict(state),
+                        cfg.train.keep_checkpoints, peft_model=None if cfg.method == "full" else net,
+                        rng_states=rngs)  # fmt: skip
+    accelerator.wait_for_everyone()
 
 
 def whole_state(accelerator: Accelerator, step_fn: Any) -> dict[str, torch.Tensor]:

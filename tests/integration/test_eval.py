@@ -294,3 +294,12 @@ def test_a_full_fine_tune_is_compared_with_its_base(setup, tmp_path):
     assert list(report["models"]) == ["base", "full"]
     assert report["models"]["full"]["loss"] != pytest.approx(report["models"]["base"]["loss"])
     assert report["settings"]["adapters"] == {"full": str(tmp_path / "full" / "model")}
+
+
+def test_an_adapter_named_with_dots_is_evaluated(setup, tmp_path):
+    """A run folder like runs/llama-3.2-finetome names its adapter with dots, which peft refuses in module names."""
+    _, cfg, adapters = setup
+    report = evaluate.run(cfg, evaluate.EvalOptions(adapters={"llama-3.2-a": adapters["a"]}, output=str(tmp_path / "o"),
+                                                    max_new_tokens=4, metrics=["exact_match"]))  # fmt: skip
+    assert list(report["models"]) == ["base", "llama-3.2-a"]
+    assert report["models"]["llama-3.2-a"]["loss"] != pytest.approx(report["models"]["base"]["loss"])

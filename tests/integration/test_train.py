@@ -269,7 +269,7 @@ def test_bad_inputs_exit_2_with_one_message(tmp_path, arch_dirs, capsys, monkeyp
     good = make_config(tmp_path, arch_dirs["llama"]).model_dump(mode="json")
     (tmp_path / "a_file").write_text("x")
     cases = [
-        ({"train": {**good["train"], "batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
+        ({"train": {**good["train"], "batch_size": 0}}, "train.batch_size: must be between 1 and 4096, or auto (got 0)"),
         ({"train": {**good["train"], "lr": 5}}, "train.lr: Input should be less than 1"),
         ({"adapter": {**good["adapter"], "r": 0}}, "adapter.r: Input should be greater than or equal to 1"),
         ({"model": str(tmp_path / "no-such-model")}, "no-such-model"),

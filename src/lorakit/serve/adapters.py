@@ -11,7 +11,6 @@ working one: its error is recorded and shown in /v1/models.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit.adapter import peft_name
 from lorakit.errors import LorakitError
 from lorakit.run_folder import ADAPTER_CONFIG, check_base, find_adapter, read_adapter
 
@@ -142,7 +142,7 @@ class Registry:
             with self._meta:
                 self._counter += 1
                 # peft names modules after adapters: no "." there (a public name like sql-v1.5 is fine).
-                internal = f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)}@{self._counter}"
+                internal = f"{peft_name(name)}@{self._counter}"
             try:
                 with self.model_lock:
                     self._attach(p, internal)
