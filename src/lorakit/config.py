@@ -108,12 +108,13 @@ class TrainConfig(_Strict):
         "`lorakit plan` predicts fits this device (at most 64).",
     )
 
-    @field_validator("batch_size")
+    @field_validator("batch_size", mode="before")
     @classmethod
-    def _batch_range(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= 4096:
-            raise ValueError("must be between 1 and 4096, or auto")
-        return v
+    def _batch_range(cls, v: Any) -> int | str:
+        # One message for any wrong value, not one per member of the int-or-"auto" union.
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096):
+            return v
+        raise ValueError("must be a whole number from 1 to 4096, or auto")
 
     grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
     lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
