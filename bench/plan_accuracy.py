@@ -80,11 +80,11 @@ def main() -> int:
     from lorakit import config, data, model, plan
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3, help="steps per point (the first is not timed)")
+    p.add_argument("--steps", type=int, default=3, help="steps per point (the first is not timed; short rows get more)")
     p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     p.add_argument("--quick", action="store_true", help="only batch 1 and sequence length 256")
     args = p.parse_args()
-    here = plan.this_device("cpu")
+    here = plan.this_device("cpu", seconds=3.0)  # the peak every prediction scales with: measured long
     grid = list(itertools.product(args.models.split(","), ("lora", "qlora", "full"), (256,) if args.quick else
                                   (256, 1024), (1,) if args.quick else (1, 4), (False, True)))  # fmt: skip
     results = []
@@ -96,16 +96,14 @@ def main() -> int:
         share = data.prepare(config.validate({"data": {"train": str(data_file), "cache_dir": str(tmp / "c")}}).data,
                              tok).stats["trained_share"]  # fmt: skip
         for name, method, seq, batch, ckpt in grid:
-            if name == "smollm2" and method == "qlora" and seq * batch > 256:
-                # bitsandbytes dequantizes every 4-bit weight at every CPU matmul: ~10x slower than LoRA, so
-                # larger points would take tens of minutes each here.
-                continue
             shape = plan.load_shape(names[name])
             setup = plan.Setup(method=method, seq_len=seq, batch=batch, checkpointing=ckpt, trained_share=share,
                                device="cpu")  # fmt: skip
             predicted = plan.estimate(shape, setup, here)
             point = tmp / f"{name}-{method}-{seq}-{batch}-{int(ckpt)}"
-            measured = run_point(names[name], method, seq, batch, ckpt, args.steps, point, data_file)
+            # At least 4,096 timed tokens: two steps of one short row last a fraction of a second, too noisy.
+            steps = max(args.steps, 1 + -(-4096 // (seq * batch)))
+            measured = run_point(names[name], method, seq, batch, ckpt, steps, point, data_file)
             row = {"model": name, "method": method, "seq_len": seq, "batch": batch, "checkpointing": ckpt,
                    "predicted_peak_gib": round(predicted.peak_bytes / 2**30, 3),
                    "predicted_tokens_per_s": round(predicted.tokens_per_s, 1)}  # fmt: skip

@@ -4,8 +4,9 @@ Memory is counted the way training lays it out: the weights in their precision (
 weight plus its quantization constants), the trained parameters with their gradients and AdamW states,
 the activations the backward pass keeps (a layer's input per layer under checkpointing, plus the one
 layer being recomputed), the logits of the trained positions only (lorakit runs the head there alone),
-and the framework's own footprint. Speed is the FLOPs of a token against the device's matmul throughput,
-at the utilization lorakit reaches. bench/plan_accuracy.py measures both against real steps.
+and the framework's own footprint. Speed is the FLOPs of a token against the device's measured matmul
+throughput, at the cost per FLOP measured for each kind of work. bench/plan_accuracy.py measures both
+against real steps.
 """
 
 from __future__ import annotations
@@ -19,27 +20,46 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 
-GIB = 2**30
-# Common GPUs: memory, and dense bf16 (fp16 on a T4) matmul peak in FLOP/s.
+GIB, MIB = 2**30, 2**20
+# Common GPUs: memory as nvidia-smi reports its total, and dense bf16 (fp16 on a T4) matmul peak in FLOP/s.
 GPUS = {
-    "T4 16GB": (16 * GIB, 65e12),
-    "L4 24GB": (24 * GIB, 121e12),
-    "A10G 24GB": (24 * GIB, 70e12),
-    "A100 40GB": (40 * GIB, 312e12),
-    "A100 80GB": (80 * GIB, 312e12),
-    "H100 80GB": (80 * GIB, 989e12),
+    "T4 16GB": (15360 * MIB, 65e12),
+    "L4 24GB": (23034 * MIB, 121e12),
+    "A10G 24GB": (23028 * MIB, 70e12),
+    "A100 40GB": (40960 * MIB, 312e12),
+    "A100 80GB": (81920 * MIB, 312e12),
+    "H100 80GB": (81559 * MIB, 989e12),
 }
-# Measured by bench/plan_accuracy.py and bench/train_throughput.py; see the README's plan table.
-# The share of the matmul peak lorakit's steps reach, by device and method (QLoRA on a CPU dequantizes every
-# weight at every matmul), and the per-step costs outside the matmuls: the optimizer over the trained
-# parameters, and Python and kernel launches per layer and micro-batch. Fitted by bench/plan_accuracy.py.
-UTILIZATION = {("cpu", "lora"): 0.30, ("cpu", "qlora"): 0.03, ("cpu", "full"): 0.30,
-               ("cuda", "lora"): 0.40, ("cuda", "qlora"): 0.30, ("cuda", "full"): 0.45}  # fmt: skip
-OPTIMIZER_SECONDS_PER_PARAM = {"cpu": 3e-9, "cuda": 2e-11}
-LAYER_SECONDS = {"cpu": 4e-3, "cuda": 3e-4}  # per layer and micro-batch
-CPU_BASE_BYTES = 0.65 * GIB  # torch, transformers, peft, accelerate, datasets and a tokenizer, no model yet
-GPU_BASE_BYTES = 0.6 * GIB  # the CUDA context and the caching allocator's reserve
-FRAGMENTATION = 1.10  # allocators hold more than the live tensors
+# The CPU values are fitted to bench/plan_accuracy.py's measured steps (2-core Xeon, fp32, SmolLM2-135M and a
+# 4-layer model; the README's plan table); the GPU values are first guesses until a GPU run measures them.
+#
+# Speed. Seconds per FLOP, in units of 1 / (the device's measured matmul peak), by kind of work: the linear
+# layers by method (a QLoRA step on a CPU measures as fast as LoRA's; full fine-tuning's weight gradients are
+# large, efficient matmuls), checkpointing's second forward (no autograd graph: cheaper than a training
+# forward), attention (on a CPU, SDPA's math path with the packing mask computes every query-key pair of the
+# row, masked or not), plus NARROW / hidden for the linear layers: a 576-wide SmolLM2 runs further from the
+# peak than a 4096-wide Llama. Then AdamW's step over the trained parameters, and Python, hooks and kernel
+# launches per layer and micro-batch.
+FLOP_COST = {("cpu", "lora"): 1.11, ("cpu", "qlora"): 1.11, ("cpu", "full"): 0.70, ("cpu", "recompute"): 0.58,
+             ("cpu", "attention"): 4.1, ("cuda", "lora"): 2.5, ("cuda", "qlora"): 3.3, ("cuda", "full"): 2.2,
+             ("cuda", "recompute"): 2.5, ("cuda", "attention"): 3.3}  # fmt: skip
+NARROW = {"cpu": 366.0, "cuda": 0.0}
+OPTIMIZER_SECONDS_PER_PARAM = {"cpu": 3.8e-9, "cuda": 2e-11}
+LAYER_SECONDS = {"cpu": 9.3e-3, "cuda": 3e-4}
+#
+# Memory. A CPU's peak is its resident set: the libraries (torch, transformers, peft, accelerate, datasets, a
+# tokenizer) before any model; loading's moment, with the checkpoint read beside the model it fills; and what
+# glibc's allocator keeps after freeing. So activations and logits are the counted tensors times what the
+# allocator was measured to hold for them: under checkpointing the recomputed layers' temporaries are allocated
+# and freed layer after layer, and a LoRA step holds more than a full one. A QLoRA process on a CPU measures
+# as LoRA's (the fp32 weights are read before bitsandbytes packs them, and their pages stay with the process).
+BASE_BYTES = {"cpu": 0.50 * GIB, "cuda": 0.6 * GIB}  # a GPU's: the CUDA context and the allocator's reserve
+CPU_LOADING = 1.75  # x the fp32 weights
+ACTIVATIONS_HELD = {  # (device, full fine-tuning, checkpointing) -> factor
+    ("cpu", False, False): 1.54, ("cpu", False, True): 8.7, ("cpu", True, False): 0.90, ("cpu", True, True): 2.7,
+    ("cuda", False, False): 1.10, ("cuda", False, True): 1.10, ("cuda", True, False): 1.10, ("cuda", True, True): 1.10,
+}  # fmt: skip
+LOGITS_HELD = {"cpu": 0.78, "cuda": 1.10}
 
 
 @dataclass(frozen=True)
@@ -164,13 +184,14 @@ def _reference(model: str) -> dict | None:
 def memory(shape: Shape, s: Setup) -> dict[str, int]:
     """Bytes at the peak of a training step, by what holds them (per process)."""
     gpu = s.device != "cpu"
+    kind = "cuda" if gpu else "cpu"
     compute = 2 if gpu else 4  # bf16 on a GPU, fp32 on a CPU
     shard = s.nproc if s.strategy == "fsdp" and s.nproc > 1 else 1
     linear = shape.layers * shape.layer_params
     other = shape.params - linear  # embeddings, head, norms: never quantized, and fp32 under QLoRA (peft's prep)
     if s.method == "full":
         weights, trained = 4 * shape.params, shape.params  # fp32 master weights; autocast computes in 16 bits
-    elif s.method == "qlora":
+    elif s.method == "qlora" and gpu:
         weights, trained = int(linear * (0.5 + 1 / 64)) + 4 * other, _lora_params(shape, s)  # NF4 + absmax/block
     else:
         weights, trained = compute * shape.params, _lora_params(shape, s)
@@ -186,14 +207,14 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
         "trained_params": 4 * trained // shard if s.method != "full" else 0,
         "gradients": 4 * trained // shard,
         "optimizer_states": state_bytes * trained // shard,
-        "activations": act,
-        "logits": logits,
+        "activations": int(act * ACTIVATIONS_HELD[kind, s.method == "full", s.checkpointing]),
+        "logits": int(logits * LOGITS_HELD[kind]),
     }
     if not gpu:
-        # Loading reads the fp32 checkpoint into a state dict beside the model it fills: twice the weights in RAM
-        # for a moment, which for a small adapter run is the peak of the whole process.
-        parts["loading"] = max(0, 2 * 4 * shape.params // shard - sum(parts.values()))
-    parts["framework"] = int((GPU_BASE_BYTES if gpu else CPU_BASE_BYTES) + (FRAGMENTATION - 1) * (act + logits))
+        # Loading reads the fp32 checkpoint into a state dict beside the model it fills: close to twice the
+        # weights in RAM for a moment, which for a small adapter run is the peak of the whole process.
+        parts["loading"] = max(0, int(CPU_LOADING * 4 * shape.params) // shard - sum(parts.values()))
+    parts["framework"] = int(BASE_BYTES[kind])
     return parts
 
 
@@ -215,12 +236,22 @@ def _saved_per_token_layer(shape: Shape, s: Setup) -> int:
 
 def flops_per_token(shape: Shape, s: Setup) -> float:
     """Matmul FLOPs to train on one token: forward, backward (weight gradients only where trained), recompute."""
+    return sum(flops_parts(shape, s).values())
+
+
+def flops_parts(shape: Shape, s: Setup) -> dict[str, float]:
+    """A token's training FLOPs by kind, as the speed model prices them: the linear layers and the head
+    (forward and backward), attention's score and value products (forward, and the backward's dq, dk, dv),
+    and checkpointing's second forward of the linear layers."""
     matmul = 2 * shape.layers * shape.layer_params
-    attention = 2 * shape.layers * shape.heads * shape.head_dim * s.seq_len  # causal: half of 4 s h per layer
     head = 2 * shape.vocab * shape.hidden * s.trained_share
-    forward = matmul + attention + head
-    backward = 2 * forward if s.method == "full" else forward + 2 * _lora_params(shape, s)
-    return forward + backward + (forward if s.checkpointing else 0)
+    backward = 2 * (matmul + head) if s.method == "full" else matmul + head + 2 * _lora_params(shape, s)
+    attention = 2 * shape.layers * shape.heads * shape.head_dim * s.seq_len  # causal: half of 4 s h per layer
+    return {
+        "linear": matmul + head + backward,
+        "attention": attention * (3 + s.checkpointing),
+        "recompute": matmul if s.checkpointing else 0,
+    }
 
 
 def estimate(shape: Shape, s: Setup, here: tuple[int, float] | None = None) -> Estimate:
@@ -247,7 +278,11 @@ def tokens_per_s(shape: Shape, s: Setup, flops: float) -> float:
     kind = "cpu" if s.device == "cpu" else "cuda"
     tokens = s.batch * s.seq_len * s.grad_accum
     trained = shape.params if s.method == "full" else _lora_params(shape, s)
-    matmuls = tokens * flops_per_token(shape, s) / (flops * UTILIZATION[kind, s.method])
+    f = flops_parts(shape, s)
+    narrow = NARROW[kind] / shape.hidden
+    matmuls = tokens / flops * (f["linear"] * (FLOP_COST[kind, s.method] + narrow)
+                                + f["recompute"] * (FLOP_COST[kind, "recompute"] + narrow)
+                                + f["attention"] * FLOP_COST[kind, "attention"])  # fmt: skip
     overhead = OPTIMIZER_SECONDS_PER_PARAM[kind] * trained + LAYER_SECONDS[kind] * shape.layers * s.grad_accum
     seconds = matmuls + overhead
     return tokens / seconds * s.nproc

@@ -81,3 +81,21 @@ def test_the_json_and_the_table(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "qlora r 16, micro-batch 2 x 1024 tokens" in table and "H100 80GB" in table and "peak" in table
     assert cli.main(["plan"]) == 2 and "give a run config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_every_bundled_reference_gets_a_breakdown_and_a_fits_table(method, capsys):
+    for ref in plan.references():
+        assert cli.main(["plan", "--model", ref, "--method", method, "--device", "gpu", "--seq-len", "512",
+                         "--batch", "1", "--gradient-checkpointing", "--json"]) == 0  # fmt: skip
+        out = json.loads(capsys.readouterr().out)
+        assert out["peak_bytes"] == sum(out["breakdown"].values()), ref
+        assert set(plan.GPUS) == set(out["fits"]), ref
+        assert all(out["breakdown"][k] > 0 for k in ("weights", "gradients", "optimizer_states", "activations")), ref
+    # The published orders of magnitude: a 7B QLoRA fits a 16 GB T4 and a 16-bit LoRA an A100, while its full
+    # fine-tuning (16 bytes a parameter before activations) fits no single GPU here.
+    seven = plan.load_shape("meta-llama/Llama-2-7b-hf")
+    small = plan.Setup(method=method, device="cuda", seq_len=512, batch=1, checkpointing=True)
+    fits = plan.estimate(seven, small).fits
+    assert fits["A100 40GB"]["fits"] == fits["H100 80GB"]["fits"] == (method != "full")
+    assert fits["T4 16GB"]["fits"] or method != "qlora"
