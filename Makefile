@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The CPU build on this project's machines; on a GPU machine use e.g. TORCH=torch==2.13.0 from PyPI (CUDA).
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup quickstart test clean
+.PHONY: setup quickstart test bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(PY) -m pytest -q --durations=10 tests
+
+# lorakit against TRL's SFTTrainer + PEFT on the same model, tokens and hyperparameters (~20 minutes on a 2-core CPU).
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/train_vs_peers.py --setting both
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -26,7 +26,7 @@ def main() -> int:
     p.add_argument("config", help="YAML run file")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides after --steps too
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = config.load(

@@ -2,7 +2,9 @@
 
 The LM head is a large share of a small model's compute (SmolLM2-135M: 49k vocab × 576 hidden is ~20%
 of the forward FLOPs) and its (tokens × vocab) logits dominate activation memory. With completion-only
-training most positions have no target, so the head runs on the trained positions alone.
+training most positions have no target, so the head runs on the trained positions alone, and in chunks
+whose gradient is taken at once (`LinearCrossEntropy`): the whole (tokens × vocab) logits, their
+log-softmax and its gradient (three fp32 copies, 1 GB for 2k tokens of a 49k vocabulary) never exist.
 """
 
 from __future__ import annotations
@@ -40,12 +42,90 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     else:
         decoder, head, softcap = direct
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, H)
+        if count and _fusable(head):
+            return linear_cross_entropy(hidden, head.weight, targets[keep], softcap), count
         logits = head(hidden)
         if softcap:  # Gemma 2 caps logits with tanh; skipping it would change the loss
             logits = torch.tanh(logits / softcap) * softcap
     if count == 0:
         return logits.sum() * 0.0, 0  # keeps the graph connected so every rank still syncs
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), count
+
+
+CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk: large enough for full-speed matmuls, small beside the model
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` (optionally tanh-capped) against `targets`, chunk by chunk.
+
+    With gradients on, each chunk's gradient with respect to hidden (and weight, where it trains) is taken in
+    the forward, while its logits are at hand; backward only scales them. The same FLOPs as head + loss +
+    their backward, without keeping any logits: memory is one chunk's logits plus a (tokens × hidden) grad.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(hidden, weight, targets, softcap)
+    return _chunks(hidden, weight, targets, softcap, None, None)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+        ctx.weight_dtype = weight.dtype
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        total = _chunks(hidden, weight, targets, softcap, grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
+            None,
+            None,
+        )
+
+
+def _chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """The loss sum; fills grad_hidden / grad_weight (d loss / d input) where given."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    for i in range(0, hidden.shape[0], rows):
+        h, t = hidden[i : i + rows], targets[i : i + rows]
+        logits = (h @ weight.t()).float()  # under autocast the matmul runs in 16 bits, the softmax in fp32
+        if softcap:  # Gemma 2: logits = c * tanh(z / c)
+            capped = torch.tanh(logits / softcap)
+            logits = capped * softcap
+        lse = torch.logsumexp(logits, dim=-1)
+        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        if grad_hidden is None and grad_weight is None:
+            continue
+        grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        grad[torch.arange(len(t), device=t.device), t] -= 1.0
+        if softcap:
+            grad *= 1.0 - capped * capped
+        grad = grad.to(h.dtype)
+        if grad_hidden is not None:
+            grad_hidden[i : i + rows] = grad @ weight.to(h.dtype)
+        if grad_weight is not None:
+            grad_weight += (grad.t() @ h).float()
+    return total
+
+
+def _fusable(head: Any) -> bool:
+    """A plain bias-free linear head (not a LoRA-wrapped or 4-bit one): its weight is all the head does."""
+    return type(head) is nn.Linear and head.bias is None
 
 
 class OnTrainedTokens(nn.Module):

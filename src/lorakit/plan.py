@@ -3,10 +3,10 @@
 Memory is counted the way training lays it out: the weights in their precision (4-bit: half a byte a
 weight plus its quantization constants), the trained parameters with their gradients and AdamW states,
 the activations the backward pass keeps (a layer's input per layer under checkpointing, plus the one
-layer being recomputed), the logits of the trained positions only (lorakit runs the head there alone),
-and the framework's own footprint. Speed is the FLOPs of a token against the device's measured matmul
-throughput, at the cost per FLOP measured for each kind of work. bench/plan_accuracy.py measures both
-against real steps.
+layer being recomputed), one chunk of the trained positions' logits (lorakit runs the head there alone,
+a chunk at a time), and the framework's own footprint. Speed is the FLOPs of a token against the device's
+measured matmul throughput, at the cost per FLOP measured for each kind of work. bench/plan_accuracy.py
+measures both against real steps.
 """
 
 from __future__ import annotations
@@ -201,7 +201,13 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
     if s.checkpointing:  # each layer's input, plus one layer recomputed in full during the backward pass
         act = compute * tokens * shape.hidden * shape.layers + act // shape.layers
     trained_tokens = int(tokens * s.trained_share)
-    logits = trained_tokens * shape.vocab * (compute + 8)  # the head's output, its fp32 copy and its gradient
+    from lorakit.loss import CHUNK_BYTES  # loss.py owns the chunking (imports torch: so not at the top)
+
+    # The head and its loss run a chunk of trained positions at a time, with the gradient taken at once
+    # (loss.LinearCrossEntropy): one chunk's fp32 logits and their 16-bit copy on a GPU, plus the trained
+    # positions' hidden states and their gradient.
+    chunk = min(trained_tokens, CHUNK_BYTES // (4 * shape.vocab))
+    logits = chunk * shape.vocab * (4 + (compute if gpu else 0)) + 2 * compute * trained_tokens * shape.hidden
     parts = {
         "weights": weights // shard,
         "trained_params": 4 * trained // shard if s.method != "full" else 0,

@@ -7,6 +7,7 @@ a resumed run therefore repeats exactly what the killed run would have done.
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import math
 import os
@@ -14,6 +15,7 @@ import random
 import resource
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +121,8 @@ def run(
     eval_examples = _examples(prepared.eval) if eval_rows else []
     pad = tokenizer.pad_token_id
     order = DataOrder(len(rows), cfg.train.seed)
+    row_tokens = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
+    trim = heap_trimmer(accelerator.device.type)
     accelerator.print(
         f"training {trainable:,} of {total_params:,} parameters ({cfg.method}, {dtype}, "
         f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "
@@ -140,10 +144,8 @@ def run(
     for step in range(start + 1, total_steps + 1):
         step_rows = order.rows(step - 1, per_step)[accelerator.process_index :: accelerator.num_processes]
         micro = [
-            packing.collate(
-                [[examples[i] for i in rows[r]] for r in step_rows[j : j + cfg.train.batch_size]], pad, use_positions
-            )
-            for j in range(0, len(step_rows), cfg.train.batch_size)
+            packing.collate([[examples[i] for i in rows[r]] for r in group], pad, use_positions)
+            for group in micro_batches(step_rows, row_tokens, cfg.train.batch_size)
         ]
         step_loss, n_target, n_tokens = accumulate(step_fn, micro, accelerator, pad)
         state["tokens"] += n_tokens
@@ -156,6 +158,7 @@ def run(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        trim()
         state["trained_tokens"] += n_target
         state["elapsed"] = time.perf_counter() - t0
         train_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(
@@ -347,6 +350,35 @@ def reads_packed_rows(net: Any) -> bool:
     """Whether the model keeps packed examples apart given restarting position_ids (not ALiBi models)."""
     base = net.get_base_model() if hasattr(net, "get_base_model") else net
     return "position_ids" in inspect.signature(base.forward).parameters
+
+
+def heap_trimmer(device: str) -> Callable[[], object]:
+    """What gives a step's freed activations back to the OS between steps, on a CPU with glibc.
+
+    glibc keeps freed blocks in its heap, and the next step's differently sized tensors fit them badly: the
+    resident set grew ~1 GB after the first step of a SmolLM2 LoRA (4 x 512 tokens). malloc_trim after each
+    step returns the free pages (measured: peak RSS 6.4 -> 5.9 GB, no change in speed). GPUs have their own
+    caching allocator, and other C libraries have no malloc_trim: nothing to do there.
+    """
+    if device != "cpu":
+        return lambda: None
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+def micro_batches(step_rows: list[int], row_tokens: list[int], batch_size: int) -> list[list[int]]:
+    """A step's rows split into micro-batches of similar length, longest first.
+
+    Each micro-batch pads to its longest row, so grouping rows of like length skips most padding (a random
+    4-row batch of Alpaca answers is ~40% padding). The step's loss and gradient are unchanged: they sum over
+    all its rows and divide by the step's trained tokens (see accumulate). Longest first: a step that does
+    not fit in memory fails at its first micro-batch.
+    """
+    ordered = sorted(step_rows, key=lambda r: -row_tokens[r])
+    return [ordered[j : j + batch_size] for j in range(0, len(ordered), batch_size)]
 
 
 class DataOrder:
