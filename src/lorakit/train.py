@@ -7,7 +7,6 @@ a resumed run therefore repeats exactly what the killed run would have done.
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import math
 import os
@@ -15,7 +14,6 @@ import random
 import resource
 import signal
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +120,6 @@ def run(
     pad = tokenizer.pad_token_id
     order = DataOrder(len(rows), cfg.train.seed)
     row_tokens = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
-    trim = heap_trimmer(accelerator.device.type)
     accelerator.print(
         f"training {trainable:,} of {total_params:,} parameters ({cfg.method}, {dtype}, "
         f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "
@@ -158,7 +155,6 @@ def run(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        trim()
         state["trained_tokens"] += n_target
         state["elapsed"] = time.perf_counter() - t0
         train_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(
@@ -350,23 +346,6 @@ def reads_packed_rows(net: Any) -> bool:
     """Whether the model keeps packed examples apart given restarting position_ids (not ALiBi models)."""
     base = net.get_base_model() if hasattr(net, "get_base_model") else net
     return "position_ids" in inspect.signature(base.forward).parameters
-
-
-def heap_trimmer(device: str) -> Callable[[], object]:
-    """What gives a step's freed activations back to the OS between steps, on a CPU with glibc.
-
-    glibc keeps freed blocks in its heap, and the next step's differently sized tensors fit them badly: the
-    resident set grew ~1 GB after the first step of a SmolLM2 LoRA (4 x 512 tokens). malloc_trim after each
-    step returns the free pages (measured: peak RSS 6.4 -> 5.9 GB, no change in speed). GPUs have their own
-    caching allocator, and other C libraries have no malloc_trim: nothing to do there.
-    """
-    if device != "cpu":
-        return lambda: None
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
 
 
 def micro_batches(step_rows: list[int], row_tokens: list[int], batch_size: int) -> list[list[int]]:
