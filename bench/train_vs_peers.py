@@ -18,10 +18,9 @@ TRL's imports cannot slow lorakit. Timing leaves out the first optimizer step (l
 per-step timestamps: lorakit's metrics.jsonl `train_s`, a TrainerCallback's on_step_end for TRL. Model FLOPs
 utilization uses lorakit.plan's FLOPs per token against this CPU's fp32 matmul peak, measured here first.
 
-Wall time of the default run (`--setting both --repeats 2`) on a 2-core CPU at ~100 lorakit tokens/s (what
-`lorakit plan` predicts there: ~120 unpacked, ~100 packed): ~20 minutes. Unpacked steps hold ~1,850 tokens
-(~19 s), packed ones ~2,050 (~21 s; TRL's ~1.4x longer), and each run spends ~25 s loading: 4 x (8 x 19 + 25)
-+ 2 x (4 x 21 + 25) + 2 x (4 x 29 + 25) s. A CPU shared with another busy process is several times slower.
+Wall time of the default run (`--setting both --repeats 2`): 16.5 minutes on a 2-core AMD EPYC (2026-11-29;
+lorakit's runs ~2 min unpacked and ~70 s packed, TRL's ~3.7 min and ~80 s). Run it on an otherwise idle
+machine: a CPU shared with another busy process is several times slower, and both systems suffer unevenly.
 """
 
 from __future__ import annotations
