@@ -63,10 +63,9 @@ def run_config(setting: str, steps: int, work: Path, name: str = "run") -> dict:
 
 def step_plan(cfg, prepared, steps: int) -> list[list[list[int]]]:
     """Per optimizer step, the examples of each row lorakit trains on (its packer and its DataOrder)."""
-    from lorakit import packing, train
+    from lorakit import train
 
-    lengths = [len(x) for x in prepared.train["input_ids"]]
-    rows = packing.pack(lengths, cfg.data.max_length) if cfg.data.packing else packing.unpacked(len(lengths))
+    rows = train._rows(prepared.train, cfg.data.max_length, cfg.data.packing)  # SmolLM2 reads packed rows
     order = train.DataOrder(len(rows), cfg.train.seed)
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     return [[rows[r] for r in order.rows(s, per_step)] for s in range(steps)]

@@ -101,6 +101,7 @@ def _chunks(
     """The loss sum; fills grad_hidden / grad_weight (d loss / d input) where given."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    back = None if grad_hidden is None else weight.to(hidden.dtype)  # for d loss / d hidden: once, not per chunk
     for i in range(0, hidden.shape[0], rows):
         h, t = hidden[i : i + rows], targets[i : i + rows]
         logits = (h @ weight.t()).float()  # under autocast the matmul runs in 16 bits, the softmax in fp32
@@ -116,8 +117,8 @@ def _chunks(
         if softcap:
             grad *= 1.0 - capped * capped
         grad = grad.to(h.dtype)
-        if grad_hidden is not None:
-            grad_hidden[i : i + rows] = grad @ weight.to(h.dtype)
+        if back is not None:
+            grad_hidden[i : i + rows] = grad @ back
         if grad_weight is not None:
             grad_weight += (grad.t() @ h).float()
     return total

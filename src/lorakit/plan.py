@@ -31,7 +31,8 @@ GPUS = {
     "H100 80GB": (81559 * MIB, 989e12),
 }
 # The CPU values are fitted to bench/plan_accuracy.py's measured steps (2-core Xeon, fp32, SmolLM2-135M and a
-# 4-layer model; the README's plan table); the GPU values are first guesses until a GPU run measures them.
+# 4-layer model); LOGITS_HELD was fitted while the whole logits were kept, before the chunked head, and awaits
+# a refit. The GPU values are first guesses until a GPU run measures them.
 #
 # Speed. Seconds per FLOP, in units of 1 / (the device's measured matmul peak), by kind of work: the linear
 # layers by method (a QLoRA step on a CPU measures as fast as LoRA's; full fine-tuning's weight gradients are
