@@ -220,6 +220,10 @@ def run(
             "rows": len(rows),
         }
         files.write_json(run.summary, summary)
+    # end_training destroys the process group: a rank that did so while the main rank was still saving hung
+    # in gloo's teardown once the main rank had exited (seen once in a fresh-clone make test). All ranks
+    # leave together.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return Result(summary, net, tokenizer)
 
