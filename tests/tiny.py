@@ -171,3 +171,46 @@ def save_tiny(path: str | Path, arch: str = "llama", chat_template: str | None =
     tiny_model(arch, tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# Gemma's layout: <start_of_turn>/<end_of_turn> at ids 106/107, as llama.cpp's converter assumes for Gemma.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def save_tiny_sentencepiece(path: str | Path, arch: str = "gemma2") -> Path:
+    """A tiny Gemma-style model with a sentencepiece tokenizer.model (llama.cpp reads Gemma 1/2 vocabularies
+    from it), trained here: byte fallback, Gemma's special ids, its chat template, eos <end_of_turn>."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 4), model_writer=buf, vocab_size=500, model_type="bpe",
+        byte_fallback=True, user_defined_symbols=[f"<unused{i}>" for i in range(102)] + ["<start_of_turn>",
+        "<end_of_turn>"], pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", split_digits=True, minloglevel=2,
+    )  # fmt: skip
+    (path / "tokenizer.model").write_bytes(buf.getvalue())
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<end_of_turn>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "add_bos_token": False, "chat_template": GEMMA_TEMPLATE,
+        # Saved as special added tokens, as in Gemma's own tokenizer_config: llama.cpp's converter marks them
+        # CONTROL from there, so llama.cpp matches them whole in a prompt.
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+    }))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.convert_tokens_to_ids("<end_of_turn>") == 107, "Gemma's end-of-turn id"
+    tiny_model(arch, tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -180,11 +180,12 @@ def cmd_export(opts: o.ExportOptions) -> int:
             print(f"warning: {w}", file=sys.stderr)
         print(shlex.join(command))
         return 0
-    from lorakit.export import gguf
+    from lorakit.export import gguf, proof
 
     result = gguf.export(
-        opts.source, opts.out, outtype=opts.outtype, pre=opts.pre, base=opts.base, force=opts.force, device=opts.device
-    )
+        opts.source, opts.out, outtype=opts.outtype, pre=opts.pre, base=opts.base, force=opts.force,
+        device=opts.device, check=not opts.no_check,
+    )  # fmt: skip
     if result["merged"]:
         m = result["merged"]
         print(
@@ -192,10 +193,15 @@ def cmd_export(opts: o.ExportOptions) -> int:
             f"{m['max_abs_logit_diff']:.3g} <= tolerance {m['tolerance']:.3g})"
         )
     print(
-        f"wrote {result['gguf']} ({result['outtype']}); read back with transformers: tokenizer identical, "
-        f"max |logit diff| {result['max_abs_logit_diff']:.3g} <= tolerance {result['tolerance']:.3g} "
-        f"({result['relative_tolerance']} x max |logit|, {result['positions']} positions)"
+        f"wrote {result['gguf']} ({result['outtype']}, {result['bytes'] / 2**20:.1f} MiB) with llama.cpp's converter "
+        f"in {result['export_s']:.1f} s; pre-tokenizer: {result['pre_tokenizer']}"
     )
+    if result["ok"] is None:
+        print("not checked in llama.cpp (--no-check)")
+    else:
+        print(f"checked in llama.cpp in {result['check_s']:.1f} s on {result['prompts']} prompts "
+              f"(top-1 agreement {result['agreement']:.1%}):")  # fmt: skip
+        print(proof.table(result))
     print(f"wrote {result['modelfile']} (ollama create NAME -f {result['modelfile']})")
     if result["modelfile_warning"]:
         print(f"warning: {result['modelfile_warning']}", file=sys.stderr)

@@ -8,13 +8,14 @@ base, so it is merged into those same 4-bit weights dequantized, never into (or 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from jinja2.exceptions import TemplateError
 
-from lorakit import adapter, files, model, parity, render
+from lorakit import adapter, card, files, model, parity, render
 from lorakit.errors import LorakitError
 from lorakit.run_folder import adapter_source, check_base, read_adapter
 
@@ -49,7 +50,7 @@ def merge(
     meta = read_adapter(adir)
     if meta.peft_type != "LORA":
         raise LorakitError(f"{adir} is a {meta.peft_type} adapter; lorakit merges LoRA adapters only")
-    base = base or (run_cfg.model if run_cfg else meta.base_model_name_or_path)
+    base = base or (run_cfg.model if run_cfg else model.base_from_adapter(meta.base_model_name_or_path))
     if not base:
         raise LorakitError(f"{adir}: the adapter does not name its base model; pass --base MODEL")
     check_base(meta, base, force=force, where=adir)
@@ -79,6 +80,12 @@ def merge(
     with files.atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # transformers 5 saves tokenizer.json only; llama.cpp's converter reads Gemma/Llama-2 vocabularies
+        # from the sentencepiece file, so the base's travels with the merge.
+        spm = model.base_file(base, "tokenizer.model")
+        if spm is not None and not (tmp / "tokenizer.model").exists():
+            shutil.copy2(spm, tmp / "tokenizer.model")
+        card.write(tmp, "merged", base, found.run)
         report = check_saved(tmp, rows, reference, quantized_reference, dtype, device)
     return {**report, "prompts": prompts_from, "qlora": qlora, "eos_token_id": merged.generation_config.eos_token_id}
 

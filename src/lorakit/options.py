@@ -173,7 +173,14 @@ class ExportOptions:
     )
     out: str = option("export", positional=True, help="gguf: output folder")
     format: Literal["gguf", "vllm"] = option(help="what to export")
-    outtype: Literal["f32", "f16"] = option("f16", help="GGUF weight type")
+    outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] = option(
+        "f16",
+        help="GGUF weight type: f16/bf16/f32 (llama.cpp's converter; proven token for token), q8_0 (converter) "
+        "or q4_k_m (llama.cpp's quantizer; proven by top-1 agreement, see README)",
+    )
+    no_check: bool = option(
+        False, help="keep the GGUF without proving it in llama.cpp (prompt tokens, greedy answers, stop token)"
+    )
     pre: str | None = option(None, help="llama.cpp pre-tokenizer name written in the GGUF (default: guessed)")
     adapters: dict[str, str] = option(
         {}, flag="--adapter", metavar="NAME=PATH", help="vllm: an adapter or run folder to serve as NAME (repeatable)"

@@ -164,7 +164,8 @@ def check_base(adapter: Any, base: str, *, force: bool, where: str | Path) -> No
     """Refuse an adapter trained on another base: its weights would be meaningless on this one.
 
     `adapter` is its `PeftConfig`. The bases match when the adapter's `base_model_name_or_path` is the
-    name given, or the folder that name resolves to (the built-in alias, a local folder). An adapter
+    name given, the folder that name resolves to (the built-in alias, a local folder), or for the alias
+    its hub id (model.same_base_names). An adapter
     that names no base is accepted; `force` accepts any (the same weights under another name).
     """
     from lorakit import model
@@ -172,10 +173,7 @@ def check_base(adapter: Any, base: str, *, force: bool, where: str | Path) -> No
     declared = getattr(adapter, "base_model_name_or_path", None)
     if not declared or force:
         return
-    try:
-        same = {base, model.resolve(base).path}
-    except LorakitError:  # not a name lorakit can load: only the name itself can match
-        same = {base}
+    same = model.same_base_names(base)
     on_disk = {Path(s).resolve() for s in same if Path(s).exists()}
     if declared not in same and Path(declared).resolve() not in on_disk:
         raise LorakitError(

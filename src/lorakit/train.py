@@ -8,6 +8,7 @@ a resumed run therefore repeats exactly what the killed run would have done.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import random
@@ -29,7 +30,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lorakit import adapter, checkpoint, data, files, loss, model, packing, plan, tracking
+from lorakit import adapter, card, checkpoint, data, files, loss, model, packing, plan, tracking
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.render import IGNORE
@@ -195,7 +196,7 @@ def run(
     weights = whole_state(accelerator, step_fn)
     summary = {}
     if accelerator.is_main_process:
-        save_result(net, tokenizer, run.weights(cfg.method), weights)
+        save_result(net, tokenizer, run.weights(cfg.method), weights, base=cfg.model)
         records = tracking.read(run.metrics)
         tracking.plot(records, run.loss_plot)
         summary = {  # also the run folder's summary.json
@@ -220,6 +221,7 @@ def run(
             "rows": len(rows),
         }
         files.write_json(run.summary, summary)
+        card.write(run.weights(cfg.method), "model" if cfg.method == "full" else "adapter", cfg.model, run)
     # end_training destroys the process group: a rank that did so while the main rank was still saving hung
     # in gloo's teardown once the main rank had exited (seen once in a fresh-clone make test). All ranks
     # leave together.
@@ -405,15 +407,23 @@ def eval_loss(
     return float(sums[0] / max(sums[1], 1))
 
 
-def save_result(net: Any, tokenizer: Any, target: Path, weights: dict | None = None) -> None:
+def save_result(net: Any, tokenizer: Any, target: Path, weights: dict | None = None, base: str | None = None) -> None:
     """Adapter in peft's format (or the full model) with the tokenizer, written atomically.
 
     weights: the whole state dict (accelerate's get_state_dict: gathered under FSDP, where the model's own
     parameters are shards). A serving process watching this folder sees the old version or the new one.
+    base: the base model as the run named it; the adapter records it portably (model.portable).
     """
     with files.atomic_dir(target) as tmp:
         net.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
+        meta = tmp / "adapter_config.json"
+        if base is not None and meta.is_file():
+            # peft wrote the folder the base was loaded from: for the alias, a cache path on this machine
+            # only. Rewritten after saving, so that peft's save looks nothing up on the hub.
+            saved = json.loads(meta.read_text(encoding="utf-8"))
+            saved["base_model_name_or_path"] = model.portable(base)
+            files.write_json(meta, saved)
 
 
 def peak_memory_mb() -> float:

@@ -162,17 +162,9 @@ def test_refusals(tmp_path, bases, capsys):
     assert merge.merge(adapter, tmp_path / "m3", base=str(bases["llama"]), force=True, dtype="fp32")["ok"]
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16"])
-def test_gguf_round_trip_and_modelfile(tmp_path, bases, outtype):
-    result = gguf.export_model(bases["llama"], tmp_path / "out", outtype=outtype)
-    assert result["max_abs_logit_diff"] <= result["tolerance"]
-    if outtype == "f32":
-        assert result["max_abs_logit_diff"] < 1e-4
+def test_gguf_modelfile_beside_the_file(tmp_path, bases):
+    result = gguf.export_model(bases["llama"], tmp_path / "out", outtype="f32")
     gguf_path = Path(result["gguf"])
-    back = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    assert back.config.num_hidden_layers == 2
-    back_tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    assert back_tok.eos_token == "<|im_end|>" and back_tok.chat_template == tiny_tokenizer().chat_template
     text = (tmp_path / "out" / "Modelfile").read_text()
     assert text.startswith(f"FROM ./{gguf_path.name}\n") and result["modelfile_warning"] is None
     assert (
@@ -188,7 +180,7 @@ def test_export_cli_merges_a_run_and_writes_gguf(tmp_path, bases, capsys):
     make_adapter(bases["llama"], run / "adapter")
     assert cli.main(["export", str(run), str(tmp_path / "out"), "--format", "gguf", "--outtype", "f32"]) == 0
     out = capsys.readouterr().out
-    assert "merged" in out and "tokenizer identical" in out and "<= tolerance" in out
+    assert "merged" in out and "checked in llama.cpp" in out and "<= tolerance" in out
     assert (tmp_path / "out" / "merged" / "config.json").is_file() and (tmp_path / "out" / "Modelfile").is_file()
     assert (tmp_path / "out" / "merged.f32.gguf").is_file()
 
@@ -199,7 +191,7 @@ def test_export_takes_a_full_fine_tune_run_folder(tmp_path, bases, capsys):
     shutil.copytree(bases["llama"], run / "model")
     (run / "config.yaml").write_text(f"model: {bases['llama']}\nmethod: full\ndata: {{train: x.jsonl}}\n")
     assert cli.main(["export", str(run), str(tmp_path / "out"), "--format", "gguf", "--outtype", "f32"]) == 0
-    assert "tokenizer identical" in capsys.readouterr().out and (tmp_path / "out" / "model.f32.gguf").is_file()
+    assert "checked in llama.cpp" in capsys.readouterr().out and (tmp_path / "out" / "model.f32.gguf").is_file()
 
 
 def test_an_unknown_pre_tokenizer_is_refused_before_writing(tmp_path, bases, capsys):
@@ -240,12 +232,6 @@ def test_modelfile_follows_the_chat_template():
     text, warning = ollama.modelfile("m.gguf", tiny_tokenizer("llama2"), gen)
     assert not any(line.startswith("TEMPLATE") for line in text.splitlines()) and "write TEMPLATE by hand" in warning
     assert text.splitlines()[1] == f"# {warning}" and 'PARAMETER stop "<|im_end|>"' in text
-
-
-def test_gguf_refuses_unsupported_architectures(tmp_path, bases):
-    with pytest.raises(LorakitError, match=r"supports llama models .* not 'qwen2'"):
-        gguf.export_model(bases["qwen2"], tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_vllm_command_and_rank_check(tmp_path, bases, capsys):

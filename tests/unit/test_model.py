@@ -18,12 +18,15 @@ from tiny import tiny_model, tiny_tokenizer
 
 
 def write_tiny_gguf(path: Path) -> tuple[Path, torch.nn.Module]:
-    """A tiny llama as an F32 GGUF, written by lorakit's exporter (llama.cpp's layout); returns (file, model)."""
-    from lorakit.export import gguf
+    """A tiny llama as an F32 GGUF, written by llama.cpp's converter; returns (file, model)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test installs it)")
+    from lorakit.export import llamacpp
 
     tok = tiny_tokenizer("chatml")
     model = tiny_model("llama", tok)
-    gguf.write(model, tok, path, "f32")
+    model.save_pretrained(path.parent / "hf")
+    tok.save_pretrained(path.parent / "hf")
+    llamacpp.convert(path.parent / "hf", path, "f32", fallback="gpt-2")
     return path, model
 
 

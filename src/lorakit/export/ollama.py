@@ -6,6 +6,7 @@ is one block per turn (ChatML, Llama 3, Gemma, Zephyr, …) translates without a
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from jinja2.exceptions import TemplateError
@@ -111,12 +112,14 @@ def modelfile(gguf_name: str, tokenizer: Any, generation_config: Any) -> tuple[s
         warning = f"{e}. The Modelfile has no TEMPLATE: Ollama uses the chat template stored in the GGUF"
         lines.append(f"# {warning}")
     else:
-        lines.append(
-            f'TEMPLATE """{p["head"]}{{{{ if .System }}}}{p["sys_pre"]}{{{{ .System }}}}{p["sys_post"]}'
+        template = (
+            f"{p['head']}{{{{ if .System }}}}{p['sys_pre']}{{{{ .System }}}}{p['sys_post']}"
             f'{{{{ end }}}}{{{{ range .Messages }}}}{{{{ if eq .Role "user" }}}}{p["user_pre"]}{{{{ .Content }}}}'
             f'{p["user_post"]}{p["gen"]}{{{{ else if eq .Role "assistant" }}}}{{{{ .Content }}}}'
-            f'{p["asst_post"]}{{{{ end }}}}{{{{ end }}}}"""'
+            f"{p['asst_post']}{{{{ end }}}}{{{{ end }}}}"
         )
+        warning = same_as_chat_template(template, p["default_system"], tokenizer)
+        lines.append(f'TEMPLATE """{template}"""' if warning is None else f"# {warning}")
         if p["default_system"]:
             lines.append(f'SYSTEM """{p["default_system"]}"""')
         # Also stop at the token closing a turn and at one opening a new user turn.
@@ -125,3 +128,121 @@ def modelfile(gguf_name: str, tokenizer: Any, generation_config: Any) -> tuple[s
     stops = [tokenizer.convert_ids_to_tokens(i) for i in dict.fromkeys(ids)]
     lines += [f'PARAMETER stop "{s}"' for s in stops if s]
     return "\n".join(lines) + "\n", warning
+
+
+SAMPLE_CHATS = (
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Name a color."}],
+)  # fmt: skip
+
+
+def same_as_chat_template(template: str, default_system: str, tokenizer: Any) -> str | None:
+    """None if Ollama's TEMPLATE renders SAMPLE_CHATS into the chat template's own strings, else what differs."""
+    for chat in SAMPLE_CHATS:
+        system = next((m["content"] for m in chat if m["role"] == "system"), default_system)
+        got = render(template, system, chat)
+        want = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        if got != want:
+            return f"the Ollama TEMPLATE renders {got!r} where the chat template renders {want!r}; no TEMPLATE written"
+    return None
+
+
+ACTION = re.compile(r"{{(.*?)}}", re.S)
+
+
+def render(template: str, system: str, messages: list[dict]) -> str:
+    """Ollama's Go template language, the subset Modelfile TEMPLATEs use for chats.
+
+    .System, .Messages (range), .Role, .Content; if / else if / else / end; `eq .Role "x"`; `{{-`/`-}}`
+    trim the whitespace beside them as in Go. Anything else raises ValueError.
+    """
+    pieces: list[tuple[str, str]] = []
+    pos = 0
+    for m in ACTION.finditer(template):
+        text, action = template[pos : m.start()], m.group(1)
+        if action.startswith("-"):
+            text, action = text.rstrip(), action[1:]
+        if pieces and pieces[-1][0] == "trim":
+            pieces.pop()
+            text = text.lstrip()
+        pieces.append(("text", text))
+        if action.endswith("-"):
+            pieces.append(("act", action[:-1].strip()))
+            pieces.append(("trim", ""))
+        else:
+            pieces.append(("act", action.strip()))
+        pos = m.end()
+    tail = template[pos:]
+    if pieces and pieces[-1][0] == "trim":
+        pieces.pop()
+        tail = tail.lstrip()
+    pieces.append(("text", tail))
+    nodes, _, stop = _parse(pieces, 0)
+    if stop is not None:
+        raise ValueError(f"unexpected {{{{ {stop} }}}}")
+    return _run(nodes, {"System": system, "Messages": messages})
+
+
+def _parse(pieces: list[tuple[str, str]], i: int) -> tuple[list, int, str | None]:
+    """Nodes until an `end`/`else` action (returned as the stop), from pieces[i]."""
+    nodes: list = []
+    while i < len(pieces):
+        kind, value = pieces[i]
+        i += 1
+        if kind == "text":
+            nodes.append(("text", value))
+        elif value == "end" or value.startswith("else"):
+            return nodes, i, value
+        elif value.startswith("if "):
+            branches, cond = [], value[3:]
+            while True:
+                body, i, stop = _parse(pieces, i)
+                branches.append((cond, body))
+                if stop == "end":
+                    break
+                if stop is None:
+                    raise ValueError("an {{ if }} without {{ end }}")
+                cond = stop[len("else if ") :] if stop.startswith("else if ") else "true"
+            nodes.append(("if", branches))
+        elif value.startswith("range "):
+            body, i, stop = _parse(pieces, i)
+            if stop != "end":
+                raise ValueError("a {{ range }} without {{ end }}")
+            nodes.append(("range", value[6:].strip(), body))
+        elif re.fullmatch(r"\.\w+", value):
+            nodes.append(("var", value[1:]))
+        else:
+            raise ValueError(f"{{{{ {value} }}}} is outside the template subset lorakit renders")
+    return nodes, i, None
+
+
+def _value(expr: str, scope: dict) -> Any:
+    expr = expr.strip()
+    if expr == "true":
+        return True
+    if expr.startswith("eq "):
+        left, right = expr[3:].strip().split(" ", 1)
+        return _value(left, scope) == _value(right, scope)
+    if expr.startswith('"'):
+        return expr.strip('"')
+    if expr.startswith("."):
+        return scope.get(expr[1:].capitalize(), scope.get(expr[1:], ""))
+    raise ValueError(f"{expr!r} is outside the template subset lorakit renders")
+
+
+def _run(nodes: list, scope: dict) -> str:
+    out = []
+    for node in nodes:
+        if node[0] == "text":
+            out.append(node[1])
+        elif node[0] == "var":
+            out.append(str(_value("." + node[1], scope)))
+        elif node[0] == "if":
+            body = next((b for cond, b in node[1] if _value(cond, scope)), [])
+            out.append(_run(body, scope))
+        else:
+            for item in _value(node[1], scope):
+                out.append(_run(node[2], {**scope, "Role": item["role"], "Content": item["content"]}))
+    return "".join(out)

@@ -137,11 +137,14 @@ def for_source(
 
     Returns the command line and warnings (QLoRA adapters, which vLLM would run on the unquantized base).
     """
+    from lorakit import model
+
     found = {n: Path(p) for n, p in adapters.items()}
     if find_adapter(source) is not None:
         own = adapter_source(source)
         run_cfg = own.run_config()
-        base = base or (run_cfg.model if run_cfg else read_adapter(own.path).base_model_name_or_path)
+        declared = read_adapter(own.path).base_model_name_or_path
+        base = base or (run_cfg.model if run_cfg else model.base_from_adapter(declared))
         found = {own.name: Path(source), **found}
     else:
         base = base or source

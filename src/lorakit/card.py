@@ -1,0 +1,171 @@
+"""The model card: README.md beside an adapter, a merged model or a GGUF, in the layout the Hub reads.
+
+A YAML header (base_model, library_name, tags, license) then what a reader needs to trust and use the
+weights: the base, the method and its hyperparameters, the data, the training curve, the `lorakit eval`
+table when one exists, the base's license, and how to load it in peft, vLLM, Ollama and llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from lorakit import files
+from lorakit.run_folder import RunFolder
+
+Kind = Literal["adapter", "model", "merged", "gguf"]
+LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}  # the built-in model's, known offline
+
+
+def base_license(base: str) -> str | None:
+    """The base's license from its own card's header (a local folder or the hub cache), if it says."""
+    known = LICENSES.get(base)
+    if known:
+        return known
+    folder = Path(base)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base, "README.md")
+        except ValueError:  # not a hub id
+            return None
+        folder = Path(cached).parent if isinstance(cached, str) else folder
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    head = readme.read_text(encoding="utf-8", errors="replace").split("---")
+    found = re.search(r"^license:\s*(\S+)", head[1], re.M) if len(head) > 2 else None
+    return found.group(1) if found else None
+
+
+def recorded_base(folder: Path) -> str | None:
+    """The base_model a lorakit card in `folder` records (a merged model's, say), if any."""
+    card = folder / "README.md"
+    head = card.read_text(encoding="utf-8", errors="replace").split("---") if card.is_file() else []
+    found = re.search(r"^base_model:\s*(\S+)", head[1], re.M) if len(head) > 2 else None
+    return found.group(1) if found else None
+
+
+def write(folder: Path, kind: Kind, base: str, run: RunFolder | None, extra: str = "") -> Path:
+    """Write folder/README.md. base: the base model as the user named it (the alias is shown as its hub id)."""
+    from lorakit import model
+
+    alias, base = base == model.ALIAS, model.portable(base)
+
+    cfg = run.run_config() if run is not None else None
+    summary = _json(run.summary) if run is not None else None
+    evals = _json(run.eval_json) if run is not None else None
+    license_ = base_license(base)
+    name = run.name if run is not None else folder.name
+    method = cfg.method if cfg is not None else None
+    tags = ["lorakit", *([method] if method else []), *(["gguf"] if kind == "gguf" else []), "text-generation"]
+    library = {"adapter": "peft", "model": "transformers", "merged": "transformers"}.get(kind)
+    header = {
+        "base_model": base,
+        **({"library_name": library} if library else {}),
+        "license": license_ or "other",
+        "tags": tags,
+        "pipeline_tag": "text-generation",
+    }
+    lines = ["---", *(_yaml(k, v) for k, v in header.items()), "---", "", f"# {name}", ""]
+    what = {"adapter": "A LoRA adapter", "model": "A fully fine-tuned model", "merged": "A merged model (base + LoRA)",
+            "gguf": "GGUF files for llama.cpp and Ollama"}[kind]  # fmt: skip
+    lines += [f"{what} for [{base}]({_link(base)}), trained with [lorakit](https://github.com/lorakit/lorakit).", ""]
+    if alias:
+        lines += [f"Trained on lorakit's built-in copy of this model: {model.ALIAS_WEIGHTS}.", ""]
+    if cfg is not None:
+        lines += ["## Training", "", "| setting | value |", "|---|---|", f"| method | {cfg.method} |"]
+        if cfg.method != "full":
+            a = cfg.adapter
+            lines += [f"| LoRA rank / alpha / dropout | {a.r} / {a.alpha} / {a.dropout} |",
+                      f"| target modules | {a.target_modules} |"]  # fmt: skip
+        t = cfg.train
+        lines += [
+            f"| learning rate, schedule | {t.lr}, {t.scheduler} (warmup {t.warmup_steps}) |",
+            f"| batch size × grad accum | {t.batch_size} × {t.grad_accum} |",
+            f"| steps / epochs | {t.max_steps or '-'} / {t.epochs} |",
+            f"| max length, packing | {cfg.data.max_length}, {cfg.data.packing} |",
+            f"| precision | {t.precision} |",
+            f"| train data | `{cfg.data.train}` |",
+        ]
+        if summary:
+            lines += [
+                f"| examples / tokens | {summary.get('examples')} / {summary.get('tokens')} |",
+                f"| final train / eval loss | {_num(summary.get('final_train_loss'))} / "
+                f"{_num(summary.get('final_eval_loss'))} |",
+                f"| wall time, tokens/s | {summary.get('wall_time_s')} s, {summary.get('tokens_per_s')} |",
+                f"| device | {summary.get('device')} × {summary.get('processes')} |",
+            ]
+        lines.append("")
+    if run is not None and run.loss_plot.is_file():
+        shutil.copy2(run.loss_plot, folder / "loss.png")
+        lines += ["![training and held-out loss](loss.png)", ""]
+    if evals:
+        lines += ["## Evaluation (`lorakit eval`)", "", *_eval_table(evals), ""]
+    if extra:
+        lines += [extra.rstrip(), ""]
+    lines += ["## Use", "", *_usage(kind, base, name, folder), ""]
+    lines += ["## License", "", f"The base model's license applies: {license_ or 'see the base model card'}.", ""]
+    path = folder / "README.md"
+    files.write_text(path, "\n".join(lines))
+    return path
+
+
+def _usage(kind: Kind, base: str, name: str, folder: Path) -> list[str]:
+    if kind == "adapter":
+        return [
+            "peft (the base is named in adapter_config.json):", "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{name}")', "```",
+            "vLLM:", "```bash", f"vllm serve {base} --enable-lora --lora-modules {name}=./{name}", "```",
+            "lorakit (OpenAI-compatible server):", "```bash", f"lorakit serve --adapter {name}=./{name}", "```",
+            "Ollama / llama.cpp: `lorakit export RUN_FOLDER OUT --format gguf` merges it and writes a GGUF.",
+        ]  # fmt: skip
+    if kind in ("model", "merged"):
+        return ["transformers:", "```python", "from transformers import AutoModelForCausalLM",
+                f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```",
+                "vLLM:", "```bash", f"vllm serve ./{name}", "```"]  # fmt: skip
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    first = ggufs[0] if ggufs else "MODEL.gguf"
+    return ["Ollama (the Modelfile carries the chat template and stop tokens):", "```bash",
+            f"ollama create {name} -f Modelfile", f"ollama run {name}", "```",
+            "llama.cpp:", "```bash", f"llama-cli -m {first} -cnv", "```",
+            "llama-cpp-python:", "```python", "from llama_cpp import Llama",
+            f'llm = Llama("{first}")',
+            'llm.create_chat_completion(messages=[{"role": "user", "content": "Hello"}])', "```"]  # fmt: skip
+
+
+def _eval_table(evals: dict) -> list[str]:
+    from lorakit.report import flat
+
+    models = {n: flat(v) for n, v in (evals.get("models") or {}).items()}
+    keys = list(next(iter(models.values()), {}))
+    out = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    out += [f"| {n} | " + " | ".join(_num(v.get(k)) for k in keys) + " |" for n, v in models.items()]
+    data = (evals.get("settings") or {}).get("data")
+    return out + (["", f"On `{data}`."] if data else [])
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _link(base: str) -> str:
+    return f"https://huggingface.co/{base}" if base.count("/") == 1 and not Path(base).exists() else base
+
+
+def _yaml(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        return f"{key}:\n" + "\n".join(f"- {v}" for v in value)
+    return f"{key}: {json.dumps(value) if any(c in str(value) for c in ':#') else value}"
