@@ -30,9 +30,9 @@ GPUS = {
     "A100 80GB": (81920 * MIB, 312e12),
     "H100 80GB": (81559 * MIB, 989e12),
 }
-# The CPU values are fitted to bench/plan_accuracy.py's measured steps (2-core Xeon, fp32, SmolLM2-135M and a
-# 4-layer model); LOGITS_HELD was fitted while the whole logits were kept, before the chunked head, and awaits
-# a refit. The GPU values are first guesses until a GPU run measures them.
+# The CPU values are fitted (least worst relative error) to bench/plan_accuracy.py's 48 measured points
+# (2-core AMD EPYC, fp32, SmolLM2-135M and a 4-layer model, LoRA/QLoRA/full x 256/1024 x batch 1/4 x
+# checkpointing, the chunked head), 2026-11-29. The GPU values are first guesses until a GPU run measures them.
 #
 # Speed. Seconds per FLOP, in units of 1 / (the device's measured matmul peak), by kind of work: the linear
 # layers by method (a QLoRA step on a CPU measures as fast as LoRA's; full fine-tuning's weight gradients are
@@ -41,12 +41,15 @@ GPUS = {
 # row, masked or not), plus NARROW / hidden for the linear layers: a 576-wide SmolLM2 runs further from the
 # peak than a 4096-wide Llama. Then AdamW's step over the trained parameters, and Python, hooks and kernel
 # launches per layer and micro-batch.
-FLOP_COST = {("cpu", "lora"): 1.11, ("cpu", "qlora"): 1.11, ("cpu", "full"): 0.70, ("cpu", "recompute"): 0.58,
-             ("cpu", "attention"): 4.1, ("cuda", "lora"): 2.5, ("cuda", "qlora"): 3.3, ("cuda", "full"): 2.2,
+FLOP_COST = {("cpu", "lora"): 0.896, ("cpu", "qlora"): 0.896, ("cpu", "full"): 0.558, ("cpu", "recompute"): 1.30,
+             ("cpu", "attention"): 4.61, ("cuda", "lora"): 2.5, ("cuda", "qlora"): 3.3, ("cuda", "full"): 2.2,
              ("cuda", "recompute"): 2.5, ("cuda", "attention"): 3.3}  # fmt: skip
-NARROW = {"cpu": 366.0, "cuda": 0.0}
-OPTIMIZER_SECONDS_PER_PARAM = {"cpu": 3.8e-9, "cuda": 2e-11}
-LAYER_SECONDS = {"cpu": 9.3e-3, "cuda": 3e-4}
+NARROW = {"cpu": 255.0, "cuda": 0.0}
+# On a CPU the optimizer's step measures inside the per-layer cost (a full fine-tune steps every weight of a
+# layer: 4x LoRA's); the fit leaves nothing to a per-parameter term.
+OPTIMIZER_SECONDS_PER_PARAM = {"cpu": 0.0, "cuda": 2e-11}
+LAYER_SECONDS = {("cpu", "lora"): 1.03e-2, ("cpu", "qlora"): 1.03e-2, ("cpu", "full"): 4.48e-2,
+                 **{("cuda", m): 3e-4 for m in ("lora", "qlora", "full")}}  # fmt: skip
 #
 # Memory. A CPU's peak is its resident set: the libraries (torch, transformers, peft, accelerate, datasets, a
 # tokenizer) before any model; loading's moment, with the checkpoint read beside the model it fills; and what
@@ -54,13 +57,17 @@ LAYER_SECONDS = {"cpu": 9.3e-3, "cuda": 3e-4}
 # allocator was measured to hold for them: under checkpointing the recomputed layers' temporaries are allocated
 # and freed layer after layer, and a LoRA step holds more than a full one. A QLoRA process on a CPU measures
 # as LoRA's (the fp32 weights are read before bitsandbytes packs them, and their pages stay with the process).
-BASE_BYTES = {"cpu": 0.50 * GIB, "cuda": 0.6 * GIB}  # a GPU's: the CUDA context and the allocator's reserve
-CPU_LOADING = 1.75  # x the fp32 weights
-ACTIVATIONS_HELD = {  # (device, full fine-tuning, checkpointing) -> factor
-    ("cpu", False, False): 1.54, ("cpu", False, True): 8.7, ("cpu", True, False): 0.90, ("cpu", True, True): 2.7,
-    ("cuda", False, False): 1.10, ("cuda", False, True): 1.10, ("cuda", True, False): 1.10, ("cuda", True, True): 1.10,
+BASE_BYTES = {"cpu": 0.708 * GIB, "cuda": 0.6 * GIB}  # a GPU's: the CUDA context and the allocator's reserve
+CPU_LOADING = 0.68  # x the fp32 weights
+ACTIVATIONS_HELD = {  # (device, method, checkpointing) -> factor
+    ("cpu", "lora", False): 1.32, ("cpu", "lora", True): 12.7, ("cpu", "qlora", False): 1.43,
+    ("cpu", "qlora", True): 16.3, ("cpu", "full", False): 0.90, ("cpu", "full", True): 6.52,
+    **{("cuda", m, c): 1.10 for m in ("lora", "qlora", "full") for c in (False, True)},
 }  # fmt: skip
-LOGITS_HELD = {"cpu": 0.78, "cuda": 1.10}
+# Under checkpointing: each layer's input is held (ACTIVATIONS_HELD) and one layer is recomputed in full at a
+# time, whose temporaries the allocator keeps by this factor.
+RECOMPUTED_HELD = {"cpu": 0.118, "cuda": 1.0}
+LOGITS_HELD = {"cpu": 0.68, "cuda": 1.10}
 
 
 @dataclass(frozen=True)
@@ -200,7 +207,7 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
     tokens = s.batch * s.seq_len
     act = compute * tokens * _saved_per_token_layer(shape, s)
     if s.checkpointing:  # each layer's input, plus one layer recomputed in full during the backward pass
-        act = compute * tokens * shape.hidden * shape.layers + act // shape.layers
+        act = compute * tokens * shape.hidden * shape.layers + int(act // shape.layers * RECOMPUTED_HELD[kind])
     trained_tokens = int(tokens * s.trained_share)
     from lorakit.loss import CHUNK_BYTES  # loss.py owns the chunking (imports torch: so not at the top)
 
@@ -214,7 +221,7 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
         "trained_params": 4 * trained // shard if s.method != "full" else 0,
         "gradients": 4 * trained // shard,
         "optimizer_states": state_bytes * trained // shard,
-        "activations": int(act * ACTIVATIONS_HELD[kind, s.method == "full", s.checkpointing]),
+        "activations": int(act * ACTIVATIONS_HELD[kind, s.method, s.checkpointing]),
         "logits": int(logits * LOGITS_HELD[kind]),
     }
     if not gpu:
@@ -290,7 +297,7 @@ def tokens_per_s(shape: Shape, s: Setup, flops: float) -> float:
     matmuls = tokens / flops * (f["linear"] * (FLOP_COST[kind, s.method] + narrow)
                                 + f["recompute"] * (FLOP_COST[kind, "recompute"] + narrow)
                                 + f["attention"] * FLOP_COST[kind, "attention"])  # fmt: skip
-    overhead = OPTIMIZER_SECONDS_PER_PARAM[kind] * trained + LAYER_SECONDS[kind] * shape.layers * s.grad_accum
+    overhead = OPTIMIZER_SECONDS_PER_PARAM[kind] * trained + LAYER_SECONDS[kind, s.method] * shape.layers * s.grad_accum
     seconds = matmuls + overhead
     return tokens / seconds * s.nproc
 
