@@ -2,6 +2,14 @@
 
     python bench/serve_load.py --model smollm2-135m-instruct --adapter sql=runs/quickstart \\
         --adapter sql2=runs/qs2 --requests 16 --concurrency 4 --max-tokens 32 --batching on
+    python bench/serve_load.py --distinct-adapters 8 --requests 32 --concurrency 8   # the serving table
+
+--distinct-adapters K makes K LoRA adapters of random weights (ranks 8 and 16 alternating, all linear
+layers) on the base, and runs four servers on the same requests, each request to the next adapter in turn:
+the base model alone (no adapter, the ceiling), batching with lorakit's batched multi-adapter LoRA
+(serve/multi_lora.py), batching with peft's per-row `adapter_names` (what it replaced), and one request
+at a time with the active adapter switched per request. Greedy answers must be identical in the three
+adapter modes, or the numbers do not count.
 
 The app runs in this process behind httpx's ASGI transport (no network in the way), so the numbers are
 the serving stack and the model: requests/s, completion tokens/s, p50/p99 latency, errors. Compare
@@ -83,6 +91,62 @@ async def load(app, models: list[str], n: int, concurrency: int, max_tokens: int
     }
 
 
+def random_adapters(base: str, k: int, folder: str) -> dict[str, str]:
+    """K adapters of random weights (ranks 8/16 alternating) saved in peft's format under `folder`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit import model
+
+    out = {}
+    for i in range(k):
+        net = model.load_model(base)
+        torch.manual_seed(i)
+        cfg = LoraConfig(r=8 if i % 2 == 0 else 16, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+        lora = get_peft_model(net, cfg)
+        with torch.no_grad():  # small enough that answers stay text, large enough that each adapter differs
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.1)
+        path = f"{folder}/a{i}"
+        lora.save_pretrained(path)
+        model.load_tokenizer(base).save_pretrained(path)
+        out[f"a{i}"] = path
+    return out
+
+
+def distinct(args: argparse.Namespace) -> dict:
+    """The four servers of --distinct-adapters on the same requests; ratios to the batched LoRA."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = random_adapters(args.model, args.distinct_adapters, tmp)
+        out = {}
+        for mode, batching, batched_lora, used in (
+            ("base_only", "on", True, {}),
+            ("batched_lora", "on", True, adapters),
+            ("peft_per_row", "on", False, adapters),
+            ("one_at_a_time", "off", False, adapters),
+        ):
+            opts = server.ServeOptions(model=args.model, served_model_name="base", adapters=used, batching=batching,
+                                       max_batch=args.max_batch)  # fmt: skip
+            app, serving = server.build(opts)
+            serving.engine.batched_lora = batched_lora
+            out[mode] = asyncio.run(load(app, list(used) or ["base"], args.requests, args.concurrency, args.max_tokens))
+            serving.close()
+    answers = {m: out[m].pop("answers") for m in out}
+    differ = sum(a != b for a, b in zip(answers["batched_lora"], answers["base_only"]))
+    rate = out["batched_lora"]["requests_per_s"]
+    return {
+        **out,
+        "same_answers_adapter_modes": answers["batched_lora"] == answers["peft_per_row"] == answers["one_at_a_time"],
+        "answers_differing_from_base": f"{differ}/{len(answers['base_only'])}",
+        "batched_vs_one_at_a_time": round(rate / out["one_at_a_time"]["requests_per_s"], 2),
+        "batched_vs_peft_per_row": round(rate / out["peft_per_row"]["requests_per_s"], 2),
+        "batched_vs_base_only": round(rate / out["base_only"]["requests_per_s"], 2),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model")
@@ -92,7 +156,16 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
     p.add_argument("--batching", choices=["on", "off", "both"], default="both", help="server batching mode(s)")
     p.add_argument("--max-batch", type=int, default=8, help="batch size cap when batching")
+    p.add_argument("--distinct-adapters", type=int, default=0, metavar="K",
+                   help="K random adapters: base only vs batched LoRA vs peft per-row vs one at a time")  # fmt: skip
     args = p.parse_args()
+    if args.distinct_adapters:
+        try:
+            print(json.dumps(distinct(args), indent=1))
+        except LorakitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     adapters = dict(a.split("=", 1) for a in args.adapter)
     out = {}
     try:

@@ -28,8 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorakit import cli
 from lorakit.errors import LorakitError
 from lorakit.generate import generate
+from lorakit.serve import multi_lora, server
 from lorakit.serve import protocol as p
-from lorakit.serve import server
 from tiny import save_tiny
 
 MSGS = [{"role": "user", "content": "the quick brown fox"}]
@@ -140,8 +140,11 @@ def test_models_chat_completions_and_streaming_match_offline_peft(world):
     assert 'lorakit_completion_tokens_total{model="base"} 16' in metrics and "lorakit_adapters_loaded 2" in metrics
 
 
-def test_mixed_adapter_batch_equals_offline_one_by_one(world):
+def test_mixed_adapter_batch_equals_offline_one_by_one(world, monkeypatch):
     tmp, base = world
+    used = []  # the batched multi-adapter LoRA computes the mixed steps (not peft's per-row loop)
+    real = multi_lora.rows
+    monkeypatch.setattr(multi_lora, "rows", lambda net, rows: used.append(list(rows)) or real(net, rows))
     # A long window: the engine starts once max_batch requests are there, so they surely share one batch.
     _, serving, _ = start(world, max_batch=6, batch_window_ms=60_000)
     rows = [(m, c) for m in ("a", "base", "b") for c in CHATS[:2]]
@@ -156,6 +159,7 @@ def test_mixed_adapter_batch_equals_offline_one_by_one(world):
         m: offline(base, None if m == "base" else tmp / "adapters" / m, CHATS[:2], 6) for m in ("a", "b", "base")
     }
     assert batched == [expected[m][CHATS.index(c)] for m, c in rows]
+    assert used and len(used[0]) == 6 and used[0].count(None) == 2 and len(set(used[0]) - {None}) == 2
 
 
 def test_a_request_joins_rows_already_decoding(world):

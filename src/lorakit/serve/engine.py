@@ -4,8 +4,9 @@ Requests wait in a queue. A worker thread decodes the running rows together, one
 pass, with a KV cache. Between steps it admits waiting jobs (up to `max_batch` rows): they are
 prefilled on their own, then joined to the running rows, so a request never waits for a whole batch
 to finish (continuous batching). A row leaves the batch, and its cache rows are dropped, as soon as
-it ends. Rows of different adapters share each forward pass through peft's per-row `adapter_names`
-instead of switching the active adapter per request. Each row has its own sampling settings, stop
+it ends. Rows of different adapters share each forward pass: multi_lora computes every row's LoRA in one
+batched matmul per layer (peft's per-row `adapter_names` where multi_lora cannot), instead of switching
+the active adapter per request. Each row has its own sampling settings, stop
 strings and token budget, and streams its text as it is produced.
 
 `per_row_adapters=False` is the naive server kept for comparison (bench/serve_load.py): one job at a
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from lorakit.serve import multi_lora
 
 log = logging.getLogger("lorakit.serve")
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -77,9 +80,11 @@ class Engine:
         window_s: float = 0.01,
         model_lock: threading.Lock | None = None,
         per_row_adapters: bool = True,
+        batched_lora: bool = True,
     ):
         self.get_model, self.tokenizer, self.eos_ids = get_model, tokenizer, set(eos_ids)
         self.max_batch, self.window_s, self.per_row_adapters = max_batch, window_s, per_row_adapters
+        self.batched_lora = batched_lora  # multi_lora's batched path; False: peft's per-row adapter_names
         self.lock = model_lock or threading.Lock()  # held during every forward; adapter loads take it too
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.pad_id = tokenizer.pad_token_id  # set by model.load_tokenizer
@@ -198,6 +203,10 @@ class Engine:
             net = self.get_model()
             if not hasattr(net, "peft_config"):
                 out = net(**kwargs)
+            elif self.per_row_adapters and self.batched_lora and multi_lora.supported(net):
+                # One gathered, batched LoRA computation per layer for all rows, whatever their adapters.
+                with multi_lora.rows(net, [j.adapter for j in jobs]):
+                    out = net(**kwargs)
             elif self.per_row_adapters:
                 out = net(**kwargs, adapter_names=[j.adapter or BASE_ROW for j in jobs])
             elif jobs[0].adapter is None:
