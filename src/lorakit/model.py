@@ -90,10 +90,12 @@ def resolve(name: str) -> Resolved:
 def portable(name: str) -> str:
     """The base as an adapter records it for other machines and tools (peft, vLLM, the Hub).
 
-    The alias becomes its hub id, never the machine-local cache folder it resolves to; any other name
-    stays as the user gave it (a hub id, or a path that only means something where it exists).
+    The alias becomes its hub id, never the machine-local cache folder it resolves to; a hub id stays as
+    given, and a local folder is recorded absolute (as peft does), since it only means something here.
     """
-    return ALIAS_HUB_ID if name == ALIAS else name
+    if name == ALIAS:
+        return ALIAS_HUB_ID
+    return str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
 
 
 def same_base_names(name: str) -> set[str]:

@@ -55,19 +55,27 @@ def inputs(tokenizer: Any, prompts: list[list[dict]], max_tokens: int = 512) -> 
     """Each chat rendered with the adapter's template, as a (1, seq <= max_tokens) id tensor (no padding).
 
     A long chat keeps its last tokens: the answer position is the one that matters, and both models
-    see the same ids either way.
+    see the same ids either way. Chats the template refuses (Gemma's has no system turn) are left out.
     """
-    return [
-        torch.tensor(
-            [
-                tokenizer(
-                    tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
-                    add_special_tokens=False,
-                )["input_ids"][-max_tokens:]
-            ]
-        )
-        for c in prompts
-    ]
+    rows = []
+    for c in accepted(tokenizer, prompts):
+        text = tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+        rows.append(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:]]))
+    return rows
+
+
+def accepted(tokenizer: Any, prompts: list[list[dict]]) -> list[list[dict]]:
+    """The chats the tokenizer's template renders (Gemma's raises on a system turn, by design)."""
+    from jinja2.exceptions import TemplateError
+
+    ok = []
+    for c in prompts:
+        try:
+            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+        except (TemplateError, ValueError):
+            continue
+        ok.append(c)
+    return ok
 
 
 def logits(net: Any, rows: list[torch.Tensor]) -> torch.Tensor:

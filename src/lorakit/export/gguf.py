@@ -20,6 +20,7 @@ import torch
 from lorakit import card, files, parity
 from lorakit.errors import LorakitError
 from lorakit.export import llamacpp, ollama, proof
+from lorakit.model import pick_device
 from lorakit.run_folder import locate, read_adapter
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
@@ -58,6 +59,7 @@ def export(
     """
     from lorakit import merge, model
 
+    llamacpp.version()  # a missing llama.cpp is said before any work, the merge included
     out = Path(out)
     merged, run_cfg = None, None
     found = locate(source)
@@ -78,7 +80,7 @@ def export(
             )
         model_dir = Path(where.path)
     chats, chats_from = parity.prompts(run_cfg)
-    result = export_model(model_dir, out, outtype=outtype, pre=pre, check=check, chats=chats)
+    result = export_model(model_dir, out, outtype=outtype, pre=pre, check=check, chats=chats, device=device)
     if run_cfg is not None:
         base_name = run_cfg.model
     elif found is not None and found.kind == "adapter":
@@ -101,8 +103,12 @@ def export_model(
     pre: str | None = None,
     check: bool = True,
     chats: list[list[dict]] | None = None,
+    device: str = "auto",
 ) -> dict:
-    """GGUF of a model folder plus an Ollama Modelfile; kept only if llama.cpp proves it (unless not `check`)."""
+    """GGUF of a model folder plus an Ollama Modelfile; kept only if llama.cpp proves it (unless not `check`).
+
+    device: where the model's own (fp32) answers are computed for the proof; llama.cpp runs on the CPU.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     model_dir, out = Path(model_dir), Path(out)
@@ -144,7 +150,7 @@ def export_model(
         export_s = time.perf_counter() - started
         result: dict[str, Any] = {"ok": None, "rows": [], "problems": []}
         if check:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(pick_device(device)).eval()
             result = proof.prove(tmp, model, tokenizer, outtype, chats or parity.BUILT_IN)
             proof.require(result, out / name)
         size = tmp.stat().st_size

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorakit import parity
 from lorakit.errors import LorakitError
 from lorakit.export import llamacpp
 
@@ -94,7 +95,7 @@ def prove(path: Path, model: Any, tokenizer: Any, outtype: str, chats: list[list
                 f"not mark as end-of-generation (its EOS is id {llm.token_eos()}): llama.cpp would run past the turn"
             )
     rows = []
-    for chat in chats:
+    for chat in parity.accepted(tokenizer, chats):
         want = tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
                          add_special_tokens=False)["input_ids"]  # fmt: skip
         got = llama_prompt(llm, chat)
@@ -109,11 +110,11 @@ def prove(path: Path, model: Any, tokenizer: Any, outtype: str, chats: list[list
             rows.append(Row(label, len(want), False, 0, "-", 0.0, float("nan"), "-"))
             continue
         with torch.no_grad():
-            ids = torch.tensor([want])
+            ids = torch.tensor([want], device=model.device)
             hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
                                 eos_token_id=ends, pad_token_id=ends[0])[0, len(want) :].tolist()  # fmt: skip
             forced = want + hf[:-1]
-            ref = model(torch.tensor([forced])).logits[0, len(want) - 1 :].float().numpy()
+            ref = model(torch.tensor([forced], device=model.device)).logits[0, len(want) - 1 :].float().cpu().numpy()
         llm.reset()
         llm.eval(forced)
         mine = np.asarray(llm.scores[len(want) - 1 : len(forced)], dtype=np.float32)
