@@ -14,6 +14,7 @@ embedding or Conv1D LoRA layers, modules_to_save), and the engine then keeps pef
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 KEPT = 8  # stacks kept per layer (adapter sets seen recently); a new set of adapters builds new ones
-_IDENT: dict[tuple, tuple] = {}  # (model, adapter names) -> (their weights, a token naming that state)
+_IDENT: dict[tuple, tuple] = {}  # (model, adapter names) -> (their weights, a number naming that state)
+_STATES = itertools.count()  # never reused, unlike an id
 _FOUND: dict[tuple, tuple[bool, list]] = {}  # (model, its adapters) -> (supported, LoRA layers): a step must not walk
 
 
@@ -76,8 +78,8 @@ def rows(net: Any, adapters: list[str | None]) -> Iterator[None]:
     if held is None or len(held[0]) != len(ident) or any(x is not y for x, y in zip(held[0], ident)):
         if len(_IDENT) >= KEPT:
             _IDENT.clear()
-        held = _IDENT[id(net), names] = (ident, object())
-    key = (names, index, id(held[1]))
+        held = _IDENT[id(net), names] = (ident, next(_STATES))
+    key = (names, index, held[1])
     for layer in layers:
         cache = layer.__dict__.setdefault("_lorakit_stacks", {})
         if key not in cache:
