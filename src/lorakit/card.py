@@ -34,19 +34,19 @@ def base_license(base: str) -> str | None:
         except ValueError:  # not a hub id
             return None
         folder = Path(cached).parent if isinstance(cached, str) else folder
-    readme = folder / "README.md"
-    if not readme.is_file():
-        return None
-    head = readme.read_text(encoding="utf-8", errors="replace").split("---")
-    found = re.search(r"^license:\s*(\S+)", head[1], re.M) if len(head) > 2 else None
-    return found.group(1) if found else None
+    return _header_field(folder, "license")
 
 
 def recorded_base(folder: Path) -> str | None:
     """The base_model a lorakit card in `folder` records (a merged model's, say), if any."""
+    return _header_field(folder, "base_model")
+
+
+def _header_field(folder: Path, key: str) -> str | None:
+    """`key` of the YAML header of folder/README.md (a model card), if the card and the key are there."""
     card = folder / "README.md"
     head = card.read_text(encoding="utf-8", errors="replace").split("---") if card.is_file() else []
-    found = re.search(r"^base_model:\s*(\S+)", head[1], re.M) if len(head) > 2 else None
+    found = re.search(rf"^{key}:\s*(\S+)", head[1], re.M) if len(head) > 2 else None
     return found.group(1) if found else None
 
 

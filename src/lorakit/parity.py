@@ -57,25 +57,24 @@ def inputs(tokenizer: Any, prompts: list[list[dict]], max_tokens: int = 512) -> 
     A long chat keeps its last tokens: the answer position is the one that matters, and both models
     see the same ids either way. Chats the template refuses (Gemma's has no system turn) are left out.
     """
-    rows = []
-    for c in accepted(tokenizer, prompts):
-        text = tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-        rows.append(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:]]))
-    return rows
+    return [
+        torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:]])
+        for _, text in rendered(tokenizer, prompts)
+    ]
 
 
-def accepted(tokenizer: Any, prompts: list[list[dict]]) -> list[list[dict]]:
-    """The chats the tokenizer's template renders (Gemma's raises on a system turn, by design)."""
+def rendered(tokenizer: Any, prompts: list[list[dict]]) -> list[tuple[list[dict], str]]:
+    """(chat, its text up to the generation prompt) for the chats the template renders (Gemma's raises on a
+    system turn, by design)."""
     from jinja2.exceptions import TemplateError
 
-    ok = []
+    out = []
     for c in prompts:
         try:
-            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            out.append((c, tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)))
         except (TemplateError, ValueError):
             continue
-        ok.append(c)
-    return ok
+    return out
 
 
 def logits(net: Any, rows: list[torch.Tensor]) -> torch.Tensor:

@@ -95,13 +95,12 @@ def prove(path: Path, model: Any, tokenizer: Any, outtype: str, chats: list[list
                 f"not mark as end-of-generation (its EOS is id {llm.token_eos()}): llama.cpp would run past the turn"
             )
     rows = []
-    for chat in parity.accepted(tokenizer, chats):
-        want = tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
-                         add_special_tokens=False)["input_ids"]  # fmt: skip
+    for chat, text in parity.rendered(tokenizer, chats):
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
         got = llama_prompt(llm, chat)
         label = chat[-1]["content"][:40]
         if got != want:
-            at = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            at = _first_difference(got, want)
             problems.append(
                 f"prompt {label!r}: llama.cpp renders the GGUF's chat template and tokenizes it differently from "
                 f"position {at}: {tokenizer.decode(got[at : at + 8])!r} vs the model's "
@@ -124,7 +123,7 @@ def prove(path: Path, model: Any, tokenizer: Any, outtype: str, chats: list[list
         same = "yes"
         exact = outtype in EXACT
         if lc != hf:
-            at = next((k for k, (a, b) in enumerate(zip(lc, hf)) if a != b), min(len(lc), len(hf)))
+            at = _first_difference(lc, hf)
             same = f"no at {at}"
             if exact and at < len(lc) and at < len(hf) and ref[at, hf[at]] - ref[at, lc[at]] <= 2 * diff[at]:
                 # A near-tie: the model's own margin between the two tokens is within the measured difference
@@ -153,6 +152,11 @@ def prove(path: Path, model: Any, tokenizer: Any, outtype: str, chats: list[list
         )
     del llm
     return {"rows": [asdict(r) for r in rows], "agreement": agreement, "problems": problems, "ok": not problems}
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    """The first position where the two token lists differ (the shorter one's length if one extends the other)."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def table(result: dict) -> str:
