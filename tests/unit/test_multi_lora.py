@@ -23,6 +23,14 @@ def with_adapters(**extra):
     return peft_net.eval()
 
 
+def both(net, rows, ids):
+    """Logits of one forward through multi_lora's rows, and through peft's per-row `adapter_names`."""
+    with torch.no_grad():
+        with multi_lora.rows(net, rows):
+            got = net(input_ids=ids).logits
+        return got, net(input_ids=ids, adapter_names=[r or "__base__" for r in rows]).logits
+
+
 def test_mixed_rows_match_peft_per_row_in_prefill_and_decode():
     net = with_adapters()
     assert multi_lora.supported(net)
@@ -58,6 +66,49 @@ def test_an_adapter_reloaded_under_its_name_is_used_not_its_old_stacks():
             after = net(input_ids=ids).logits
         want = net(input_ids=ids, adapter_names=rows).logits
     assert torch.allclose(after, want, atol=1e-5, rtol=0) and not torch.allclose(before[0], after[0])
+
+
+@pytest.mark.parametrize("rows", [["b", None], ["c", "c", "c"], [None, None]])
+def test_layers_that_no_rows_adapter_adapts_and_one_adapter_batches_match_peft(rows):
+    net = with_adapters()  # b does not touch attention: those layers run the base alone for ["b", None]
+    ids = torch.randint(0, 600, (len(rows), 6))
+    got, want = both(net, rows, ids)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+def test_a_layer_left_without_adapters_runs_the_base():
+    net = with_adapters()
+    net.delete_adapter("c")  # the only one on k_proj and o_proj: peft keeps those layers, now empty
+    rows = ["a", "b", None]
+    ids = torch.randint(0, 600, (len(rows), 5))
+    got, want = both(net, rows, ids)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_fp32_adapters_on_a_bf16_base_add_as_peft_does():
+    net = tiny_model("llama", tiny_tokenizer()).to(torch.bfloat16)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    net = get_peft_model(net, cfg, adapter_name="a")  # peft keeps the adapter's weights in fp32
+    net.add_adapter("b", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    net.eval()
+    assert net.base_model.model.model.layers[0].self_attn.q_proj.lora_A["a"].weight.dtype == torch.float32
+    rows = ["a", None, "b"]
+    ids = torch.randint(0, 600, (len(rows), 6))
+    got, want = both(net, rows, ids)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=3e-2, rtol=0), (got.float() - want.float()).abs().max()
+
+
+def test_a_new_model_that_takes_a_freed_models_id_gets_its_own_layers():
+    old, new = with_adapters(), with_adapters()
+    assert multi_lora.supported(old)
+    # What a freed model leaves behind when a new one (peft wrapped again) takes its id, same adapter names.
+    multi_lora._FOUND[id(new), tuple(new.peft_config)] = multi_lora._FOUND[id(old), tuple(old.peft_config)]
+    rows = ["a", "b", None, "c"]
+    ids = torch.randint(0, 600, (len(rows), 5))
+    got, want = both(new, rows, ids)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("extra", [{"use_dora": True}, {"lora_bias": True}])
