@@ -11,8 +11,10 @@ row b computes base(x_b) + scaling_b · B_b (A_b x_b), as peft does.
 Why gathered per row rather than every adapter's A for every row and a mask (the design before this one):
 a row then multiplies only its own rank, not all K ranks. On a 2-core CPU a decode step of 8 rows over 8
 adapters measured 99-113 ms per row-gathered step against 118-128 ms masked, the base model alone 87-103 ms.
-The price is memory: the gathered copies hold rows x rank x (in + out) per layer, about 20 MB per row for
-SmolLM2-135M at rank 16, kept for the last two row layouts.
+The price is memory: the stacks hold every loaded adapter padded to the largest rank, and the gathered
+copies rows x rank x (in + out) per layer, for the current row layout only: with SmolLM2-135M at rank 16,
+about 20 MiB per adapter and per row (8 adapters of ranks 8 and 16, 8 rows: 168 + 149 MiB, beside the
+adapters' own 112 MiB).
 
 Used by the engine while a batch runs; `supported` tells where it cannot stand in for peft (DoRA,
 embedding or Conv1D LoRA layers, modules_to_save), and the engine then keeps peft's per-row path.
@@ -30,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-KEPT_ROWS = 2  # row layouts kept per layer: the engine alternates a prefill's new rows and the running batch
+KEPT_ROWS = 1  # row layouts kept per layer: the engine's next new layout never returns (a prefill's new rows,
+# then the running batch joined with them, then that batch less its finished rows)
 _IDENT: dict[tuple, tuple] = {}  # (model, adapter names) -> (their weights, a number naming that state)
 _STATES = itertools.count()  # never reused, unlike an id
 _FOUND: dict[tuple, tuple] = {}  # (model, its adapters) -> (the model, supported, LoRA layers): a step must not
