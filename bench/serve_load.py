@@ -2,7 +2,7 @@
 
     python bench/serve_load.py --model smollm2-135m-instruct --adapter sql=runs/quickstart \\
         --adapter sql2=runs/qs2 --requests 16 --concurrency 4 --max-tokens 32 --batching on
-    python bench/serve_load.py --distinct-adapters 8 --requests 32 --concurrency 8   # the serving table
+    python bench/serve_load.py --distinct-adapters 8 --requests 32 --concurrency 8 --repeats 3  # the table
 
 --distinct-adapters K makes K LoRA adapters of random weights (ranks 8 and 16 alternating, all linear
 layers) on the base, and runs four servers on the same requests, each request to the next adapter in turn:
@@ -116,31 +116,45 @@ def random_adapters(base: str, k: int, folder: str) -> dict[str, str]:
 
 
 def distinct(args: argparse.Namespace) -> dict:
-    """The four servers of --distinct-adapters on the same requests; ratios to the batched LoRA."""
+    """The four servers of --distinct-adapters on the same requests, `--repeats` times in alternating order
+    (forward, then backward: a machine that slows down or speeds up during the run favours no server);
+    each server's run of median requests/s, and the ratios of those medians to the batched LoRA."""
     import tempfile
 
+    modes = (
+        ("base_only", "on", True),
+        ("batched_lora", "on", True),
+        ("peft_per_row", "on", False),
+        ("one_at_a_time", "off", False),
+    )
+    runs: dict[str, list[dict]] = {mode: [] for mode, _, _ in modes}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = random_adapters(args.model, args.distinct_adapters, tmp)
-        out = {}
-        for mode, batching, batched_lora, used in (
-            ("base_only", "on", True, {}),
-            ("batched_lora", "on", True, adapters),
-            ("peft_per_row", "on", False, adapters),
-            ("one_at_a_time", "off", False, adapters),
-        ):
-            opts = server.ServeOptions(model=args.model, served_model_name="base", adapters=used, batching=batching,
-                                       max_batch=args.max_batch)  # fmt: skip
-            app, serving = server.build(opts)
-            serving.engine.batched_lora = batched_lora
-            out[mode] = asyncio.run(load(app, list(used) or ["base"], args.requests, args.concurrency, args.max_tokens))
-            serving.close()
-    answers = {m: out[m].pop("answers") for m in out}
-    differ = sum(a != b for a, b in zip(answers["batched_lora"], answers["base_only"]))
+        for rep in range(args.repeats):
+            for mode, batching, batched_lora in modes if rep % 2 == 0 else modes[::-1]:
+                used = {} if mode == "base_only" else adapters
+                opts = server.ServeOptions(model=args.model, served_model_name="base", adapters=used,
+                                           batching=batching, max_batch=args.max_batch)  # fmt: skip
+                app, serving = server.build(opts)
+                serving.engine.batched_lora = batched_lora
+                runs[mode].append(asyncio.run(load(app, list(used) or ["base"], args.requests, args.concurrency,
+                                                   args.max_tokens)))  # fmt: skip
+                serving.close()
+    answers = {m: [r.pop("answers") for r in rs] for m, rs in runs.items()}
+    out = {}
+    for mode, rs in runs.items():
+        rates = [r["requests_per_s"] for r in rs]
+        out[mode] = sorted(rs, key=lambda r: r["requests_per_s"])[len(rs) // 2] | {"requests_per_s_each": rates}
+    first = answers["batched_lora"][0]
+    differ = sum(a != b for a, b in zip(first, answers["base_only"][0]))
     rate = out["batched_lora"]["requests_per_s"]
     return {
         **out,
-        "same_answers_adapter_modes": answers["batched_lora"] == answers["peft_per_row"] == answers["one_at_a_time"],
-        "answers_differing_from_base": f"{differ}/{len(answers['base_only'])}",
+        "repeats": args.repeats,
+        "same_answers_adapter_modes": all(
+            a == first for m in ("batched_lora", "peft_per_row", "one_at_a_time") for a in answers[m]
+        ),
+        "answers_differing_from_base": f"{differ}/{len(first)}",
         "batched_vs_one_at_a_time": round(rate / out["one_at_a_time"]["requests_per_s"], 2),
         "batched_vs_peft_per_row": round(rate / out["peft_per_row"]["requests_per_s"], 2),
         "batched_vs_base_only": round(rate / out["base_only"]["requests_per_s"], 2),
@@ -158,6 +172,8 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=8, help="batch size cap when batching")
     p.add_argument("--distinct-adapters", type=int, default=0, metavar="K",
                    help="K random adapters: base only vs batched LoRA vs peft per-row vs one at a time")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=1,
+                   help="with --distinct-adapters: the four servers N times in alternating order; medians")  # fmt: skip
     args = p.parse_args()
     if args.distinct_adapters:
         try:
