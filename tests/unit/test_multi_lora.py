@@ -1,5 +1,8 @@
 """The batched multi-adapter LoRA of mixed decode batches computes what peft's per-row path computes."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -109,6 +112,18 @@ def test_a_new_model_that_takes_a_freed_models_id_gets_its_own_layers():
     ids = torch.randint(0, 600, (len(rows), 5))
     got, want = both(new, rows, ids)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_freed_models_layers_and_stacks_are_not_kept():
+    old = with_adapters()
+    layer = multi_lora.lora_layers(old)[0]
+    both(old, ["a", "c"], torch.randint(0, 600, (2, 4)))  # builds the stacks
+    stacks = weakref.ref(layer.__dict__["_lorakit_stacks"]["a"])
+    del old, layer
+    gc.collect()
+    assert multi_lora.supported(with_adapters())  # the next model looked up drops what the freed one left
+    gc.collect()
+    assert stacks() is None
 
 
 @pytest.mark.parametrize("extra", [{"use_dora": True}, {"lora_bias": True}])

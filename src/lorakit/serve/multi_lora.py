@@ -58,6 +58,8 @@ def _found(net: Any) -> tuple[bool, list]:
     key = (id(net), tuple(getattr(net, "peft_config", {})))
     found = _FOUND.get(key)
     if found is None or found[0]() is not net:
+        for gone in [k for k, v in _FOUND.items() if v[0]() is None]:  # its layers' stacks are freed with it
+            del _FOUND[gone]
         if len(_FOUND) >= _KEPT_MODELS:
             _FOUND.clear()
         layers = lora_layers(net)
