@@ -4,8 +4,8 @@ Requests wait in a queue. A worker thread decodes the running rows together, one
 pass, with a KV cache. Between steps it admits waiting jobs (up to `max_batch` rows): they are
 prefilled on their own, then joined to the running rows, so a request never waits for a whole batch
 to finish (continuous batching). A row leaves the batch, and its cache rows are dropped, as soon as
-it ends. Rows of different adapters share each forward pass: multi_lora computes every row's LoRA in one
-batched matmul per layer (peft's per-row `adapter_names` where multi_lora cannot), instead of switching
+it ends. Rows of different adapters share each forward pass: multi_lora computes every row's LoRA in two
+batched matmuls per layer (peft's per-row `adapter_names` where multi_lora cannot), instead of switching
 the active adapter per request. Each row has its own sampling settings, stop
 strings and token budget, and streams its text as it is produced.
 
@@ -204,7 +204,7 @@ class Engine:
             if not hasattr(net, "peft_config"):
                 out = net(**kwargs)
             elif self.per_row_adapters and self.batched_lora and multi_lora.supported(net):
-                # One gathered, batched LoRA computation per layer for all rows, whatever their adapters.
+                # Each row's own adapter, gathered, in one batched LoRA computation per layer for all rows.
                 with multi_lora.rows(net, [j.adapter for j in jobs]):
                     out = net(**kwargs)
             elif self.per_row_adapters:
