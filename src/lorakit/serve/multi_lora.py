@@ -10,7 +10,7 @@ row b computes base(x_b) + scaling_b · B_b (A_b x_b), as peft does.
 
 Why gathered per row rather than every adapter's A for every row and a mask (the design before this one):
 a row then multiplies only its own rank, not all K ranks. On a 2-core CPU a decode step of 8 rows over 8
-adapters measured 99-113 ms per row-gathered step against 118-128 ms masked, the base model alone 87-103 ms.
+adapters measured 98-113 ms per row-gathered step against 118-128 ms masked, the base model alone 87-103 ms.
 The price is memory: the stacks hold every loaded adapter padded to the largest rank, and the gathered
 copies rows x rank x (in + out) per layer, for the current row layout only: with SmolLM2-135M at rank 16,
 about 20 MiB per adapter and per row (8 adapters of ranks 8 and 16, 8 rows: 168 + 149 MiB, beside the
