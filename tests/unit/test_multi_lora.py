@@ -107,7 +107,7 @@ def test_a_new_model_that_takes_a_freed_models_id_gets_its_own_layers():
     old, new = with_adapters(), with_adapters()
     assert multi_lora.supported(old)
     # What a freed model leaves behind when a new one (peft wrapped again) takes its id, same adapter names.
-    multi_lora._FOUND[id(new), tuple(new.peft_config)] = multi_lora._FOUND[id(old), tuple(old.peft_config)]
+    multi_lora._FOUND[id(new)] = multi_lora._FOUND[id(old)]
     rows = ["a", "b", None, "c"]
     ids = torch.randint(0, 600, (len(rows), 5))
     got, want = both(new, rows, ids)
@@ -129,3 +129,11 @@ def test_a_freed_models_layers_and_stacks_are_not_kept():
 @pytest.mark.parametrize("extra", [{"use_dora": True}, {"lora_bias": True}])
 def test_what_it_cannot_compute_is_left_to_peft(extra):
     assert not multi_lora.supported(with_adapters(**extra))
+
+
+def test_an_adapter_reloaded_under_its_name_as_dora_is_left_to_peft():
+    net = with_adapters()
+    assert multi_lora.supported(net)
+    net.delete_adapter("c")  # the last one: added again, the names are as they were
+    net.add_adapter("c", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    assert tuple(net.peft_config) == ("a", "b", "c") and not multi_lora.supported(net)

@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -34,12 +34,23 @@ from torch.nn import functional as F
 
 KEPT_ROWS = 1  # row layouts kept per layer: the engine's next new layout never returns (a prefill's new rows,
 # then the running batch joined with them, then that batch less its finished rows)
-_IDENT: dict[tuple, tuple] = {}  # (model, adapter names) -> (their weights, a number naming that state)
 _STATES = itertools.count()  # never reused, unlike an id
-_FOUND: dict[tuple, tuple] = {}  # (model, its adapters) -> (the model, supported, LoRA layers): a step must not
-# walk the model. The model is held weakly and compared: a model freed (peft unwrapped when its last adapter
-# goes) lets a new one take its id, maybe with the same adapter names, and its layers are new.
 _KEPT_MODELS = 8
+
+
+class _Found(NamedTuple):
+    """What a step needs to know of a model, found once per state of its adapters (a step must not walk it)."""
+
+    model: weakref.ref  # held weakly and compared: a freed model (peft unwrapped when its last adapter goes)
+    # lets a new one take its id, maybe with the same adapter names
+    names: tuple[str, ...]
+    weights: tuple  # one A weight per adapter, held (so no new tensor takes its id): a reload brings new ones
+    supported: bool
+    layers: list
+    state: int  # names this model's adapters as they are: the layers' stacks are built for one state
+
+
+_FOUND: dict[int, _Found] = {}  # id(model) ->
 
 
 def lora_layers(net: Any) -> list[Any]:
@@ -50,21 +61,29 @@ def lora_layers(net: Any) -> list[Any]:
 
 def supported(net: Any) -> bool:
     """Whether every LoRA layer is a plain linear LoRA this module computes exactly like peft."""
-    return _found(net)[0]
+    return _found(net).supported
 
 
-def _found(net: Any) -> tuple[bool, list]:
-    # Adapters load and unload by name (a retrained one under a new name), so names identify the layers' state.
-    key = (id(net), tuple(getattr(net, "peft_config", {})))
-    found = _FOUND.get(key)
-    if found is None or found[0]() is not net:
-        for gone in [k for k, v in _FOUND.items() if v[0]() is None]:  # its layers' stacks are freed with it
-            del _FOUND[gone]
-        if len(_FOUND) >= _KEPT_MODELS:
-            _FOUND.clear()
-        layers = lora_layers(net)
-        found = _FOUND[key] = (weakref.ref(net), _plain(net, layers), layers)
-    return found[1], found[2]
+def _found(net: Any) -> _Found:
+    """The model's entry, found anew when it is another model or an adapter loaded, unloaded or reloaded
+    under its name (which may bring DoRA, or new target modules)."""
+    names = tuple(getattr(net, "peft_config", {}))
+    found = _FOUND.get(id(net))
+    if (found is not None and found.model() is net and found.names == names
+            and all(x is y for x, y in zip(found.weights, _weights(found.layers, names)))):  # fmt: skip
+        return found
+    for gone in [k for k, v in _FOUND.items() if v.model() is None]:  # its layers' stacks are freed with it
+        del _FOUND[gone]
+    if len(_FOUND) >= _KEPT_MODELS:
+        _FOUND.clear()
+    layers = lora_layers(net)
+    found = _FOUND[id(net)] = _Found(weakref.ref(net), names, _weights(layers, names), _plain(net, layers), layers,
+                                     next(_STATES))  # fmt: skip
+    return found
+
+
+def _weights(layers: list, names: tuple[str, ...]) -> tuple:
+    return tuple(next((lay.lora_A[n].weight for lay in layers if n in lay.lora_A), None) for n in names)
 
 
 def _plain(net: Any, layers: list) -> bool:
@@ -82,25 +101,12 @@ def _plain(net: Any, layers: list) -> bool:
     return True
 
 
-def _state(net: Any, layers: list) -> int:
-    """A number for the loaded adapters' weights: new when one loads, unloads or is reloaded under its name."""
-    names = tuple(net.peft_config)
-    # One A weight per adapter, held (so no new tensor can take its id): a reload brings new tensors.
-    ident = tuple(next((lay.lora_A[n].weight for lay in layers if n in lay.lora_A), None) for n in names)
-    held = _IDENT.get((id(net), names))
-    if held is None or len(held[0]) != len(ident) or any(x is not y for x, y in zip(held[0], ident)):
-        if len(_IDENT) >= _KEPT_MODELS:
-            _IDENT.clear()
-        held = _IDENT[id(net), names] = (ident, next(_STATES))
-    return held[1]
-
-
 @contextlib.contextmanager
 def rows(net: Any, adapters: list[str | None]) -> Iterator[None]:
     """Within the block, row b of every forward through `net` uses adapter `adapters[b]` (None: the base)."""
-    layers = _found(net)[1]
-    state, layout = _state(net, layers), tuple(adapters)
-    for layer in layers:
+    found, layout = _found(net), tuple(adapters)
+    state = found.state
+    for layer in found.layers:
         stacks = layer.__dict__.get("_lorakit_stacks")
         if stacks is None or stacks["state"] != state:
             stacks = layer.__dict__["_lorakit_stacks"] = _stack(layer) | {"state": state, "rows": {}}
@@ -113,7 +119,7 @@ def rows(net: Any, adapters: list[str | None]) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer in layers:
+        for layer in found.layers:
             layer.__dict__.pop("forward", None)  # the class's own forward again
 
 
