@@ -100,8 +100,9 @@ def _example(ex: dict, models: list[str]) -> str:
         if ex["reference"] is None
         else f"<div class='label'>reference</div><pre>{html.escape(ex['reference'])}</pre>"
     )
+    ident = html.escape(str(ex["id"]))  # an int when lorakit wrote it; anything in an edited eval.json
     return (
-        f"<div class='example{' changed' if is_changed(ex) else ''}' data-example='{ex['id']}'>"
-        f"<div class='label'>#{ex['id']} prompt</div><pre>{html.escape(prompt)}</pre>{reference}"
+        f"<div class='example{' changed' if is_changed(ex) else ''}' data-example='{ident}'>"
+        f"<div class='label'>#{ident} prompt</div><pre>{html.escape(prompt)}</pre>{reference}"
         f"<div class='answers' style='--n:{len(models)}'>{''.join(cells)}</div></div>"
     )

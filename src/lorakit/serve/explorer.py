@@ -11,12 +11,15 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from lorakit.serve import runs
 from lorakit.serve.serving import APIError, Serving
 
-UI_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+UI_FILES = {"app.js": "text/javascript", "style.css": "text/css", "favicon.svg": "image/svg+xml"}
+# A run's eval report holds what its eval.json holds (anyone who can write the run folder wrote it): it runs
+# sandboxed in an opaque origin, even when opened directly, so no script in it reaches the page's key or the API.
+REPORT_HEADERS = {"Content-Security-Policy": "sandbox allow-scripts", "X-Content-Type-Options": "nosniff"}
 
 
 def is_public(path: str) -> bool:
@@ -42,13 +45,18 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         # Reading run folders is file work: off the event loop, which is decoding for other clients.
         return {"runs": await asyncio.to_thread(_runs, serving)}
 
-    @app.get("/v1/lorakit/runs/{name}/eval.html")
-    async def eval_page(name: str) -> FileResponse:
+    @app.get("/v1/lorakit/runs/{name:path}/eval.html")  # a path: adapter names may hold "/" (team/sql)
+    async def eval_page(name: str) -> HTMLResponse:
         path = _adapter(serving, name)
-        html = runs.eval_html(path) if path is not None else None
+        html = await asyncio.to_thread(runs.eval_report, path) if path is not None else None
         if html is None:
-            raise APIError(404, f"no eval.html for {name}: run `lorakit eval` on its run folder", "not_found_error")
-        return FileResponse(html, media_type="text/html")
+            raise APIError(
+                404,
+                f"no eval report for {name}: its run folder has no eval/eval.json written by `lorakit eval` "
+                "(a symlink out of the folder is not followed); run `lorakit eval` on the run folder",
+                "not_found_error",
+            )
+        return HTMLResponse(html, headers=REPORT_HEADERS)
 
     @app.get("/v1/lorakit/state")
     async def state() -> dict:

@@ -28,9 +28,13 @@ async function errorOf(res) {
   try { return (await res.json()).error.message; } catch { return `${res.status} ${res.statusText}`; }
 }
 
-async function json(res) {
+async function ok(res) {
   if (!res.ok) throw new ApiError(res.status, await errorOf(res));
-  return res.json();
+  return res;
+}
+
+async function json(res) {
+  return (await ok(res)).json();
 }
 
 function askKey(message) {
@@ -148,7 +152,7 @@ function renderRuns() {
         "final train loss": fmt(s.final_train_loss), "final eval loss": fmt(s.final_eval_loss),
       }));
     }
-    if (run.eval) card.append(evalTable(run.eval));
+    if (run.eval) card.append(evalTable(run.eval, run.name));
     return card;
   }));
 }
@@ -195,7 +199,7 @@ function lossChart(points, name) {
   return svg;
 }
 
-function evalTable(ev) {
+function evalTable(ev, name) {
   const models = Object.entries(ev.models);
   const keys = [...new Set(models.flatMap(([, m]) => Object.keys(m).filter((k) => typeof m[k] === "number")))];
   const table = document.createElement("table");
@@ -210,14 +214,30 @@ function evalTable(ev) {
     for (const k of keys) row.insertCell().textContent = fmt(m[k]);
   }
   const open = Object.assign(document.createElement("button"), { type: "button", textContent: "open eval.html" });
-  open.addEventListener("click", async () => {
-    const page = await (await api(ev.html)).blob();  // fetched with the key: a plain link could not send it
-    window.open(URL.createObjectURL(page), "_blank");
-  });
+  const failure = Object.assign(document.createElement("p"), { className: "failure" });
+  failure.setAttribute("role", "alert");
+  open.addEventListener("click", () => showReport(ev.html, name, failure));
   const wrap = document.createElement("div");
-  wrap.append(table, open);
+  wrap.append(table, open, failure);
   return wrap;
 }
+
+// The report is fetched with the key (a plain link could not send it) and shown in the dialog's sandboxed frame:
+// an opaque origin with no opener, so a script in it cannot read this tab's key nor call the API with it.
+async function showReport(url, name, failure) {
+  failure.textContent = "";
+  try {
+    const res = await ok(await api(url));
+    $("#report-frame").srcdoc = await res.text();
+  } catch (e) {
+    failure.textContent = `eval.html of ${name}: ${e.message}`;
+    return;
+  }
+  $("#report-title").textContent = `lorakit eval of ${name}`;
+  $("#report-dialog").showModal();
+}
+
+$("#report-dialog").addEventListener("close", () => $("#report-frame").removeAttribute("srcdoc"));
 
 // ---- compare: every chosen model answers at once, streamed into its column ----
 $("#ask").addEventListener("submit", async (event) => {
@@ -281,8 +301,7 @@ async function answer(model, messages, params, col) {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ model, messages, stream: true, stream_options: { include_usage: true }, ...params }),
     });
-    if (!res.ok) throw new ApiError(res.status, await errorOf(res));
-    const reader = res.body.getReader(), decoder = new TextDecoder();
+    const reader = (await ok(res)).body.getReader(), decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
       const { value, done } = await reader.read();
