@@ -73,10 +73,14 @@ _LLAMA2_TURN = re.compile(
     r"\s*(?:<s>)?\s*\[INST\]\s*(?:<<SYS>>\s*(.*?)\s*<</SYS>>\s*)?(.*?)\s*\[/INST\]\s*(.*?)\s*(?:</s>|(?=<s>)|(?=\[INST\])|$)",
     re.S,
 )
+# mlx-lm's WikiSQL text: a preamble (table, columns), then lines that open with "Q:" and "A:". Parsed only when
+# data.format is chat_text: `auto` keeps such rows plain text, as mlx-lm trains them.
+_QA_LINE = re.compile(r"^(Q|A):[ \t]*", re.M)
 
 
-def parse_transcript(text: str) -> list[dict] | None:
-    """Messages from a `### Human: … ### Assistant: …` or Llama-2 `<s>[INST] … [/INST] … </s>` text."""
+def parse_transcript(text: str, qa: bool = False) -> list[dict] | None:
+    """Messages from a `### Human: … ### Assistant: …` or Llama-2 `<s>[INST] … [/INST] … </s>` text; with `qa`,
+    also from a `Q: … A: …` one (its preamble opens the first question)."""
     if _HUMAN_ASSISTANT.match(text.lstrip()):
         parts = _HUMAN_ASSISTANT.split(text.strip())[1:]
         roles = {"Human": "user", "Assistant": "assistant"}
@@ -91,7 +95,16 @@ def parse_transcript(text: str) -> list[dict] | None:
                 messages.append({"role": "system", "content": m.group(1)})
             messages += [{"role": "user", "content": m.group(2)}, {"role": "assistant", "content": m.group(3)}]
         return messages if pos == len(text) and messages else None
-    return None
+    return _parse_qa(text) if qa else None
+
+
+def _parse_qa(text: str) -> list[dict] | None:
+    preamble, *parts = _QA_LINE.split(text.strip())
+    labels, said = parts[::2], [s.strip() for s in parts[1::2]]
+    if not labels or labels != ["Q", "A"] * (len(labels) // 2) or not all(said):
+        return None
+    said[0] = f"{preamble.strip()}\n{said[0]}".strip()
+    return [{"role": "user" if label == "Q" else "assistant", "content": s} for label, s in zip(labels, said)]
 
 
 def convert(
@@ -294,9 +307,9 @@ def _from_text(rec: dict, loc: str) -> dict:
 
 
 def _from_chat_text(rec: dict, loc: str) -> dict:
-    messages = parse_transcript(_field(rec, "text", loc, str, "chat_text"))
+    messages = parse_transcript(_field(rec, "text", loc, str, "chat_text"), qa=True)
     if not messages:
-        raise Skip("text is not a Human/Assistant or [INST] transcript")
+        raise Skip("text is not a Human/Assistant, [INST] or Q/A transcript")
     return _chat(messages)
 
 

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lorakit import files
+from lorakit import files, sources
 from lorakit.errors import LorakitError
 from lorakit.run_folder import RunFolder, find_adapter
 
@@ -190,7 +190,7 @@ def make_task(out_dir: Path, n_train: int = 2000, n_eval: int = 50, seed: int = 
         eval_pool[key], train_pool[key] = shuffled[:cut], shuffled[cut:]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    train_path, eval_path = (out_dir / name for name in sources.QUICKSTART_TASK)
     _write_jsonl(train_path, [_example(rng, train_pool) for _ in range(n_train)])
     _write_jsonl(eval_path, [_example(rng, eval_pool) for _ in range(n_eval)])
     return train_path, eval_path

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 from lorakit.errors import LorakitError
 
 EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+# The files `lorakit quickstart data FOLDER` writes (quickstart.make_task): data that is generated, not shipped,
+# so a missing one says how to make it.
+QUICKSTART_TASK = ("train.jsonl", "eval.jsonl")
 
 
 @dataclass
@@ -43,7 +47,7 @@ def read(source: str, split: str = "train", limit: int | None = None) -> Rows:
         raise LorakitError(
             f"data file not found: {source}. Check the path (relative paths are taken "
             f"from the current directory: {Path.cwd()}); a Hugging Face dataset is named "
-            "as org/name."
+            "as org/name." + _how_to_make(path)
         )
     else:
         return _read_hub(source, split, limit)
@@ -191,6 +195,14 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
         raise LorakitError(f"{path}: not a readable parquet file ({e})") from None
     rows = table.to_pylist()
     return rows, [f"{path}:row {i + 1}" for i in range(len(rows))]
+
+
+def _how_to_make(path: Path) -> str:
+    """The command that writes a missing file lorakit generates (the quickstart's task folder), else ""."""
+    if path.name in QUICKSTART_TASK and "quickstart" in path.parent.name:
+        folder = shlex.quote(str(path.parent))
+        return f" It is the quickstart's generated task: `lorakit quickstart data {folder}` writes it."
+    return ""
 
 
 def _read_hub(name: str, split: str, limit: int | None) -> Rows:

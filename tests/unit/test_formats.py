@@ -101,6 +101,39 @@ def test_wikisql_text_is_plain_text(shared_data):
     assert conv.format == "text" and conv.examples[0] == {"text": records[0]["text"]}
 
 
+def test_wikisql_qa_text_is_a_question_and_its_sql_under_chat_text(shared_data):
+    """mlx-lm's WikiSQL rows (the bloom-1b1-sql twin's data) parse into the table and question, then the SQL."""
+    records, where = first_rows(shared_data / "sql" / "wikisql_mlx" / "train.jsonl", 300)
+    conv = formats.convert(records, where, fmt="chat_text")
+    assert len(conv.examples) == len(records) and not conv.dropped, "every row is a Q/A transcript"
+    user, answer = conv.examples[0]["messages"]
+    preamble, question = records[0]["text"].split("\nQ: ")
+    assert user == {"role": "user", "content": f"{preamble}\n{question.split(chr(10) + 'A: ')[0].strip()}"}
+    assert answer["role"] == "assistant" and answer["content"] == records[0]["text"].rsplit("A: ", 1)[1].strip()
+    assert answer["content"].startswith("SELECT ")
+
+
+def test_qa_transcripts_must_alternate_and_answer():
+    assert formats.parse_transcript("Q: 2+2?\nA: 4\nQ: and 3+3?\nA: 6", qa=True) == [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]
+    for text in ("Q: no answer", "A: no question\nQ: x", "Q: a\nQ: b\nA: c", "Q: empty answer\nA: "):
+        assert formats.parse_transcript(text, qa=True) is None, text
+    assert formats.parse_transcript("Q: 2+2?\nA: 4") is None, "only when asked: auto keeps such text plain"
+
+
+def test_a_missing_quickstart_file_says_how_to_make_it(tmp_path):
+    missing = tmp_path / "quickstart-data" / "train.jsonl"
+    with pytest.raises(LorakitError, match=f"`lorakit quickstart data {tmp_path / 'quickstart-data'}` writes it"):
+        sources.read(str(missing))
+    with pytest.raises(LorakitError, match="data file not found") as other:
+        sources.read(str(tmp_path / "mine" / "train.jsonl"))
+    assert "lorakit quickstart data" not in str(other.value), "only the quickstart's own folder gets that hint"
+
+
 def test_prompt_completion_and_messages_with_system():
     recs = [{"prompt": "2+2?", "completion": "4"}]
     assert formats.convert(recs, ["r:1"]).examples[0]["messages"] == [
