@@ -3,13 +3,14 @@ with its own target modules, format, template and optimizer, offline, so a wrong
 fails here rather than on a rented GPU. The three-task bloom twin runs for real on SmolLM2."""
 
 import json
+import re
 import string
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from lorakit import cli, config, train
+from lorakit import cli, config, options, plan, train
 from lorakit.quickstart import make_task
 from tiny import save_tiny
 
@@ -76,8 +77,11 @@ def test_every_recipe_has_a_local_twin_that_runs_offline(tmp_path):
         assert local.train.max_steps and local.train.max_steps <= 60, "shortened to fit a CPU"
         llama = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # SmolLM2's
         assert local.adapter.target_modules == "all-linear" or set(local.adapter.target_modules) <= llama, recipe.name
-        if local.data.train.startswith("../shared/data") and shared.is_dir():
-            assert (ROOT / local.data.train).exists(), local.data.train
+        # As written on a fresh clone: files of ../shared/data, never ones another command must write first.
+        for path in (local.data.train, local.data.eval):
+            if isinstance(path, str):
+                assert path.startswith("../shared/data/"), f"{recipe.name}: its twin reads {path}"
+                assert not shared.is_dir() or (ROOT / path).exists(), path
 
 
 @pytest.mark.slow
@@ -118,3 +122,28 @@ def test_three_task_twin_trains_evaluates_and_serves_side_by_side(tmp_path, caps
     )
     assert set(serving.registry.active) == {"general", "sql", "detox"}
     serving.close()
+
+
+# A recipe's comment quotes the planner as "lorakit plan[ --flag value ...]: X GiB": `lorakit plan RECIPE --device gpu`
+# with those flags prints a peak of X GiB.
+PLAN_QUOTE = re.compile(r"lorakit plan((?: --[\w-]+ [^\s:]+)*): (\d+\.\d) GiB")
+
+
+def planned_gib(recipe: Path, flags: list[str]) -> str:
+    args = cli.build_parser().parse_args(["plan", str(recipe), "--device", "gpu", *flags])
+    _, _, est, _ = plan.plan(options.from_args(options.PlanOptions, args))
+    return f"{est.peak_bytes / plan.GIB:.1f}"
+
+
+def test_the_hardware_lines_of_recipes_and_docs_are_what_lorakit_plan_says():
+    """One source for memory figures: each recipe's comment and docs/recipes.md quote `lorakit plan`."""
+    docs = (ROOT / "docs" / "recipes.md").read_text()
+    for recipe in RECIPES:
+        comment = " ".join(line.lstrip("#").strip() for line in recipe.read_text().splitlines() if line.startswith("#"))
+        quotes = PLAN_QUOTE.findall(comment)
+        assert quotes and quotes[0][0] == "", f"{recipe.name}: its Hardware line quotes `lorakit plan` on itself"
+        for flags, gib in quotes:
+            assert planned_gib(recipe, flags.split()) == gib, f"{recipe.name}: lorakit plan{flags} is not {gib} GiB"
+        row = next(line for line in docs.splitlines() if line.startswith(f"| `{recipe.stem}` | "))
+        assert f"plan {quotes[0][1]} GiB" in row, f"docs/recipes.md's row of {recipe.stem}"
+    assert "not there yet" not in docs + "".join(r.read_text() for r in RECIPES), "FSDP is there: --nproc"
