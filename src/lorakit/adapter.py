@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.model import linear_module_names
+from lorakit.run_folder import locate
 
 
 def attach(model: Any, cfg: RunConfig) -> Any:
@@ -127,3 +128,23 @@ def load(net: Any, path: str | Path, name: str = "default") -> PeftModel:
             f"{path}: the adapter does not fit this base model ({first}). It was trained on a model "
             "of other shapes: use that base model."
         ) from None
+
+
+def trained_with(path: str | Path) -> str | None:
+    """The method ("lora", "qlora") of the `lorakit train` run an adapter folder came from; None outside a run."""
+    found = locate(path)
+    cfg = found.run_config() if found is not None else None
+    return cfg.method if cfg is not None else None
+
+
+def base_mismatch(name: str, path: str | Path, quantization: str | None) -> str | None:
+    """Why adapter `name` (at `path`) would not answer as trained on a base loaded as `quantization`, or None."""
+    if quantization == "4bit" or trained_with(path) != "qlora":
+        return None
+    # Measured on SmolLM2: a QLoRA adapter on the unquantized base moves logits by up to 20 (of 39) against the
+    # 4-bit model it was trained on; top-1 tokens agree only 64% of the time.
+    return (
+        f"adapter {name} was trained with QLoRA on the 4-bit base, but the base here is "
+        f"{'8-bit' if quantization == '8bit' else 'unquantized'}, where it answers differently. Load the base with "
+        "--base-precision 4bit (beside other QLoRA adapters only), or merge it (lorakit merge) and use the merged model"
+    )

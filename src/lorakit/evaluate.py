@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -54,7 +55,12 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg, adapters)
     device = model.pick_device(opts.device)
     dtype = model.pick_dtype(opts.dtype, device)
-    quantization = model.base_quantization(opts.base_precision, cfg.method)
+    # The base its adapters were trained on: each one's own run says (an adapter outside a run: the config's method).
+    methods = {name: adapter.trained_with(path) or cfg.method for name, path in adapters.items()}
+    quantization = model.base_quantization(opts.base_precision, methods.values() if adapters else [cfg.method])
+    for name, path in adapters.items():
+        if why := adapter.base_mismatch(name, path, quantization):
+            print(f"warning: {why}", file=sys.stderr)
     net = load_models(cfg, adapters, opts.force, device=device, dtype=dtype, quantization=quantization)
     encoded = [render.encode(tokenizer, ex, max_length=cfg.data.max_length) for ex in examples] if has_refs else []
     results: dict[str, dict] = {}

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -325,11 +326,14 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def base_quantization(precision: str, method: str | None = None) -> str | None:
-    """How to load a base for inference: 'auto' is 4-bit for a QLoRA run (the weights its adapter was trained
-    against; on the unquantized base it answers differently), else unquantized; '4bit', '8bit' or 'full'."""
+def base_quantization(precision: str, methods: Iterable[str | None] = ()) -> str | None:
+    """How to load a base for inference, given the methods its adapters were trained with (None: not known).
+
+    'auto' is 4-bit when every adapter of known method is a QLoRA one (the weights it was trained against; on
+    the unquantized base it answers differently), else unquantized; '4bit', '8bit' or 'full' as said.
+    """
     if precision == "auto":
-        return "4bit" if method == "qlora" else None
+        return "4bit" if {m for m in methods if m} == {"qlora"} else None
     return None if precision == "full" else precision
 
 

@@ -795,3 +795,53 @@ def test_an_empty_prompt_is_answered_as_openai_does(world):
         r = client.completions.create(model="base", prompt="", max_tokens=3, temperature=0)
         assert r.usage.prompt_tokens == 1 and r.usage.completion_tokens == 3 and r.choices[0].text
     serving.close()
+
+
+@pytest.fixture(scope="module")
+def trained_runs(world, tmp_path_factory):
+    """Run folders of one real training step each: a QLoRA run and a LoRA run on the tiny base."""
+    from lorakit import config, train
+
+    _, base = world
+    tmp = tmp_path_factory.mktemp("runs")
+    rows = tmp / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"say {i}", "completion": f"{i} {i}"}) + "\n" for i in range(8)))
+    for method in ("qlora", "lora"):
+        cfg = config.validate({
+            "model": str(base), "method": method, "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+            "data": {"train": str(rows), "max_length": 32, "cache_dir": str(tmp / "cache")},
+            "train": {"max_steps": 1, "batch_size": 2}, "output_dir": str(tmp / method),
+        })  # fmt: skip
+        train.run(cfg, progress=False)
+    return {method: tmp / method for method in ("qlora", "lora")}
+
+
+def is_4bit(serving) -> bool:
+    return any(type(m).__name__ == "Linear4bit" for m in serving.registry.net.modules())
+
+
+def test_a_qlora_adapter_is_served_on_the_4bit_base_it_was_trained_on_or_said_to_differ(world, trained_runs, caplog):
+    """--model BASE --adapter q=QLORA_RUN: the 4-bit base, as eval takes it. Beside a LoRA adapter the base is
+    unquantized, and each load of a QLoRA adapter says it answers differently there: at start and at run time."""
+    _, base = world
+    caplog.set_level(logging.WARNING, logger="lorakit.serve")
+
+    def warnings() -> list[str]:
+        return [r.message for r in caplog.records if "trained with QLoRA" in r.message]
+
+    _, alone = server.build(server.ServeOptions(model=str(base), adapters={"q": str(trained_runs["qlora"])}))
+    assert is_4bit(alone), "auto took the unquantized base for a QLoRA adapter"
+    alone.close()
+    assert warnings() == []
+
+    both = {"q": str(trained_runs["qlora"]), "l": str(trained_runs["lora"])}
+    _, mixed = server.build(server.ServeOptions(model=str(base), adapters=both))
+    assert not is_4bit(mixed)
+    [said] = warnings()
+    assert said.startswith("adapter q was trained with QLoRA on the 4-bit base, but the base here is unquantized")
+    assert "--base-precision 4bit" in said
+    caplog.clear()
+    mixed.registry.load("q2", trained_runs["qlora"] / "adapter", confined=False)  # as /v1/load_lora_adapter does
+    mixed.registry.load("l2", trained_runs["lora"] / "adapter", confined=False)
+    assert [w.split(" was ")[0] for w in warnings()] == ["adapter q2"]
+    mixed.close()

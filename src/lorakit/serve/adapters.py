@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.adapter import peft_name
+from lorakit.adapter import base_mismatch, peft_name
 from lorakit.errors import LorakitError
 from lorakit.run_folder import ADAPTER_CONFIG, check_base, find_adapter, read_adapter
 
@@ -46,6 +46,13 @@ def fingerprint(path: Path) -> str:
     return "|".join(parts)
 
 
+def adapters_in(folder: Path) -> dict[str, Path]:
+    """The adapters an --adapters-dir holds, by name: each subfolder that is an adapter or a `lorakit train` run
+    folder holding one; dot-folders (an upload or a write in progress, hidden ones) are not adapters."""
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {sub.name: found for sub in subs if (found := find_adapter(sub)) is not None}
+
+
 class NameTaken(ValueError):
     """An adapter named like the base model: requests for that name would reach the base."""
 
@@ -58,6 +65,7 @@ class Admission:
     base: str | None = None  # the base model as named at startup; adapters must have been trained on it
     per_row: bool = True  # mixed batches (peft's per-row adapter_names), which some adapters cannot join
     force: bool = False  # accept adapters trained on another base (the same weights under another name)
+    quantization: str | None = None  # how the base is loaded ("4bit", "8bit", None: unquantized)
 
     def check(self, name: str, path: Path) -> None:
         """ValueError saying why `name` (files at `path`) cannot be served here."""
@@ -69,6 +77,8 @@ class Admission:
                 check_base(meta, self.base, force=self.force, where=f"adapter {name} ({path})")
         except LorakitError as e:
             raise ValueError(str(e)) from None
+        if why := base_mismatch(name, path, self.quantization):
+            log.warning(why)  # served all the same: the operator chose this base
         # peft refuses adapter_names with DoRA, and a modules_to_save copy (lm_head, say) looks up every
         # adapter of the batch in its own table: a KeyError for all the other adapters' rows.
         unmixable = (
@@ -273,10 +283,7 @@ class Registry:
         not change stay unloaded until a request names them.
         """
         changed = []
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            name, found = sub.name, find_adapter(sub)
-            if found is None:
-                continue
+        for name, found in adapters_in(folder).items():
             fp = fingerprint(found)
             with self._meta:
                 known = self.known.get(name)

@@ -36,25 +36,28 @@ def resolve_model(opts: ServeOptions) -> ServeOptions:
     if (adapter := find_adapter(run.root)) is not None:
         adapters.setdefault(run.name, str(adapter))
     # A QLoRA adapter answers as trained only on the 4-bit base it was trained on.
-    precision = model.base_quantization(opts.base_precision, cfg.method) or "full"
+    precision = model.base_quantization(opts.base_precision, [cfg.method]) or "full"
     return replace(opts, model=cfg.model, adapters=adapters, base_precision=precision)
 
 
 def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
     """Load the base, the --adapter ones and those of --adapters-dir; the app and its Serving."""
-    from lorakit import model
+    from lorakit import adapter, model
+    from lorakit.serve.adapters import adapters_in
     from lorakit.serve.app import create_app
     from lorakit.serve.serving import Serving
 
     opts = resolve_model(opts)
     device = model.pick_device(opts.device)
     dtype = model.pick_dtype(opts.dtype, device)
-    tokenizer = model.load_tokenizer(opts.model)
-    quantization = model.base_quantization(opts.base_precision)
-    base = model.load_model(opts.model, dtype=dtype, device=device, quantization=quantization)
     adapters_dir = Path(opts.adapters_dir) if opts.adapters_dir else None
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise LorakitError(f"--adapters-dir {adapters_dir}: not a folder")
+    tokenizer = model.load_tokenizer(opts.model)
+    # auto: the 4-bit base when the adapters at hand are all QLoRA ones, as eval does (each load warns otherwise).
+    starting = [*opts.adapters.values(), *(adapters_in(adapters_dir).values() if adapters_dir else [])]
+    quantization = model.base_quantization(opts.base_precision, map(adapter.trained_with, starting))
+    base = model.load_model(opts.model, dtype=dtype, device=device, quantization=quantization)
     batching = opts.batching == "on"
     serving = Serving(
         base,
@@ -69,6 +72,7 @@ def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
         max_model_len=opts.max_model_len,
         base_name=opts.model,
         force=opts.force,
+        quantization=quantization,
     )
     for name, path in opts.adapters.items():
         try:
@@ -115,7 +119,7 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
     Returns the argv and the environment to add: the key travels as VLLM_API_KEY, not in argv,
     where any local user could read it in the process list.
     """
-    from lorakit import model
+    from lorakit import adapter, model
     from lorakit.export import vllm
 
     opts = resolve_model(opts)
@@ -123,8 +127,9 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         raise LorakitError("--watch is a feature of lorakit's own engine; vLLM loads its adapters at start")
     adapters = {n: adapter_dir(p) for n, p in opts.adapters.items()}
     if opts.adapters_dir:
-        found = {d.name: find_adapter(d) for d in sorted(Path(opts.adapters_dir).iterdir()) if d.is_dir()}
-        adapters |= {n: p for n, p in found.items() if p is not None and n not in adapters}
+        from lorakit.serve.adapters import adapters_in
+
+        adapters |= {n: p for n, p in adapters_in(Path(opts.adapters_dir)).items() if n not in adapters}
     cmd = vllm.command(
         opts.model,
         adapters,
@@ -135,7 +140,8 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         max_model_len=opts.max_model_len,
         dtype=opts.dtype,
         max_adapters=opts.max_adapters,
-        quantization=model.base_quantization(opts.base_precision),
+        quantization=model.base_quantization(opts.base_precision, map(adapter.trained_with, adapters.values())),
+        force=opts.force,
     )
     return cmd, {"VLLM_API_KEY": opts.api_key} if opts.api_key else {}
 

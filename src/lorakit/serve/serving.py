@@ -50,12 +50,13 @@ class Serving:
         default_max_tokens: int = 256,
         base_name: str | None = None,
         force: bool = False,
+        quantization: str | None = None,
     ):
         self.tokenizer, self.served_name = tokenizer, served_name
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
         self.context = max_model_len or int(getattr(base_model.config, "max_position_embeddings", 2048))
         lock = threading.Lock()
-        admission = Admission(served_name, base_name, per_row_adapters, force)
+        admission = Admission(served_name, base_name, per_row_adapters, force, quantization)
         self.registry = Registry(base_model.eval(), lock, adapters_dir, max_adapters, admission)
         gen = base_model.generation_config
         eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
