@@ -610,6 +610,22 @@ def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
     assert "needs vLLM" in err and "vllm serve" in err
 
 
+def test_vllm_engine_takes_force_and_the_adapters_folder_as_lorakits_engine_does(world, tmp_path):
+    """--force reaches vLLM's checks, and a dot-folder of --adapters-dir (an upload in progress) is no adapter."""
+    tmp, base = world
+    folder = tmp_path / "adapters"
+    shutil.copytree(tmp / "adapters" / "b", folder / "renamed")
+    meta = folder / "renamed" / "adapter_config.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_model_name_or_path": "someone/else"}))
+    shutil.copytree(tmp / "adapters" / "a", folder / ".upload-tmp")  # rank 4: vLLM would refuse it
+    opts = server.ServeOptions(model=str(base), adapters_dir=str(folder))
+    with pytest.raises(LorakitError, match="was trained on 'someone/else'"):
+        server.vllm_command(opts)
+    cmd, _ = server.vllm_command(server.ServeOptions(model=str(base), adapters_dir=str(folder), force=True))
+    assert cmd[cmd.index("--lora-modules") + 1] == f"renamed={(folder / 'renamed').resolve()}"
+    assert not any(".upload-tmp" in arg for arg in cmd)
+
+
 def test_a_run_config_serves_its_base_and_trained_adapter(world, tmp_path, capsys):
     tmp, base = world
     shutil.copytree(tmp / "adapters" / "b", tmp_path / "sql" / "adapter")
