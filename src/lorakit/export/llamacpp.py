@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from lorakit import files
 from lorakit.errors import LorakitError
 
 PACKAGE = "llama-cpp-python"
@@ -77,10 +78,16 @@ def sources() -> Path:
 
     v = version()
     folder = lorakit_home() / "llama.cpp" / f"{PACKAGE}-{v}"
-    if (folder / "convert_hf_to_gguf.py").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
+    # Unpacked once, whole or not at all; two exports starting at once keep the first finished copy.
+    with files.write_once(folder, "convert_hf_to_gguf.py") as unpacked:
+        if unpacked is not None:
+            _unpack(v, unpacked)
+    return folder
+
+
+def _unpack(v: str, into: Path) -> None:
+    """The converter's files of llama-cpp-python `v`'s source package (pip download, then only those) into `into`."""
+    with tempfile.TemporaryDirectory(dir=into.parent, prefix=".fetch-") as tmp:
         got = subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", f"{PACKAGE}=={v}",
              "-d", tmp],
@@ -93,15 +100,12 @@ def sources() -> Path:
                 f"download it ({(got.stderr.strip().splitlines() or ['no archive'])[-1]}). Fix: run this once with "
                 f"network access, or set LORAKIT_LLAMA_CPP to the llama.cpp checkout that {PACKAGE} {v} vendors"
             )
-        unpacked = Path(tmp) / "unpacked"
         with tarfile.open(archives[0]) as tar:
             prefix = f"{tar.getnames()[0].split('/')[0]}/vendor/llama.cpp/"
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
             for m in members:
                 m.name = m.name[len(prefix) :]
-            tar.extractall(unpacked, members=[m for m in members if m.name.startswith(KEEP)], filter="data")
-        os.replace(unpacked, folder)  # appears whole or not at all
-    return folder
+            tar.extractall(into, members=[m for m in members if m.name.startswith(KEEP)], filter="data")
 
 
 def convert(model_dir: Path, out: Path, outtype: str, pre: str | None = None, fallback: str | None = None) -> str:
