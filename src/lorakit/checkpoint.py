@@ -34,10 +34,14 @@ RESUMABLE_CHANGES = {
 }
 
 
-def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder:
-    """Check that `output_dir` may be used by this run (`check_output_dir`), and record the config there."""
-    run = check_output_dir(cfg, resume, overwrite)
-    out, saved = run.root, run.config
+def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, world: int = 1) -> RunFolder:
+    """Check that `output_dir` may be used by this run (`check_output_dir`) and make it (empty on --overwrite).
+
+    Its config.yaml is written by the run once its setup has passed (`record_config`), not here: a resume that
+    fails on the way (bad data, a missing tracker) leaves the config of the steps the folder holds.
+    """
+    run = check_output_dir(cfg, resume, overwrite, world)
+    out = run.root
     try:
         if overwrite and out.exists():
             shutil.rmtree(out)
@@ -50,15 +54,19 @@ def claim_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder
             f"output_dir {out}: cannot write there ({e.strerror}). Pick a writable folder "
             "with output_dir=... or free some disk space."
         ) from None
-    config.dump(cfg, saved)
     return run
 
 
-def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder:
+def record_config(cfg: RunConfig, run: RunFolder) -> None:
+    """Write the config the run trains with into its folder (also what later stages read)."""
+    config.dump(cfg, run.config)
+
+
+def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, world: int = 1) -> RunFolder:
     """Refuse a run that may not use `output_dir`; reads only (a launcher checks once before any rank starts).
 
     A folder holding another run is never overwritten without --overwrite; --resume needs the same
-    config (only the run length and logging cadence may change) and a checkpoint.
+    config (only the run length and logging cadence may change) and a checkpoint written by `world` processes.
     """
     run = RunFolder.of(cfg)
     out, saved = run.root, run.config  # config.yaml: also the resolved config that later stages read
@@ -78,11 +86,17 @@ def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunFolder
                 f"output_dir {out} holds a run with a different config ({keys} differ); "
                 "resume it with its own config, or use --overwrite / another output_dir."
             )
-    if resume and not latest(run.checkpoints):
-        why = "it saved none: set train.save_every" if run.has_results() else "no run has trained there"
+    newest = latest(run.checkpoints) if resume else None
+    if resume and newest is None:
+        why = none_yet(cfg) if run.has_results() else "no run has trained there"
         raise LorakitError(
             f"--resume: {out} has no checkpoint to resume from ({why}). Run without --resume to start a run, "
             "or with --overwrite to start this one over."
+        )
+    if newest is not None and (written := processes(newest)) != world:
+        raise LorakitError(
+            f"checkpoint {newest} was written by {written} process(es); resume it with as many "
+            f"(--nproc {written}), since each process's data order and random state continue from there"
         )
     if overwrite and out.exists():
         check_overwritable(out, cfg)
@@ -144,14 +158,27 @@ def latest(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0, world: int = 1) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNGs from a checkpoint; returns its state dict."""
-    rngs = torch.load(path / "rng.pt", weights_only=False)
-    if len(rngs) != world:
-        raise LorakitError(
-            f"checkpoint {path} was written by {len(rngs)} process(es); resume it with as many "
-            f"(--nproc {len(rngs)}), since each process's data order and random state continue from there"
-        )
+def none_yet(cfg: RunConfig) -> str:
+    """What to know about a run that has no checkpoint yet: it saves none, or where its first comes."""
+    every = cfg.train.save_every
+    if not every:
+        return "it saves none: set train.save_every to be able to resume"
+    return f"the first comes at step {min(every, cfg.train.max_steps or every)}"
+
+
+def processes(path: Path) -> int:
+    """How many processes wrote a checkpoint: it holds one RNG state per rank."""
+    return len(_rngs(path))
+
+
+def _rngs(path: Path) -> list[dict]:
+    return torch.load(path / "rng.pt", weights_only=False)  # Python's and numpy's RNG states are not tensors
+
+
+def load(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNGs from a checkpoint; returns its state dict.
+
+    The checkpoint's world size was checked with the run folder (`check_output_dir`)."""
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = set(weights) - set(params)
@@ -165,7 +192,7 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0, 
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(rngs[rank])
+    set_rng_state(_rngs(path)[rank])
     return json.loads((path / "state.json").read_text())
 
 

@@ -100,22 +100,26 @@ def train_launch(args: argparse.Namespace, cfg: Any, opts: o.TrainOptions) -> in
     if not launch.wanted(opts):
         return None
     train.check_strategy(cfg, torch.cuda.is_available(), opts.resume)
-    checkpoint.check_output_dir(cfg, opts.resume, opts.overwrite)
-    return launch.run(args.config, args.overrides, opts, args.local)
+    checkpoint.check_output_dir(cfg, opts.resume, opts.overwrite, (opts.nproc or 1) * opts.nnodes)
+    return launch.run(cfg, args.config, args.overrides, opts, args.local)
 
 
-def train_interrupted(args: argparse.Namespace) -> str:
-    """What a Ctrl-C'd training run tells: where its newest checkpoint is and the command that continues it."""
-    from lorakit import checkpoint, config
+def train_interrupted(args: argparse.Namespace) -> str | None:
+    """What a Ctrl-C'd training run tells: where its newest checkpoint is and the command that continues it
+    (the launch flags too); nothing in a rank whose launcher or main rank says it (launch.quiet_rank)."""
+    from lorakit import checkpoint, config, launch
     from lorakit.run_folder import RunFolder
 
-    run = RunFolder.of(config.load(args.config, args.overrides, local=args.local))
+    if launch.quiet_rank():
+        return None
+    cfg = config.load(args.config, args.overrides, local=args.local)
+    run = RunFolder.of(cfg)
     newest = checkpoint.latest(run.checkpoints)
     if newest is None:
-        return f"interrupted: no checkpoint was saved in {run.root} (set train.save_every to be able to resume)"
-    again = shlex.join(
-        ["lorakit", "train", args.config, *args.overrides, *(["--local"] if args.local else []), "--resume"]
-    )
+        return f"interrupted: no checkpoint was saved in {run.root} ({checkpoint.none_yet(cfg)})"
+    if launch.is_rank():  # the main rank of the user's own torchrun or accelerate launch: its command is theirs
+        return f"interrupted: the newest checkpoint is {newest}; continue it by adding --resume to the launch command"
+    again = launch.resume_command(args.config, args.overrides, o.from_args(o.TrainOptions, args), args.local)
     return f"interrupted: the newest checkpoint is {newest}; continue the run with:\n  {again}"
 
 
@@ -236,7 +240,8 @@ class Command:
     help: str  # one line in `lorakit --help`
     description: str  # the top of `lorakit NAME --help`
     takes_config: bool = False  # a YAML run file and key.sub=value overrides come first
-    interrupted: Callable[[argparse.Namespace], str] | None = None  # what Ctrl-C prints (default "interrupted")
+    # What Ctrl-C prints: "interrupted" when unset; nothing when it returns None (a rank whose launcher speaks).
+    interrupted: Callable[[argparse.Namespace], str | None] | None = None
     launcher: Callable[..., int | None] | None = None  # (args, cfg, opts) -> exit code of a launch, None: run here
 
 
@@ -373,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorakit import launch
+
+    launch.tie_to_launcher()  # first: a rank must not outlive a launcher killed while it starts
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     cmd: Command | None = getattr(args, "cmd", None)
@@ -399,21 +407,33 @@ def main(argv: list[str] | None = None) -> int:
             return code
         return cmd.run(cfg, opts)
     except LorakitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(str(e))
     except BrokenPipeError:  # the reader went away (`lorakit plan ... | head`): nothing more to say
         return 0
     except OSError as e:  # a file the command reads or writes (disk full, permissions): one message, not a trace
         where = f" {e.filename}" if e.filename else ""
-        print(
-            f"error: could not read or write{where}: {e.strerror or e}. Free disk space or fix permissions, "
-            "then run again",
-            file=sys.stderr,
+        return report(
+            f"could not read or write{where}: {e.strerror or e}. Free disk space or fix permissions, then run again"
         )
-        return 2
     except KeyboardInterrupt:
-        print(cmd.interrupted(args) if cmd.interrupted else "interrupted", file=sys.stderr)
+        message = cmd.interrupted(args) if cmd.interrupted else "interrupted"
+        if message:
+            print(message, file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not launch.lost_peers(e):  # anything else is a bug in lorakit, which keeps its traceback
+            raise
+        return report(f"rank {os.environ.get('RANK')} stopped: {launch.LOST_PEERS}", kind="peer")
+
+
+def report(message: str, kind: str = "error") -> int:
+    """Print why the command failed and return its exit code; a rank of lorakit's launcher leaves the message to
+    the launcher, which prints it once (launch.record). kind "peer": a rank that lost its peers (exit code 1)."""
+    from lorakit import launch
+
+    if not launch.record(message, kind):
+        print(f"{'note' if kind == 'peer' else 'error'}: {message}", file=sys.stderr)
+    return 1 if kind == "peer" else 2
 
 
 if __name__ == "__main__":

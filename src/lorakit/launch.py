@@ -3,16 +3,29 @@
 Each rank runs `python -m lorakit train CONFIG ...` (the same entry point `torchrun -m lorakit` and
 `accelerate launch -m lorakit` start), and accelerate picks the backend from the environment torchrun
 sets: NCCL between GPUs, gloo between CPU processes. The launcher checks the run folder once, before
-any rank starts, and turns a failed rank into one message and the command that resumes the run.
+any rank starts, and speaks for its ranks: a failed rank, a Ctrl-C or a SIGTERM becomes one message with
+the rank's own error or the command that resumes the run. Its ranks die with it, even when it is killed.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shlex
+import signal
+import sys
+import time
 from typing import Any
 
 from lorakit.errors import LorakitError
+
+# Set by the launcher for its ranks: its pid (tie_to_launcher), and that it gives their messages (record).
+LAUNCHER = "LORAKIT_LAUNCHER_PID"
+# gloo's TCP transport, in the error a rank gets when another rank's process has gone (the cause is there).
+GLOO_PAIR = "gloo/transport/tcp/pair.cc"
+LOST_PEERS = "it lost its connection to another rank, which stopped first (that rank's error says why)"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def is_rank() -> bool:
@@ -25,34 +38,46 @@ def wanted(opts: Any) -> bool:
     return (bool(opts.nproc) or opts.nnodes > 1) and not is_rank()
 
 
-def run(config_path: str, overrides: list[str], opts: Any, local: bool) -> int:
-    """Start `opts.nproc` ranks on this host (host `opts.node_rank` of `opts.nnodes`) and wait for them."""
+def run(cfg: Any, config_path: str, overrides: list[str], opts: Any, local: bool) -> int:
+    """Start `opts.nproc` ranks on this host (host `opts.node_rank` of `opts.nnodes`) and wait for them.
+
+    A Ctrl-C or SIGTERM of this process stops the ranks and comes back as KeyboardInterrupt (the CLI then says
+    how to resume); a failed rank as one LorakitError.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
-    flags = [
-        *(["--local"] if local else []),
-        *(["--no-progress"] if opts.no_progress else []),
-        *(["--force"] if opts.force else []),
-    ]
-    rank_argv = ["train", config_path, *overrides, *flags]
-    resume = shlex.join(["lorakit", *rank_argv, *_launch_flags(opts), "--resume"])
     args = get_args_parser().parse_args([
         f"--nproc-per-node={opts.nproc or 1}", f"--nnodes={opts.nnodes}", f"--node-rank={opts.node_rank}",
         f"--master-addr={opts.master_addr}", f"--master-port={opts.master_port}", "--module", "lorakit",
-        *rank_argv, *(["--resume"] if opts.resume else []), *(["--overwrite"] if opts.overwrite else []),
+        *_rank_argv(config_path, overrides, opts, local), *(["--resume"] if opts.resume else []),
+        *(["--overwrite"] if opts.overwrite else []),
     ])  # fmt: skip
+    _quiet_agent()
+    os.environ[LAUNCHER] = str(os.getpid())  # the ranks inherit it
     try:
         torchrun(args)
+    except SignalException:
+        # torchrun's agent caught Ctrl-C or SIGTERM and has passed it on to the ranks, which are gone.
+        raise KeyboardInterrupt from None
     except ChildFailedError as e:
-        rank, first = e.get_first_failure()  # the cause; the agent then stopped the others (SIGTERM)
-        raise LorakitError(
-            f"training stopped: rank {rank} {_how(first.exitcode)} (its output is above), so the other ranks were "
-            "stopped. "
-            f"Continue from the newest checkpoint with:\n  {resume}"
-        ) from None
+        raise LorakitError(_failed(e.failures, cfg, resume_command(config_path, overrides, opts, local))) from None
+    finally:
+        os.environ.pop(LAUNCHER, None)
     return 0
+
+
+def resume_command(config_path: str, overrides: list[str], opts: Any, local: bool) -> str:
+    """The command that continues a run from its newest checkpoint: the one that started it, with --resume."""
+    launch = _launch_flags(opts) if opts.nproc or opts.nnodes > 1 else []
+    return shlex.join(["lorakit", *_rank_argv(config_path, overrides, opts, local), *launch, "--resume"])
+
+
+def _rank_argv(config_path: str, overrides: list[str], opts: Any, local: bool) -> list[str]:
+    flags = [(local, "--local"), (opts.no_progress, "--no-progress"), (opts.force, "--force")]
+    return ["train", config_path, *overrides, *(flag for on, flag in flags if on)]
 
 
 def _launch_flags(opts: Any) -> list[str]:
@@ -63,9 +88,99 @@ def _launch_flags(opts: Any) -> list[str]:
     return flags
 
 
+def _quiet_agent() -> None:
+    # The agent logs each step of a failure or a shutdown (the signal it got, the ones it sends, each exit code);
+    # the launcher says what happened once. Its rendezvous loggers, made later, still warn. The process ends with
+    # the launch, so the levels are not set back.
+    agent = ("torch.distributed.elastic", "torch.distributed.launcher")
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith(agent) and isinstance(logger, logging.Logger):  # not the placeholders of parent names
+            logger.setLevel(logging.CRITICAL)
+
+
+def _failed(failures: dict[int, Any], cfg: Any, resume: str) -> str:
+    """The message of a failed launch: the rank that failed first, with its own error or how it died."""
+    from lorakit import checkpoint
+    from lorakit.run_folder import RunFolder
+
+    rank, failure = min(failures.items(), key=_cause_first)
+    kind, message = _recorded(failure)
+    if kind == "error":  # the user's to fix: resuming would only repeat it
+        return f"rank {rank} stopped the run: {message}"
+    if kind == "peer":  # and no rank here failed by itself: the cause is on another host
+        how = "lost its connection to another rank, which stopped first (on another host: see its output)"
+    else:
+        how = _how(failure.exitcode) + " (its output is above)"
+    if checkpoint.latest(RunFolder.of(cfg).checkpoints):
+        then = f"Continue from the newest checkpoint with:\n  {resume}"
+    else:
+        then = f"It has no checkpoint to resume from ({checkpoint.none_yet(cfg)})."
+    return f"training stopped: rank {rank} {how}, so the other ranks were stopped. {then}"
+
+
+def _cause_first(item: tuple[int, Any]) -> tuple:
+    # A rank that only lost its peers, or that the agent then stopped (SIGTERM), comes after the one that failed.
+    rank, failure = item
+    return (_recorded(failure)[0] == "peer", failure.exitcode == -signal.SIGTERM, failure.timestamp, rank)
+
+
+def _recorded(failure: Any) -> tuple[str | None, str | None]:
+    """(kind, message) a rank recorded (`record`), or (None, None)."""
+    data = failure.error_file_data.get("message")
+    if not isinstance(data, dict):
+        return None, None
+    return data.get("extraInfo", {}).get("lorakit"), data.get("message")
+
+
 def _how(exitcode: int) -> str:
     if exitcode < 0:
-        import signal
-
         return f"was killed by {signal.Signals(-exitcode).name}"
     return f"exited with code {exitcode}"
+
+
+# ---- in a rank ----
+def tie_to_launcher() -> None:
+    """In a rank of `lorakit train --nproc`: die with the launcher, even when it is killed (kill -9), and at once
+    on its Ctrl-C, which it passes on, as on its SIGTERM: the launcher says what happened, once for all ranks."""
+    launcher = os.environ.get(LAUNCHER)
+    if not is_rank() or launcher is None:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        # The kernel kills this process when the thread that started it exits: torchrun's agent starts the ranks
+        # from the launcher's main thread.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != int(launcher):  # it died before prctl: this process already has another parent
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def quiet_rank() -> bool:
+    """Whether this process is a rank that leaves what concerns the whole run (how to resume it) to another:
+    every rank of lorakit's launcher, which says it once, and all but the main rank of another launcher."""
+    return is_rank() and (LAUNCHER in os.environ or os.environ.get("RANK", "0") != "0")
+
+
+def lost_peers(e: BaseException) -> bool:
+    """Whether `e`, in a rank, is the connection to another rank breaking because that rank's process has gone:
+    the effect of its failure, not a cause."""
+    return is_rank() and isinstance(e, RuntimeError) and GLOO_PAIR in str(e)
+
+
+def record(message: str, kind: str) -> bool:
+    """In a rank: leave its one-line error where the launcher reads it, torchrun's error file for the rank (which
+    a user's own torchrun shows too). kind: "error" (the user's to fix) or "peer" (`lost_peers`).
+
+    Returns whether lorakit's launcher will show it, so that the rank need not.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not is_rank() or not path:
+        return False
+    data = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time())), "lorakit": kind}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        return False
+    return LAUNCHER in os.environ

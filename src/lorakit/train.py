@@ -73,7 +73,8 @@ def run(
         accelerator.print(estimate)
     # The main rank claims the folder (and deletes an old run on --overwrite) before any other rank looks.
     with accelerator.main_process_first():
-        run = checkpoint.claim_output_dir(cfg, resume, overwrite and accelerator.is_main_process)
+        mine = overwrite and accelerator.is_main_process
+        run = checkpoint.claim_output_dir(cfg, resume, mine, accelerator.num_processes)
     tracking.check_trackers(cfg.track, run.root)
     set_seed(cfg.train.seed)
     tokenizer = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -97,23 +98,20 @@ def run(
     # `net` stays the model (a PeftModel for lora/qlora); `step` is what runs the loss, wrapped for DDP/FSDP.
     step_fn, optimizer = accelerator.prepare(loss.OnTrainedTokens(net), optimizer)
     trainable, total_params = adapter.count_params(net)
-    # elapsed: wall time of the loop; eval_s: the part spent evaluating, left out of tokens/s.
-    state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0}
+    # elapsed: wall time of the loop, evaluation included; eval_s: the part spent evaluating; train_s: elapsed
+    # less eval_s when the last step had trained, before its evaluation: what tokens/s divides by.
+    state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0, "train_s": 0.0}
     start = 0
     if resume and (ckpt := checkpoint.latest(run.checkpoints)):
-        state = checkpoint.load(
-            ckpt,
-            net,
-            optimizer,
-            scheduler,
-            accelerator.process_index,
-            accelerator.num_processes,
-        )
+        state = checkpoint.load(ckpt, net, optimizer, scheduler, accelerator.process_index)
+        state.setdefault("train_s", state["elapsed"] - state["eval_s"])  # checkpoints written before train_s was kept
         start = state["step"]
         tracking.truncate_after(run.metrics, start)
         accelerator.print(f"resumed from {ckpt} (step {start})")
     else:
         run.metrics.unlink(missing_ok=True)
+    if accelerator.is_main_process:  # only now that setup passed and the checkpoint is loaded (claim_output_dir)
+        checkpoint.record_config(cfg, run)
     if cfg.track:
         accelerator.init_trackers("lorakit", config=_flat(cfg.model_dump(mode="json")))
     eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
@@ -157,7 +155,7 @@ def run(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["trained_tokens"] += n_target
-        state["elapsed"] = time.perf_counter() - t0
+        state["train_s"] = time.perf_counter() - t0 - state["eval_s"]
         train_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(
             n_target, 1
         )
@@ -167,7 +165,7 @@ def run(
             "lr": lr,
             "tokens_per_s": _throughput(state, accelerator.num_processes),
             "tokens": state["tokens"] * accelerator.num_processes,  # input tokens so far, all ranks
-            "train_s": round(state["elapsed"] - state["eval_s"], 3),  # training time so far, evaluation left out
+            "train_s": round(state["train_s"], 3),  # training time so far, evaluation left out
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -177,6 +175,9 @@ def run(
                 net, eval_examples, eval_rows, cfg.train.batch_size, pad, use_positions, accelerator
             )
             state["eval_s"] += time.perf_counter() - t_eval
+        # Before the checkpoint, evaluation included: a resumed run's clock goes on from here, and
+        # elapsed - eval_s stays its training time.
+        state["elapsed"] = time.perf_counter() - t0
         if accelerator.is_main_process and (
             step % cfg.train.log_every == 0 or "eval_loss" in record or step == total_steps
         ):
@@ -190,6 +191,7 @@ def run(
             save_checkpoint(accelerator, step_fn, net, run, step, optimizer, scheduler, state, cfg)
         _fault_injection(step)
     bar.close()
+    state["elapsed"] = time.perf_counter() - t0  # the whole loop, the last evaluation and checkpoint included
 
     # ---- save ----
     accelerator.wait_for_everyone()
@@ -205,7 +207,8 @@ def run(
             "tokens": state["tokens"] * accelerator.num_processes,
             "trained_tokens": state["trained_tokens"],
             "wall_time_s": round(state["elapsed"], 2),
-            "tokens_per_s": round(_throughput(state, accelerator.num_processes), 1),
+            "tokens_per_s": round(_throughput(state, accelerator.num_processes), 1),  # as the last step logged
+            "train_s": round(state["train_s"], 3),  # as the last step logged
             "eval_s": round(state["eval_s"], 2),
             "peak_memory_mb": peak_memory_mb(),
             "final_train_loss": records[-1]["loss"] if records else None,
@@ -441,7 +444,7 @@ def _rows(ds: Any, max_length: int, use_positions: bool) -> list[list[int]]:
 
 def _throughput(state: dict, world: int) -> float:
     """Input tokens per second of training (evaluation time excluded), over all ranks."""
-    return state["tokens"] * world / max(state["elapsed"] - state.get("eval_s", 0.0), 1e-9)
+    return state["tokens"] * world / max(state["train_s"], 1e-9)
 
 
 def _examples(ds: Any) -> list[dict]:
@@ -483,3 +486,10 @@ def _fault_injection(step: int) -> None:
         at = os.environ.get(variable)
         if at and int(at) == step:
             os.kill(os.getpid(), sig)
+    # "STEP:SIGNAL", e.g. "3:SIGTERM": the signal goes to this rank's launcher (its parent), as a Ctrl-C in its
+    # terminal or a scheduler's SIGTERM would. The launcher passes it on to every rank; waiting for it here makes
+    # the run stop at this step.
+    at, _, name = os.environ.get("LORAKIT_SIGNAL_LAUNCHER_AFTER_STEP", "").partition(":")
+    if at and int(at) == step:
+        os.kill(os.getppid(), signal.Signals[name])
+        signal.pause()

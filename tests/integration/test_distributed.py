@@ -1,13 +1,17 @@
 """Training on several processes (torchrun, gloo on the CPU): the same losses and weights as one process with
-the same global batch, two "hosts" rendezvousing on 127.0.0.1, and a killed rank that resumes exactly."""
+the same global batch, two "hosts" rendezvousing on 127.0.0.1, a killed rank that resumes exactly, and a launcher
+that speaks for its ranks (one message for a failure, a Ctrl-C or a SIGTERM) and takes them along when killed."""
 
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -107,15 +111,24 @@ def test_two_hosts_rendezvous_on_loopback(base, tmp_path, one_process):
     assert_same_run(one_process, tmp_path / "hosts")
 
 
-def test_a_killed_rank_stops_the_run_and_resume_continues_exactly(base, tmp_path):
+def test_a_killed_rank_stops_the_run_and_resume_continues_exactly(base, tmp_path, capsys):
     whole = run_file(tmp_path, base, "whole", batch_size=2, save_every=2)
     assert lorakit("train", str(whole), "--nproc", "2", "--no-progress", f"--master-port={free_port()}").returncode == 0
     killed = run_file(tmp_path, base, "killed", batch_size=2, save_every=2)
     died = lorakit("train", str(killed), "--nproc", "2", "--no-progress", f"--master-port={free_port()}",
                    env={"LORAKIT_KILL_AFTER_STEP": "3", "LORAKIT_FAULT_RANK": "1"})  # fmt: skip
     assert died.returncode == 2
-    assert "training stopped: rank 1 was killed by SIGKILL" in died.stderr
+    # Rank 0 lost its peer in a collective: the cause is rank 1, and rank 0 says nothing (no gloo traceback).
+    assert "training stopped: rank 1 was killed by SIGKILL" in died.stderr and "Traceback" not in died.stderr
     assert f"lorakit train {killed} --no-progress --nproc=2 --resume" in died.stderr
+    # Another world size is refused before anything is written (here it would have said max_steps: 8) and, by
+    # the launcher, before any rank starts.
+    saved = (tmp_path / "killed" / "config.yaml").read_text()
+    for nproc in ([], ["--nproc", "3"]):
+        assert cli.main(["train", str(killed), "train.max_steps=8", "--no-progress", "--resume", *nproc]) == 2
+        err = capsys.readouterr().err
+        assert "written by 2 process(es); resume it with as many (--nproc 2)" in err and err.count("error:") == 1, err
+        assert (tmp_path / "killed" / "config.yaml").read_text() == saved
     resumed = lorakit("train", str(killed), "--nproc", "2", "--no-progress", "--resume", f"--master-port={free_port()}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "whole", tmp_path / "killed")
@@ -141,3 +154,68 @@ def test_qlora_with_fsdp_is_refused_before_any_rank_starts(base, tmp_path, capsy
     cfg = run_file(tmp_path, base, "qf", batch_size=2, strategy="fsdp")
     assert cli.main(["train", str(cfg), "method=qlora", "--nproc", "2"]) == 2
     assert "train.strategy: fsdp shards 16/32-bit weights" in capsys.readouterr().err
+
+
+def agent_logs(stderr: str) -> list[str]:
+    """torch's log lines (W1204 18:41:32.586000 10397 torch/distributed/...): the agent's, which lorakit quiets."""
+    return re.findall(r"^[DIWEF]\d{4} \d\d:.*$", stderr, re.M)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_of_the_launcher_is_one_message_with_the_command_that_resumes(base, tmp_path, sig):
+    cfg = run_file(tmp_path, base, "stopped", batch_size=2, save_every=2)
+    # Rank 0 sends the signal to its launcher after step 3, as a terminal's Ctrl-C or a scheduler would.
+    stopped = lorakit("train", str(cfg), "--nproc", "2", "--no-progress", f"--master-port={free_port()}",
+                      env={"LORAKIT_SIGNAL_LAUNCHER_AFTER_STEP": f"3:{sig}", "LORAKIT_FAULT_RANK": "0"})  # fmt: skip
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    newest = tmp_path / "stopped" / "checkpoints" / "step-0000002"
+    resume = f"lorakit train {cfg} --no-progress --nproc=2 --resume"
+    message = [f"interrupted: the newest checkpoint is {newest}; continue the run with:", f"  {resume}"]
+    assert stopped.stderr.splitlines()[-2:] == message, stopped.stderr[-3000:]
+    assert stopped.stderr.count("interrupted") == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert not agent_logs(stopped.stderr), stopped.stderr[-3000:]
+    if sig == "SIGINT":  # the command it gives continues the run (without --nproc 2 it was refused)
+        resumed = lorakit(*shlex.split(resume)[1:], f"--master-port={free_port()}")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_rank_s_error_is_the_launcher_s_one_message_and_resuming_is_not_suggested(base, tmp_path):
+    """A bad row on a fresh run: rank 0 finds it (it tokenizes first) and rank 1 loses it while waiting for it."""
+    cfg = run_file(tmp_path, base, "bad", batch_size=2)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(rows.read_text() + '{"prompt": "reverse: a b c"}\n')
+    done = lorakit("train", str(cfg), "--nproc", "2", "--no-progress", f"--master-port={free_port()}")
+    assert done.returncode == 2
+    error = (f"error: rank 0 stopped the run: {rows}:49: missing field 'completion' (format prompt_completion); "
+             "the row has ['prompt']. Fix or remove the row.")  # fmt: skip
+    messages = [line for line in done.stderr.splitlines() if line.startswith(("error:", "note:"))]
+    assert messages == [error], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "--resume" not in done.stderr and not agent_logs(done.stderr)
+
+
+def test_ranks_die_with_a_killed_launcher(base, tmp_path):
+    cfg = run_file(tmp_path, base, "orphans", batch_size=2, max_steps=100_000)  # far longer than this test
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "train", str(cfg), "--nproc", "2", "--no-progress",
+         f"--master-port={free_port()}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    seen = []
+    for line in launcher.stdout:  # until rank 0 says it starts training: both ranks have passed their setup
+        seen.append(line)
+        if line.startswith("training "):
+            break
+    ranks = psutil.Process(launcher.pid).children()
+    try:
+        assert len(ranks) == 2, "".join(seen)
+        launcher.kill()
+        launcher.wait(timeout=60)
+        _, alive = psutil.wait_procs(ranks, timeout=60)
+        assert not alive, "ranks trained on without their launcher"
+    finally:
+        for rank in ranks:
+            if rank.is_running():
+                rank.kill()
+        launcher.stdout.close()

@@ -357,7 +357,7 @@ def test_resume_never_restarts_silently_and_a_finished_run_extends_exactly(tmp_p
     no_ckpt = make_config(tmp_path, llama, output_dir=str(tmp_path / "plain"), **{"train.max_steps": 2})
     train.run(no_ckpt, progress=False)
     before = {f: (tmp_path / "plain" / f).read_bytes() for f in ("metrics.jsonl", "adapter/adapter_model.safetensors")}
-    with pytest.raises(LorakitError, match=r"has no checkpoint to resume from \(it saved none: set train.save_every\)"):
+    with pytest.raises(LorakitError, match=r"no checkpoint to resume from \(it saves none: set train.save_every"):
         train.run(no_ckpt, resume=True, progress=False)
     assert before == {f: (tmp_path / "plain" / f).read_bytes() for f in before}, (
         "nothing of the finished run was replaced"
@@ -391,19 +391,50 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_continue(tmp_path, arch_
     cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.save_every": 2, "train.max_steps": 6})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    monkeypatch.setenv("LORAKIT_INTERRUPT_AFTER_STEP", "3")  # a real SIGINT, as Ctrl-C sends
     # A shell starts a background job with SIGINT ignored (`make test &`): Python keeps that, and Ctrl-C would
     # never arrive. This test is about what a terminal's Ctrl-C does, so it gets Python's own handler.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        # Before the first checkpoint: save_every is set, the run just did not get there.
+        monkeypatch.setenv("LORAKIT_INTERRUPT_AFTER_STEP", "1")  # a real SIGINT, as Ctrl-C sends
         assert cli.main(["train", str(path), "--no-progress", "train.log_every=1"]) == 130
+        err = capsys.readouterr().err
+        assert f"no checkpoint was saved in {tmp_path / 'run'} (the first comes at step 2)" in err
+        assert cli.main(["train", str(path), "--no-progress", "train.log_every=1", "--resume"]) == 2
+        assert "has no checkpoint to resume from (the first comes at step 2)" in capsys.readouterr().err
+        monkeypatch.setenv("LORAKIT_INTERRUPT_AFTER_STEP", "3")
+        assert cli.main(["train", str(path), "--no-progress", "train.log_every=1", "--overwrite"]) == 130
     finally:
         signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert f"the newest checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-0000002'}" in err
-    assert f"lorakit train {path} train.log_every=1 --resume" in err
+    assert f"lorakit train {path} train.log_every=1 --no-progress --resume" in err, "the same command, with --resume"
     monkeypatch.delenv("LORAKIT_INTERRUPT_AFTER_STEP")
     assert cli.main(["train", str(path), "--no-progress", "train.log_every=1", "--resume"]) == 0
+
+
+def test_the_summary_says_what_the_last_step_logged_with_evaluation_at_the_last_step(tmp_path, arch_dirs):
+    """Evaluation runs at the last step: its time is not training time, and the loop's wall time includes it."""
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.max_steps": 3})
+    summary = train.run(cfg, progress=False).summary
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 3 and "eval_loss" in last
+    assert summary["tokens_per_s"] == round(last["tokens_per_s"], 1) and summary["train_s"] == last["train_s"]
+    assert summary["eval_s"] > 0 and summary["wall_time_s"] >= last["train_s"] + summary["eval_s"] - 0.01
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+
+
+def test_a_resume_that_fails_leaves_the_run_s_config_as_it_was(tmp_path, arch_dirs):
+    """Here the data has gained a bad row: the resume fails in setup, after the run folder's checks passed."""
+    cfg = make_config(tmp_path, arch_dirs["llama"], **{"train.max_steps": 2, "train.save_every": 2})
+    train.run(cfg, progress=False)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    with open(cfg.data.train, "a") as f:
+        f.write('{"prompt": "reverse: red"}\n')
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 4})})
+    with pytest.raises(LorakitError, match="missing field 'completion'"):
+        train.run(longer, resume=True, progress=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved, "the run still holds 2 steps"
 
 
 def test_the_logged_rate_is_the_one_the_step_used_and_a_batch_over_the_data_is_said(tmp_path, arch_dirs, capsys):
