@@ -1,4 +1,6 @@
-"""Make a loaded base model trainable by the run's method: LoRA/QLoRA through peft, or in full."""
+"""What an adapter is: made (a loaded base made trainable by the run's method: LoRA/QLoRA through peft, or in
+full), loaded, and described (its own peft config, the run and method it came from, the base it belongs to).
+Where its files lie is run_folder.py's."""
 
 from __future__ import annotations
 
@@ -7,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
-from lorakit.model import linear_module_names
-from lorakit.run_folder import locate
+from lorakit.model import base_from_adapter, linear_module_names, same_base_names
+from lorakit.run_folder import ADAPTER_CONFIG, Found, locate
 
 
 def attach(model: Any, cfg: RunConfig) -> Any:
@@ -148,3 +150,51 @@ def base_mismatch(name: str, path: str | Path, quantization: str | None) -> str 
         f"{'8-bit' if quantization == '8bit' else 'unquantized'}, where it answers differently. Load the base with "
         "--base-precision 4bit (beside other QLoRA adapters only), or merge it (lorakit merge) and use the merged model"
     )
+
+
+# ---- what an adapter says about itself, and the base it belongs to ----
+def read_adapter(folder: str | Path) -> PeftConfig:
+    """The adapter's own config as peft reads it (a `LoraConfig` for LoRA): rank, targets, base model…"""
+    try:
+        return PeftConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError, TypeError) as e:  # malformed JSON, an unknown peft_type, a wrong field type
+        raise LorakitError(
+            f"{Path(folder) / ADAPTER_CONFIG}: not a peft adapter config peft can read "
+            f"({type(e).__name__}: {e}); save the adapter again with peft's save_pretrained"
+        ) from None
+
+
+def check_base(adapter: Any, base: str, *, force: bool, where: str | Path) -> None:
+    """Refuse an adapter trained on another base: its weights would be meaningless on this one.
+
+    `adapter` is its `PeftConfig`. The bases match when the adapter's `base_model_name_or_path` is the
+    name given, the folder that name resolves to (the built-in alias, a local folder), or for the alias
+    its hub id (model.same_base_names). An adapter
+    that names no base is accepted; `force` accepts any (the same weights under another name).
+    """
+    declared = getattr(adapter, "base_model_name_or_path", None)
+    if not declared or force:
+        return
+    same = same_base_names(base)
+    on_disk = {Path(s).resolve() for s in same if Path(s).exists()}
+    if declared not in same and Path(declared).resolve() not in on_disk:
+        raise LorakitError(
+            f"{where} was trained on '{declared}', not on the base '{base}'; its answers would be "
+            "meaningless on another base. Use the matching base model, or --force if they are the "
+            "same weights under another name."
+        )
+
+
+def base_of(found: Found, base: str | None = None) -> str:
+    """The base model an adapter belongs to: `base` when the user names one, else the model of the run it came
+    from, else the base its adapter_config.json names (the alias for the alias's hub id when only the alias is
+    on this machine: model.base_from_adapter)."""
+    if base:
+        return base
+    cfg = found.run_config()
+    if cfg is not None:
+        return cfg.model
+    declared = read_adapter(found.path).base_model_name_or_path
+    if not declared:
+        raise LorakitError(f"{found.path}: the adapter does not name its base model; pass --base MODEL")
+    return base_from_adapter(declared)

@@ -8,10 +8,12 @@ table when one exists, the base's license, and how to load it in peft, vLLM, Oll
 from __future__ import annotations
 
 import json
-import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from lorakit import files
 from lorakit.run_folder import RunFolder
@@ -43,15 +45,26 @@ def recorded_base(folder: Path) -> str | None:
 
 
 def _header_field(folder: Path, key: str) -> str | None:
-    """`key` of the YAML header of folder/README.md (a model card), if the card and the key are there."""
-    card = folder / "README.md"
-    head = card.read_text(encoding="utf-8", errors="replace").split("---") if card.is_file() else []
-    found = re.search(rf"^{key}:\s*(\S+)", head[1], re.M) if len(head) > 2 else None
-    return found.group(1) if found else None
+    """`key` of the YAML header of folder/README.md (a model card) as huggingface_hub reads it, if it is there."""
+    from huggingface_hub import ModelCard
+
+    path = folder / "README.md"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+        # ModelCard warns about a card without a header; such a card has no field to give.
+        value = ModelCard(text, ignore_metadata_errors=True).data.get(key) if text.startswith("---") else None
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, or a header that is not a YAML mapping
+        return None
+    return value if isinstance(value, str) else None
 
 
-def write(folder: Path, kind: Kind, base: str, run: RunFolder | None, extra: str = "") -> Path:
-    """Write folder/README.md. base: the base model as the user named it (the alias is shown as its hub id)."""
+def write(folder: Path, kind: Kind, base: str, run: RunFolder | None, extra: str = "", shown_as: str = "") -> Path:
+    """Write folder/README.md. base: the base model as the user named it (the alias is shown as its hub id).
+
+    shown_as: the folder's name once in place, when it is written under a temporary one (a merge's).
+    """
+    from huggingface_hub import ModelCardData
+
     from lorakit import model
 
     alias, base = base == model.ALIAS, model.portable(base)
@@ -60,18 +73,16 @@ def write(folder: Path, kind: Kind, base: str, run: RunFolder | None, extra: str
     summary = _json(run.summary) if run is not None else None
     evals = _json(run.eval_json) if run is not None else None
     license_ = base_license(base)
-    name = run.name if run is not None else folder.name
+    shown_as = shown_as or folder.name
+    name = run.name if run is not None else shown_as
     method = cfg.method if cfg is not None else None
     tags = ["lorakit", *([method] if method else []), *(["gguf"] if kind == "gguf" else []), "text-generation"]
     library = {"adapter": "peft", "model": "transformers", "merged": "transformers"}.get(kind)
-    header = {
-        "base_model": base,
-        **({"library_name": library} if library else {}),
-        "license": license_ or "other",
-        "tags": tags,
-        "pipeline_tag": "text-generation",
-    }
-    lines = ["---", *(_yaml(k, v) for k, v in header.items()), "---", "", f"# {name}", ""]
+    # huggingface_hub writes the header as the Hub reads it: a path with spaces or colons stays one value.
+    header = ModelCardData(
+        base_model=base, library_name=library, license=license_ or "other", tags=tags, pipeline_tag="text-generation"
+    )
+    lines = ["---", header.to_yaml(), "---", "", f"# {name}", ""]
     what = {"adapter": "A LoRA adapter", "model": "A fully fine-tuned model", "merged": "A merged model (base + LoRA)",
             "gguf": "GGUF files for llama.cpp and Ollama"}[kind]  # fmt: skip
     lines += [f"{what} for [{base}]({_link(base)}), trained with [lorakit](https://github.com/lorakit/lorakit).", ""]
@@ -108,34 +119,46 @@ def write(folder: Path, kind: Kind, base: str, run: RunFolder | None, extra: str
         lines += ["## Evaluation (`lorakit eval`)", "", *_eval_table(evals), ""]
     if extra:
         lines += [extra.rstrip(), ""]
-    lines += ["## Use", "", *_usage(kind, base, name, folder), ""]
+    # lorakit loads the alias offline; the card's other tools get its hub id.
+    lorakit_base = model.ALIAS if alias else base
+    lines += ["## Use", "", *_usage(kind, base, lorakit_base, name, shown_as, folder), ""]
     lines += ["## License", "", f"The base model's license applies: {license_ or 'see the base model card'}.", ""]
     path = folder / "README.md"
     files.write_text(path, "\n".join(lines))
     return path
 
 
-def _usage(kind: Kind, base: str, name: str, folder: Path) -> list[str]:
+def _usage(kind: Kind, base: str, lorakit_base: str, name: str, shown: str, folder: Path) -> list[str]:
+    """How to load what `folder` holds: commands to paste into a shell, paths relative to where they run."""
+    here = f"./{shown}"
     if kind == "adapter":
         return [
+            f"Run these from the folder that holds `{shown}/`.", "",
             "peft (the base is named in adapter_config.json):", "```python",
             "from peft import AutoPeftModelForCausalLM",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{name}")', "```",
-            "vLLM:", "```bash", f"vllm serve {base} --enable-lora --lora-modules {name}=./{name}", "```",
-            "lorakit (OpenAI-compatible server):", "```bash", f"lorakit serve --adapter {name}=./{name}", "```",
-            "Ollama / llama.cpp: `lorakit export RUN_FOLDER OUT --format gguf` merges it and writes a GGUF.",
+            f"model = AutoPeftModelForCausalLM.from_pretrained({json.dumps(shown)})", "```",
+            "vLLM:", "```bash",
+            shlex.join(["vllm", "serve", base, "--enable-lora", "--lora-modules", f"{name}={here}"]), "```",
+            "lorakit (OpenAI-compatible server):", "```bash",
+            shlex.join(["lorakit", "serve", "--model", lorakit_base, "--adapter", f"{name}={here}"]), "```",
+            "Ollama / llama.cpp (merged into the base first):", "```bash",
+            shlex.join(["lorakit", "export", here, f"{name}-gguf", "--format", "gguf"]), "```",
         ]  # fmt: skip
     if kind in ("model", "merged"):
-        return ["transformers:", "```python", "from transformers import AutoModelForCausalLM",
-                f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```",
-                "vLLM:", "```bash", f"vllm serve ./{name}", "```"]  # fmt: skip
+        return [f"Run these from the folder that holds `{shown}/`.", "",
+                "transformers:", "```python", "from transformers import AutoModelForCausalLM",
+                f"model = AutoModelForCausalLM.from_pretrained({json.dumps(shown)})", "```",
+                "vLLM:", "```bash", shlex.join(["vllm", "serve", here]), "```",
+                "lorakit (OpenAI-compatible server):", "```bash", shlex.join(["lorakit", "serve", "--model", here]),
+                "```"]  # fmt: skip
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     first = ggufs[0] if ggufs else "MODEL.gguf"
-    return ["Ollama (the Modelfile carries the chat template and stop tokens):", "```bash",
-            f"ollama create {name} -f Modelfile", f"ollama run {name}", "```",
-            "llama.cpp:", "```bash", f"llama-cli -m {first} -cnv", "```",
+    return ["Run these in this folder.", "",
+            "Ollama (the Modelfile carries the chat template and stop tokens):", "```bash",
+            shlex.join(["ollama", "create", name, "-f", "Modelfile"]), shlex.join(["ollama", "run", name]), "```",
+            "llama.cpp:", "```bash", shlex.join(["llama-cli", "-m", first, "-cnv"]), "```",
             "llama-cpp-python:", "```python", "from llama_cpp import Llama",
-            f'llm = Llama("{first}")',
+            f"llm = Llama({json.dumps(first)})",
             'llm.create_chat_completion(messages=[{"role": "user", "content": "Hello"}])', "```"]  # fmt: skip
 
 
@@ -162,10 +185,5 @@ def _num(v: Any) -> str:
 
 
 def _link(base: str) -> str:
-    return f"https://huggingface.co/{base}" if base.count("/") == 1 and not Path(base).exists() else base
-
-
-def _yaml(key: str, value: Any) -> str:
-    if isinstance(value, list):
-        return f"{key}:\n" + "\n".join(f"- {v}" for v in value)
-    return f"{key}: {json.dumps(value) if any(c in str(value) for c in ':#') else value}"
+    """A hub id's page, or a local folder as a Markdown link target (<...> keeps a space in it)."""
+    return f"https://huggingface.co/{base}" if base.count("/") == 1 and not Path(base).exists() else f"<{base}>"

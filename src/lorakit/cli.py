@@ -188,7 +188,7 @@ def cmd_export(opts: o.ExportOptions) -> int:
 
     result = gguf.export(
         opts.source, opts.out, outtype=opts.outtype, pre=opts.pre, base=opts.base, force=opts.force,
-        device=opts.device, check=not opts.no_check,
+        device=opts.device, check=not opts.no_check, overwrite=opts.overwrite,
     )  # fmt: skip
     if result["merged"]:
         m = result["merged"]
@@ -206,7 +206,7 @@ def cmd_export(opts: o.ExportOptions) -> int:
         print(f"checked in llama.cpp in {result['check_s']:.1f} s on {result['prompts']} prompts "
               f"(top-1 agreement {result['agreement']:.1%}):")  # fmt: skip
         print(proof.table(result))
-    print(f"wrote {result['modelfile']} (ollama create NAME -f {result['modelfile']})")
+    print(f"wrote {result['modelfile']} ({shlex.join(['ollama', 'create', 'NAME', '-f', result['modelfile']])})")
     if result["modelfile_warning"]:
         print(f"warning: {result['modelfile_warning']}", file=sys.stderr)
     return 0

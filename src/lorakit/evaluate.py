@@ -22,7 +22,7 @@ from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.generate import generate
 from lorakit.options import EvalOptions
-from lorakit.run_folder import EVAL_HTML, EVAL_JSON, RunFolder, adapter_dir, check_base, locate, read_adapter
+from lorakit.run_folder import EVAL_HTML, EVAL_JSON, RunFolder, adapter_dir, locate
 
 BASE = "base"
 
@@ -151,7 +151,7 @@ def load_models(
         cfg.model, dtype=dtype, device=device, quantization=quantization, trust_remote_code=cfg.trust_remote_code
     )
     for name, path in adapters.items():
-        check_base(read_adapter(path), cfg.model, force=force, where=f"adapter '{name}' ({path})")
+        adapter.check_base(adapter.read_adapter(path), cfg.model, force=force, where=f"adapter '{name}' ({path})")
         net = adapter.load(net, path, name)
     return net.eval()
 

@@ -8,6 +8,7 @@ base, so it is merged into those same 4-bit weights dequantized, never into (or 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from jinja2.exceptions import TemplateError
 
 from lorakit import adapter, card, files, model, parity, render
 from lorakit.errors import LorakitError
-from lorakit.run_folder import adapter_source, check_base, read_adapter
+from lorakit.run_folder import adapter_source
 
 # The second check of a QLoRA merge compares with the 4-bit model the adapter was trained on, whose
 # bitsandbytes kernels compute in 16 bits: even an exact merge differs from it by ~3% of the logit scale
@@ -34,26 +35,28 @@ def merge(
     force: bool = False,
     qlora: bool | None = None,
     device: str = "auto",
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Merge, check logit parity on the saved files, then move them to `out` (atomically).
 
     dtype: of the saved weights, "auto" = `default_dtype(base)`. qlora: None = from the run config.
     device: where the merge and the parity check run ("auto": the GPU when there is one).
+    replace: an existing `out` is replaced once the new merge passes (export --overwrite: its own merged/).
     Returns the parity report (max_abs_logit_diff, tolerance, ...; under "vs_4bit" for QLoRA).
     """
     device = model.pick_device(device)
     out = Path(out)
-    if out.exists():
-        raise LorakitError(f"output folder {out} exists; remove it (rm -r {out}) or choose another OUT")
+    if out.exists() and not replace:
+        raise LorakitError(
+            f"output folder {out} exists; remove it ({shlex.join(['rm', '-r', str(out)])}) or choose another OUT"
+        )
     found = adapter_source(adapter_path)
     adir, run_cfg = found.path, found.run_config()
-    meta = read_adapter(adir)
+    meta = adapter.read_adapter(adir)
     if meta.peft_type != "LORA":
         raise LorakitError(f"{adir} is a {meta.peft_type} adapter; lorakit merges LoRA adapters only")
-    base = base or (run_cfg.model if run_cfg else model.base_from_adapter(meta.base_model_name_or_path))
-    if not base:
-        raise LorakitError(f"{adir}: the adapter does not name its base model; pass --base MODEL")
-    check_base(meta, base, force=force, where=adir)
+    base = adapter.base_of(found, base)
+    adapter.check_base(meta, base, force=force, where=adir)
     qlora = (run_cfg is not None and run_cfg.method == "qlora") if qlora is None else qlora
     dtype = default_dtype(base) if dtype == "auto" else dtype
     if dtype not in model.DTYPES:
@@ -85,7 +88,7 @@ def merge(
         spm = model.base_file(base, "tokenizer.model")
         if spm is not None and not (tmp / "tokenizer.model").exists():
             shutil.copy2(spm, tmp / "tokenizer.model")
-        card.write(tmp, "merged", base, found.run)
+        card.write(tmp, "merged", base, found.run, shown_as=out.name)
         report = check_saved(tmp, rows, reference, quantized_reference, dtype, device)
     return {**report, "prompts": prompts_from, "qlora": qlora, "eos_token_id": merged.generation_config.eos_token_id}
 

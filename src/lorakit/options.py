@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
 
 from lorakit.errors import LorakitError
+from lorakit.run_folder import EXPORT_MARKER
 
 
 def option(
@@ -171,7 +172,7 @@ class ExportOptions:
         help="gguf: a model folder, adapter folder or run folder; vllm: a "
         "run/adapter folder (served under its run's name), or the base model for --adapter",
     )
-    out: str = option("export", positional=True, help="gguf: output folder")
+    out: str = option("export", positional=True, help="gguf: output folder, new or empty (or see --overwrite)")
     format: Literal["gguf", "vllm"] = option(help="what to export")
     outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] = option(
         "f16",
@@ -187,6 +188,11 @@ class ExportOptions:
     )
     base: str | None = option(
         None, help="base model (default: the run's model, else the adapter's base_model_name_or_path)"
+    )
+    overwrite: bool = option(
+        False,
+        help=f"gguf: write into an OUT that holds an earlier lorakit export ({EXPORT_MARKER}): its GGUF, Modelfile, "
+        "README.md, loss.png and merged/ are replaced, other files are kept; without it OUT must be new or empty",
     )
     force: bool = force_option()
     device: str = device_option()  # the merge (of an adapter) and the checks of the written file

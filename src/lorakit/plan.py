@@ -377,9 +377,20 @@ def check_run(cfg: Any, device: str, nproc: int, force: bool = False) -> tuple[i
             + ", ".join(f"{k} {v / GIB:.1f}" for k, v in est.breakdown.items() if v >= GIB / 20)
             + f"); ~{est.tokens_per_s:.0f} tokens/s at batch {setup.batch}")  # fmt: skip
     if est.peak_bytes > per_process and not force:
-        raise LorakitError(f"{line}: it does not fit this {device}. Lower train.batch_size or data.max_length, turn "
-                           "on train.gradient_checkpointing, use qlora, or pass --force to try anyway")  # fmt: skip
+        raise LorakitError(
+            f"{line}: it does not fit this {device}. {_levers(cfg, setup.batch)}, or pass --force to try anyway"
+        )
     return setup.batch, line
+
+
+def _levers(cfg: Any, batch: int) -> str:
+    """What lowers a run's peak memory, leaving out what the run already does."""
+    levers = ["Lower train.batch_size or data.max_length" if batch > 1 else "Lower data.max_length"]
+    if not cfg.train.gradient_checkpointing:
+        levers.append("turn on train.gradient_checkpointing")
+    if cfg.method != "qlora":
+        levers.append("use method qlora")
+    return ", ".join(levers)
 
 
 def plan(opts: Any) -> tuple[Shape, Setup, Estimate, int | None]:

@@ -1,24 +1,26 @@
-"""Run folders and the adapters in them: the one owner of where `lorakit train` puts each output, of how a
-command finds the adapter or model in a folder the user names, of what an adapter says about itself
-(peft's own `PeftConfig`), and of the rule that decides whether an adapter belongs to a base model.
+"""Run folders and where things lie in them: the one owner of where `lorakit train` puts each output, and of how
+a command finds the adapter or model in a folder the user names (and what it says of a run that has not saved
+one yet). What an adapter says about itself and the base it belongs to are adapter.py's.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from lorakit.errors import LorakitError
 
 if TYPE_CHECKING:
-    from peft import PeftConfig
-
     from lorakit.config import RunConfig
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's file: a folder holding it is an adapter
 MODEL_CONFIG = "config.json"  # transformers' file: a folder holding it is a model
 EVAL_JSON, EVAL_HTML = "eval.json", "eval.html"  # what `lorakit eval` writes into its output folder
+# What `lorakit export --format gguf` records in its OUT (the source, the GGUF): it marks the folder as an
+# export of lorakit's, the only kind `export --overwrite` writes into.
+EXPORT_MARKER = "lorakit-export.json"
 
 
 @dataclass(frozen=True)
@@ -108,16 +110,60 @@ def locate(path: str | Path) -> Found | None:
     p = Path(path)
     run = RunFolder(p)
     if (run.adapter / ADAPTER_CONFIG).is_file():
-        return Found(run.adapter, "adapter", run)
+        return Found(run.adapter, "adapter", _run_of(p) or run)
     if (run.model / MODEL_CONFIG).is_file():
-        return Found(run.model, "model", run)
-    # The adapter/ or model/ of a run folder, given directly, still belongs to its run.
-    parent = RunFolder(p.parent) if p.name in ("adapter", "model") and RunFolder(p.parent).config.is_file() else None
+        return Found(run.model, "model", _run_of(p) or run)
+    # The adapter/ or model/ of a run folder (or of a checkpoint), given directly, still belongs to its run.
+    parent = _run_of(p.parent) if p.name in ("adapter", "model") else None
     if (p / ADAPTER_CONFIG).is_file():
         return Found(p, "adapter", parent)
     if (p / MODEL_CONFIG).is_file():
         return Found(p, "model", parent)
     return None
+
+
+def _run_of(folder: Path) -> RunFolder | None:
+    """The run a folder holding adapter/ or model/ belongs to: itself if it holds config.yaml, and for a
+    checkpoint (RUN/checkpoints/step-N) the run RUN, whose config says its base and method (QLoRA or not)."""
+    if RunFolder(folder).config.is_file():
+        return RunFolder(folder)
+    run = RunFolder(folder.parent.parent)
+    return run if folder.parent.name == "checkpoints" and run.config.is_file() else None
+
+
+def check_finished(path: str | Path) -> None:
+    """Refuse a `lorakit train` run folder that has no adapter/ or model/ yet (a run saves it when it ends:
+    this one was interrupted, or failed), saying how to use its newest checkpoint or finish the run."""
+    from lorakit import checkpoint  # it imports this module
+
+    run = RunFolder(Path(path))
+    if not run.config.is_file() or locate(path) is not None:
+        return
+    try:
+        cfg = run.run_config()
+    except LorakitError:  # a config that no longer loads: the message below still holds
+        cfg = None
+    what = f"{run.weights(cfg.method).name}/" if cfg is not None else "adapter/ (or model/)"
+    said = f"{path} is a run of `lorakit train` that did not finish: it has no {what} yet (a run saves it when it ends)"
+    newest = checkpoint.latest(run.checkpoints)
+    if newest is None:
+        again = shlex.join(["lorakit", "train", str(run.config), *(["--overwrite"] if run.has_results() else [])])
+        raise LorakitError(
+            f"{said}, and it saved no checkpoint to resume from. Train it again: {again} "
+            "(with train.save_every set, an interrupted run can be resumed)"
+        )
+    # config.yaml is the resolved config, output_dir included: --resume finds this folder when output_dir
+    # (relative to the folder the run started in) leads here.
+    here = cfg is None or Path(cfg.output_dir).resolve() == run.root.resolve()
+    resume = shlex.join(["lorakit", "train", str(run.config), "--resume"]) + (
+        "" if here else f" (from the folder the run was started in: its output_dir is {cfg.output_dir})"
+    )
+    use = (
+        f"give its newest checkpoint {shlex.quote(str(newest))} instead (it holds the adapter in peft format), or "
+        if (newest / "adapter" / ADAPTER_CONFIG).is_file()
+        else ""
+    )
+    raise LorakitError(f"{said}. To use it, {use}finish the run: {resume}")
 
 
 def find_adapter(path: str | Path) -> Path | None:
@@ -129,6 +175,8 @@ def find_adapter(path: str | Path) -> Path | None:
 def adapter_source(path: str | Path) -> Found:
     """The adapter at `path`, or one message saying why there is none."""
     found = locate(path)
+    if found is None:
+        check_finished(path)
     if found is not None and found.kind == "model" and found.run is not None:
         raise LorakitError(
             f"{path} is a full fine-tune: its model/ folder is already a plain model with no "
@@ -145,39 +193,3 @@ def adapter_source(path: str | Path) -> Found:
 def adapter_dir(path: str | Path) -> Path:
     """An adapter folder, or a run folder holding adapter/ (LorakitError if neither)."""
     return adapter_source(path).path
-
-
-def read_adapter(folder: str | Path) -> PeftConfig:
-    """The adapter's own config as peft reads it (a `LoraConfig` for LoRA): rank, targets, base model…"""
-    from peft import PeftConfig
-
-    try:
-        return PeftConfig.from_pretrained(str(folder))
-    except (ValueError, KeyError, TypeError) as e:  # malformed JSON, an unknown peft_type, a wrong field type
-        raise LorakitError(
-            f"{Path(folder) / ADAPTER_CONFIG}: not a peft adapter config peft can read "
-            f"({type(e).__name__}: {e}); save the adapter again with peft's save_pretrained"
-        ) from None
-
-
-def check_base(adapter: Any, base: str, *, force: bool, where: str | Path) -> None:
-    """Refuse an adapter trained on another base: its weights would be meaningless on this one.
-
-    `adapter` is its `PeftConfig`. The bases match when the adapter's `base_model_name_or_path` is the
-    name given, the folder that name resolves to (the built-in alias, a local folder), or for the alias
-    its hub id (model.same_base_names). An adapter
-    that names no base is accepted; `force` accepts any (the same weights under another name).
-    """
-    from lorakit import model
-
-    declared = getattr(adapter, "base_model_name_or_path", None)
-    if not declared or force:
-        return
-    same = model.same_base_names(base)
-    on_disk = {Path(s).resolve() for s in same if Path(s).exists()}
-    if declared not in same and Path(declared).resolve() not in on_disk:
-        raise LorakitError(
-            f"{where} was trained on '{declared}', not on the base '{base}'; its answers would be "
-            "meaningless on another base. Use the matching base model, or --force if they are the "
-            "same weights under another name."
-        )

@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from lorakit import adapter, cli, config, model, quickstart, train
+from lorakit.adapter import check_base, read_adapter
 from lorakit.errors import LorakitError
 from lorakit.export import gguf, llamacpp, ollama, proof
-from lorakit.run_folder import check_base, read_adapter
 from tiny import ARCHS, CHATML, save_tiny, save_tiny_sentencepiece, tiny_tokenizer
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf]' (make test does)")
@@ -166,8 +166,9 @@ def test_smollm2_adapter_exports_f16_and_q8_0_proven_in_llama_cpp(smollm2_run, t
     assert cli.main(["export", str(smollm2_run), str(out), "--format", "gguf", "--outtype", "f16"]) == 0
     printed = capsys.readouterr().out
     assert "checked in llama.cpp" in printed and "held-out" in printed and "| NO |" not in printed
-    # A second type from the merged folder of the first export.
-    assert cli.main(["export", str(out / "merged"), str(out), "--format", "gguf", "--outtype", "q8_0"]) == 0
+    # A second type from the merged folder of the first export, into the same (lorakit's own) OUT.
+    second = ["export", str(out / "merged"), str(out), "--format", "gguf", "--outtype", "q8_0", "--overwrite"]
+    assert cli.main(second) == 0
     printed = capsys.readouterr().out
     assert "checked in llama.cpp" in printed and "q8_0" in printed
     assert {p.name for p in out.glob("*.gguf")} == {"merged.f16.gguf", "merged.q8_0.gguf"}

@@ -1,7 +1,10 @@
 """merge (LoRA and QLoRA) with parity, GGUF round trip with Modelfile, and the vLLM command line."""
 
 import json
+import os
+import shlex
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from lorakit import cli, config, merge
 from lorakit import model as lkmodel
 from lorakit.errors import LorakitError
 from lorakit.export import gguf, ollama, vllm
+from lorakit.run_folder import EXPORT_MARKER
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 IDS = torch.tensor([[3, 17, 42, 99, 120, 7]])
@@ -253,3 +257,90 @@ def test_vllm_command_and_rank_check(tmp_path, bases, capsys):
     assert cli.main(["export", str(tmp_path / "sql"), "--format", "vllm", "--adapter", f"b={b}"]) == 0
     out = capsys.readouterr().out
     assert f"--lora-modules sql={(tmp_path / 'sql' / 'adapter').resolve()} b=" in out and "--max-lora-rank 16" in out
+
+
+def test_export_refuses_a_folder_it_did_not_write_and_leaves_it_as_it_was(tmp_path, bases, capsys):
+    """OUT's README.md, Modelfile and loss.png were replaced: a project folder lost its own."""
+    project = tmp_path / "project"
+    project.mkdir()
+    mine = {"README.md": b"# my project\n", "Modelfile": b"FROM ./mine.gguf\n", "loss.png": b"\x89PNG mine"}
+    for name, data in mine.items():
+        (project / name).write_bytes(data)
+    run = tmp_path / "run"
+    make_adapter(bases["llama"], run / "adapter")
+    argv = ["export", str(run), str(project), "--format", "gguf", "--no-check", "--outtype", "f32"]
+    assert cli.main(argv) == 2
+    assert f"{project} is not empty: export writes" in capsys.readouterr().err
+    assert cli.main([*argv, "--overwrite"]) == 2
+    assert f"--overwrite: {project} has no {EXPORT_MARKER}, so lorakit did not write it" in capsys.readouterr().err
+    # Refused before any work: nothing merged, written or deleted.
+    assert {p.name: p.read_bytes() for p in project.iterdir()} == mine
+    # A folder an export claimed and then failed in holds only the marker: it counts as empty.
+    claimed = tmp_path / "claimed"
+    claimed.mkdir()
+    (claimed / EXPORT_MARKER).write_text("{}")
+    assert cli.main(["export", str(run), str(claimed), "--format", "gguf", "--no-check", "--outtype", "f32"]) == 0
+
+
+def test_overwrite_replaces_an_earlier_exports_own_files_and_never_its_source(tmp_path, bases, capsys):
+    run = tmp_path / "run"
+    make_adapter(bases["llama"], run / "adapter")
+    out = tmp_path / "my export"  # a space: the printed ollama command must survive a shell
+    assert cli.main(["export", str(run), str(out), "--format", "gguf", "--no-check", "--outtype", "f32"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"wrote {out / 'Modelfile'} ("))
+    assert shlex.split(line.split(" (", 1)[1][:-1]) == ["ollama", "create", "NAME", "-f", str(out / "Modelfile")]
+    assert json.loads((out / EXPORT_MARKER).read_text())["gguf"] == "merged.f32.gguf"
+    (out / "notes.txt").write_text("my notes")
+    merged = {p: p.read_bytes() for p in (out / "merged").rglob("*") if p.is_file()}
+    # README's flow: a second type from the same merge, whose SOURCE lies inside OUT.
+    second = ["export", str(out / "merged"), str(out), "--format", "gguf", "--no-check", "--outtype", "q8_0"]
+    assert cli.main(second) == 2
+    assert "is not empty (an earlier lorakit export)" in (err := capsys.readouterr().err) and "--overwrite" in err
+    assert cli.main([*second, "--overwrite"]) == 0
+    assert {p.name for p in out.glob("*.gguf")} == {"merged.f32.gguf", "merged.q8_0.gguf"}
+    assert (out / "Modelfile").read_text().startswith("FROM ./merged.q8_0.gguf\n")
+    assert merged == {p: p.read_bytes() for p in (out / "merged").rglob("*") if p.is_file()}, "its source is kept"
+    assert (out / "notes.txt").read_text() == "my notes", "a file of the user's is never deleted"
+    # Merged again: merged/ is replaced (once the new merge passes), the user's file still kept.
+    before = os.stat(out / "merged").st_ino
+    assert (
+        cli.main(["export", str(run), str(out), "--format", "gguf", "--no-check", "--outtype", "f32", "--overwrite"])
+        == 0
+    )
+    assert os.stat(out / "merged").st_ino != before and (out / "notes.txt").is_file()
+    # An adapter kept inside merged/ would be deleted by the merge it feeds: refused.
+    inside = make_adapter(bases["llama"], out / "merged" / "lora")
+    assert cli.main(["export", str(inside), str(out), "--format", "gguf", "--no-check", "--overwrite"]) == 2
+    assert "which the merge replaces" in capsys.readouterr().err and (inside / "adapter_config.json").is_file()
+
+
+def test_the_advice_for_an_interrupted_run_works(tmp_path, bases, capsys):
+    """An interrupted run (no adapter/) is told to use its newest checkpoint or to resume: both commands work."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"count {i}", "completion": f"{i + 1}"}) + "\n" for i in range(16)))
+    cfg = config.validate({
+        "model": str(bases["llama"]), "output_dir": str(tmp_path / "run"), "adapter": {"r": 8},
+        "data": {"train": str(rows), "max_length": 64, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 6, "save_every": 2, "batch_size": 2},
+    })  # fmt: skip
+    path = tmp_path / "run.yaml"
+    config.dump(cfg, path)
+    os.environ["LORAKIT_INTERRUPT_AFTER_STEP"] = "3"  # a real SIGINT after step 3, as Ctrl-C sends
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell ignores SIGINT
+    try:
+        assert cli.main(["train", str(path), "--no-progress"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        del os.environ["LORAKIT_INTERRUPT_AFTER_STEP"]
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists()
+    capsys.readouterr()
+    assert cli.main(["merge", str(run), str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    newest = run / "checkpoints" / "step-0000002"
+    assert f"give its newest checkpoint {newest} instead" in err
+    assert cli.main(["merge", str(newest), str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    resume = shlex.split(err.split("finish the run: ")[1])
+    assert resume == ["lorakit", "train", str(run / "config.yaml"), "--resume"]
+    assert cli.main([*resume[1:], "--no-progress"]) == 0
+    assert (run / "adapter" / "adapter_config.json").is_file() and "(step 2)" in capsys.readouterr().out

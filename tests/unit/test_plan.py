@@ -99,3 +99,30 @@ def test_every_bundled_reference_gets_a_breakdown_and_a_fits_table(method, capsy
     fits = plan.estimate(seven, small).fits
     assert fits["A100 40GB"]["fits"] == fits["H100 80GB"]["fits"] == (method != "full")
     assert fits["T4 16GB"]["fits"] or method != "qlora"
+
+
+@pytest.mark.parametrize(
+    ("method", "checkpointing", "batch", "levers"),
+    [
+        ("lora", False, 4, ["train.batch_size", "turn on train.gradient_checkpointing", "use method qlora"]),
+        ("qlora", True, 4, ["train.batch_size"]),  # it told a QLoRA run with checkpointing to use both
+        ("full", True, 1, ["use method qlora"]),
+    ],
+)
+def test_advice_for_a_run_that_does_not_fit_names_only_what_it_does_not_use(
+    tmp_path, monkeypatch, method, checkpointing, batch, levers
+):
+    from lorakit import config
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    cfg = config.validate({
+        "model": str(tmp_path / "config.json"), "method": method, "data": {"train": "x.jsonl"},
+        "train": {"gradient_checkpointing": checkpointing, "batch_size": batch},
+    })  # fmt: skip
+    monkeypatch.setattr(plan, "this_device", lambda device, seconds: (1 << 20, 1e11))  # 1 MiB: nothing fits
+    with pytest.raises(LorakitError, match="does not fit this cpu") as e:
+        plan.check_run(cfg, "cpu", 1)
+    advice = str(e.value).split("does not fit this cpu. ")[1]
+    every = ["train.batch_size", "turn on train.gradient_checkpointing", "use method qlora"]
+    assert [lever for lever in every if lever in advice] == levers, advice
+    assert "data.max_length" in advice and "--force" in advice

@@ -1,4 +1,5 @@
-"""run_folder: one lookup of "the adapter or model in this folder", one reader of adapter configs, one base rule."""
+"""run_folder: one lookup of "the adapter or model in this folder"; adapter.py: one reader of adapter configs, one
+base rule."""
 
 import json
 from pathlib import Path
@@ -7,8 +8,9 @@ import pytest
 from peft import LoraConfig
 
 from lorakit import cli
+from lorakit.adapter import check_base, read_adapter
 from lorakit.errors import LorakitError
-from lorakit.run_folder import RunFolder, adapter_source, check_base, locate, read_adapter
+from lorakit.run_folder import RunFolder, adapter_source, locate
 
 
 def adapter(folder: Path, base: str = "some/base") -> Path:
@@ -131,3 +133,61 @@ def test_eval_and_merge_accept_the_same_adapter(tmp_path, monkeypatch, tiny_llam
         )
         == 0
     ), capsys.readouterr().err
+
+
+def interrupted_run(root: Path, base: Path, *, checkpoint: bool) -> RunFolder:
+    """A run killed before its end: config.yaml, metrics and (maybe) a checkpoint, but no adapter/ yet."""
+    from lorakit import config
+
+    run = RunFolder(root)
+    cfg = config.validate({"model": str(base), "output_dir": str(root), "data": {"train": "x.jsonl"}})
+    config.dump(cfg, run.config)
+    run.metrics.write_text('{"step": 1, "loss": 2.0}\n')
+    if checkpoint:
+        for step in (2, 4):
+            folder = run.checkpoints / f"step-{step:07d}"
+            adapter(folder / "adapter", base=str(base))
+            (folder / "state.json").write_text(json.dumps({"step": step}))
+    return run
+
+
+def test_a_run_without_its_adapter_says_how_to_use_or_finish_it(tmp_path, tiny_llama_dir, capsys):
+    """Export called it "not a model folder … a Hugging Face id" and merge "give a run folder of lorakit train"."""
+    run = interrupted_run(tmp_path / "runs" / "sql run", tiny_llama_dir, checkpoint=True)
+    newest = run.checkpoints / "step-0000004"
+    resume = f"lorakit train '{run.config}' --resume"
+    commands = {
+        "merge": ["merge", str(run.root), str(tmp_path / "merged")],
+        "export gguf": ["export", str(run.root), str(tmp_path / "out"), "--format", "gguf", "--no-check"],
+        "export vllm": ["export", str(run.root), "--format", "vllm"],
+        "serve --adapter": [
+            "serve",
+            "--model",
+            str(tiny_llama_dir),
+            "--adapter",
+            f"sql={run.root}",
+            "--engine",
+            "vllm",
+        ],
+    }
+    for what, argv in commands.items():
+        assert cli.main(argv) == 2, what
+        err = capsys.readouterr().err
+        assert f"{run.root} is a run of `lorakit train` that did not finish: it has no adapter/ yet" in err, (what, err)
+        assert f"give its newest checkpoint '{newest}' instead" in err and f"finish the run: {resume}" in err, err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "out").exists()
+    # The checkpoint it names is taken as it is, and belongs to its run: its config says the base and method.
+    found = locate(newest)
+    assert (found.kind, found.path, found.run, found.run_config().model) == (
+        "adapter",
+        newest / "adapter",
+        run,
+        str(tiny_llama_dir),
+    )
+    assert locate(newest / "adapter").run == run
+
+    lost = interrupted_run(tmp_path / "lost", tiny_llama_dir, checkpoint=False)
+    with pytest.raises(
+        LorakitError, match=r"saved no checkpoint to resume from. Train it again: lorakit train \S+ --overwrite"
+    ):
+        adapter_source(lost.root)

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from lorakit import card, files, parity
+from lorakit.adapter import base_of
 from lorakit.errors import LorakitError
 from lorakit.export import llamacpp, ollama, proof
 from lorakit.model import pick_device
-from lorakit.run_folder import locate, read_adapter
+from lorakit.run_folder import EXPORT_MARKER, check_finished, locate
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 # The pre-tokenizer names llama.cpp accepts (its src/llama-vocab.cpp, as vendored by llama-cpp-python 0.3.36);
@@ -52,39 +53,41 @@ def export(
     force: bool = False,
     device: str = "auto",
     check: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """`export --format gguf`: SOURCE is a model folder, or a run/adapter folder merged (fp32) into OUT/merged first.
 
+    OUT must be new or empty, or with `overwrite` an earlier export (`claim`); only its own files are replaced.
     device: where the merge computes ("auto": the GPU when there is one); llama.cpp's proof runs on the CPU.
     """
-    from lorakit import merge, model
+    from lorakit import merge
 
     llamacpp.version()  # a missing llama.cpp is said before any work, the merge included
+    check_options(outtype, pre)
     out = Path(out)
-    merged, run_cfg = None, None
     found = locate(source)
-    if found is not None:
-        run_cfg = found.run_config()
-    if found is not None and found.kind == "adapter":
-        model_dir = out / "merged"
-        # fp32: the GGUF's own --outtype decides the precision; rounding twice would only add error.
-        merged = merge.merge(source, model_dir, base=base, dtype="fp32", force=force, device=device)
-    elif found is not None:  # a model folder, or a full fine-tune's run folder
+    if found is None:
+        check_finished(source)
+        model_dir = plain_model(source)
+    elif found.kind == "model":  # a model folder, or a full fine-tune's run folder
         model_dir = found.path
     else:
-        where = model.resolve(source)
-        if where.kind not in ("alias", "folder"):
-            raise LorakitError(
-                f"{source}: export a model folder, a run folder or an adapter folder "
-                "(a GGUF or hub model needs no lorakit export)"
-            )
-        model_dir = Path(where.path)
+        model_dir = out / "merged"
+        if model_dir.resolve() in (found.path.resolve(), *found.path.resolve().parents):
+            raise LorakitError(f"{source} lies in {model_dir}, which the merge replaces; move it out of {out} first")
+    run_cfg = found.run_config() if found is not None else None
+    claim(out, overwrite)
+    mark(out, source, outtype)
+    merged = None
+    if found is not None and found.kind == "adapter":
+        # fp32: the GGUF's own --outtype decides the precision; rounding twice would only add error.
+        merged = merge.merge(source, model_dir, base=base, dtype="fp32", force=force, device=device, replace=True)
     chats, chats_from = parity.prompts(run_cfg)
     result = export_model(model_dir, out, outtype=outtype, pre=pre, check=check, chats=chats, device=device)
-    if run_cfg is not None:
+    if found is not None and found.kind == "adapter":
+        base_name = base_of(found, base)
+    elif run_cfg is not None:  # a full fine-tune's run
         base_name = run_cfg.model
-    elif found is not None and found.kind == "adapter":
-        base_name = read_adapter(found.path).base_model_name_or_path or str(source)
     else:
         base_name = card.recorded_base(model_dir) or str(source)
     checked = proof.table(result) if result["ok"] is not None else "Not checked (--no-check)."
@@ -93,7 +96,64 @@ def export(
         f"checked on {chats_from} prompts; top-1 agreement {result.get('agreement', 0):.1%}:\n\n{checked}\n"
     )
     card.write(out, "gguf", base_name, found.run if found is not None else None, extra)
+    mark(out, source, outtype, gguf=Path(result["gguf"]).name, checked=result["ok"] is not None)
     return {**result, "merged": merged, "prompts": chats_from}
+
+
+def plain_model(source: str) -> Path:
+    """The folder of a model named by path or alias (no adapter to merge)."""
+    from lorakit import model
+
+    where = model.resolve(source)
+    if where.kind not in ("alias", "folder"):
+        raise LorakitError(
+            f"{source}: export a model folder, a run folder or an adapter folder "
+            "(a GGUF or hub model needs no lorakit export)"
+        )
+    return Path(where.path)
+
+
+def claim(out: Path, overwrite: bool) -> None:
+    """Take OUT for this export before any work: a new or empty folder, or with `overwrite` an earlier export.
+
+    An export writes README.md, Modelfile and loss.png, names a user's project folder may hold too; so a
+    folder holding anything is refused, and --overwrite accepts only one holding EXPORT_MARKER (train's rule,
+    `files.why_not_deletable`). Even then only the files export writes are replaced; nothing is deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"{out} is a file; give a folder (new or empty) as OUT")
+    # A folder holding only the marker is one an export claimed and then failed in (a merge's parity, say).
+    if out.is_dir() and any(p.name != EXPORT_MARKER for p in out.iterdir()):
+        if not overwrite:
+            earlier = " (an earlier lorakit export)" if (out / EXPORT_MARKER).is_file() else ""
+            raise LorakitError(
+                f"{out} is not empty{earlier}: export writes its GGUF, Modelfile, README.md and loss.png into a new "
+                f"or empty folder. Choose another OUT, or pass --overwrite to replace the files of an earlier export"
+            )
+        if why := files.why_not_deletable(out, EXPORT_MARKER):
+            raise LorakitError(
+                f"--overwrite: {out} {why}; lorakit only replaces the files of its own exports (a folder holding "
+                f"{EXPORT_MARKER}). Choose a new or empty OUT"
+            )
+
+
+def mark(out: Path, source: str, outtype: str | None, **result: Any) -> None:
+    """Write EXPORT_MARKER: what was exported into OUT, and the mark that lets --overwrite write there again."""
+    where = str(Path(source).resolve()) if Path(source).exists() else source  # a folder, or the alias
+    files.write_json(out / EXPORT_MARKER, {"source": where, "outtype": outtype, **result})
+
+
+def check_options(outtype: str, pre: str | None) -> None:
+    """Refuse an --outtype or --pre llama.cpp would not take, before any work."""
+    if outtype not in OUTTYPES:
+        raise LorakitError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
+    if pre is not None and pre not in LLAMA_CPP_PRE_TOKENIZERS:
+        close = difflib.get_close_matches(pre, LLAMA_CPP_PRE_TOKENIZERS, n=3)
+        raise LorakitError(
+            f"--pre {pre!r} is not a pre-tokenizer llama.cpp knows, so it would refuse the file"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + " Leave --pre out to have it guessed from the tokenizer."
+        )
 
 
 def export_model(
@@ -117,15 +177,7 @@ def export_model(
             f"{model_dir}: not a model folder (no config.json). Export a merged model: "
             f"`lorakit merge ADAPTER {model_dir}` first, or pass a run/adapter folder (it is merged for you)"
         )
-    if outtype not in OUTTYPES:
-        raise LorakitError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
-    if pre is not None and pre not in LLAMA_CPP_PRE_TOKENIZERS:
-        close = difflib.get_close_matches(pre, LLAMA_CPP_PRE_TOKENIZERS, n=3)
-        raise LorakitError(
-            f"--pre {pre!r} is not a pre-tokenizer llama.cpp knows, so it would refuse the file"
-            + (f"; did you mean {', '.join(close)}?" if close else "")
-            + " Leave --pre out to have it guessed from the tokenizer."
-        )
+    check_options(outtype, pre)
     llamacpp.version()  # a missing llama.cpp is said before any work
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)

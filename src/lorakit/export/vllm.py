@@ -6,10 +6,12 @@ an argv list.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
+from lorakit.adapter import base_of, check_base, read_adapter, trained_with
 from lorakit.errors import LorakitError
-from lorakit.run_folder import adapter_source, check_base, find_adapter, read_adapter
+from lorakit.run_folder import adapter_source, check_finished, find_adapter
 
 RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 # Module names vLLM's LoRA layers wrap in llama-family models (it fuses q/k/v and gate/up itself).
@@ -137,33 +139,28 @@ def for_source(
 
     Returns the command line and warnings (QLoRA adapters, which vLLM would run on the unquantized base).
     """
-    from lorakit import model
-
     found = {n: Path(p) for n, p in adapters.items()}
     if find_adapter(source) is not None:
         own = adapter_source(source)
-        run_cfg = own.run_config()
-        declared = read_adapter(own.path).base_model_name_or_path
-        base = base or (run_cfg.model if run_cfg else model.base_from_adapter(declared))
+        base = base_of(own, base)
         found = {own.name: Path(source), **found}
     else:
+        check_finished(source)  # a run folder whose run has not saved its adapter yet is not a base
         base = base or source
     if not found:
         raise LorakitError(
             "export --format vllm: no adapter to serve; give a run/adapter folder as SOURCE or --adapter NAME=PATH"
         )
-    if not base:
-        raise LorakitError(f"{source}: the adapter does not name its base model; pass --base MODEL")
     dirs, warnings = {}, []
     for name, path in found.items():
-        own = adapter_source(path)
-        dirs[name], run_cfg = own.path, own.run_config()
-        if run_cfg is not None and run_cfg.method == "qlora":
+        dirs[name] = adapter_source(path).path
+        if trained_with(dirs[name]) == "qlora":
             # Measured on SmolLM2: the QLoRA adapter on the unquantized base moves logits by up to 20
             # (of 39) against the 4-bit model it was trained on; top-1 tokens agree only 64% of the time.
+            merge = shlex.join(["lorakit", "merge", str(path), "OUT"])
             warnings.append(
                 f"{name} was trained with QLoRA on the 4-bit base, and vLLM would run it on the "
-                f"unquantized base, where it answers differently. Serve `lorakit merge {path} OUT` "
+                f"unquantized base, where it answers differently. Serve `{merge}` "
                 "(merged into the dequantized base) instead, or add --quantization bitsandbytes."
             )
     return command(base, dirs, force=force), warnings

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.adapter import base_mismatch, peft_name
+from lorakit.adapter import base_mismatch, check_base, peft_name, read_adapter
 from lorakit.errors import LorakitError
-from lorakit.run_folder import ADAPTER_CONFIG, check_base, find_adapter, read_adapter
+from lorakit.run_folder import ADAPTER_CONFIG, find_adapter
 
 log = logging.getLogger("lorakit.serve")
 FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
