@@ -626,6 +626,16 @@ def test_vllm_engine_takes_force_and_the_adapters_folder_as_lorakits_engine_does
     assert not any(".upload-tmp" in arg for arg in cmd)
 
 
+def test_a_run_config_whose_run_did_not_finish_is_said_not_served_as_the_base_alone(world, tmp_path):
+    _, base = world
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {base}\ndata: {{train: x.jsonl}}\noutput_dir: {tmp_path / 'sql'}\n")
+    (tmp_path / "sql").mkdir()
+    shutil.copy(cfg, tmp_path / "sql" / "config.yaml")  # what an interrupted run leaves: its config, no adapter/
+    with pytest.raises(LorakitError, match="did not finish: it has no adapter/ yet"):
+        server.build(server.ServeOptions(model=str(cfg)))
+
+
 def test_a_run_config_serves_its_base_and_trained_adapter(world, tmp_path, capsys):
     tmp, base = world
     shutil.copytree(tmp / "adapters" / "b", tmp_path / "sql" / "adapter")

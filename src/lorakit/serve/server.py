@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lorakit.errors import LorakitError
 from lorakit.options import ServeOptions
-from lorakit.run_folder import RunFolder, adapter_dir, find_adapter
+from lorakit.run_folder import RunFolder, adapter_dir, check_finished, find_adapter
 
 log = logging.getLogger("lorakit.serve")
 
@@ -35,6 +35,9 @@ def resolve_model(opts: ServeOptions) -> ServeOptions:
     run = RunFolder.of(cfg)
     if (adapter := find_adapter(run.root)) is not None:
         adapters.setdefault(run.name, str(adapter))
+    else:
+        check_finished(run.root)  # a run that started but saved no adapter yet: say so, not serve the base alone
+        log.warning("%s has no trained adapter yet (`lorakit train %s`): serving the base alone", run.root, opts.model)
     # A QLoRA adapter answers as trained only on the 4-bit base it was trained on.
     precision = model.base_quantization(opts.base_precision, [cfg.method]) or "full"
     return replace(opts, model=cfg.model, adapters=adapters, base_precision=precision)
