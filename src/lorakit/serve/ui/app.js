@@ -148,7 +148,8 @@ function renderRuns() {
     if (run.summary) {
       const s = run.summary;
       card.append(definitions({
-        "tokens/s": s.tokens_per_s, "peak memory": `${s.peak_memory_mb} MB`, "train time": `${s.wall_time_s} s`,
+        "tokens/s": s.tokens_per_s, "peak memory": `${s.peak_memory_mb} MB`,
+        "train time": s.train_s === undefined ? "—" : `${s.train_s} s`, "wall time": `${s.wall_time_s} s`,
         "final train loss": fmt(s.final_train_loss), "final eval loss": fmt(s.final_eval_loss),
       }));
     }
