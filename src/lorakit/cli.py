@@ -290,8 +290,9 @@ COMMANDS = [
         cmd_export,
         o.ExportOptions,
         "export for other runtimes: GGUF (+ Ollama Modelfile) or a vLLM command line",
-        "--format gguf: write a GGUF of a merged model (an adapter or run folder is merged first), read it "
-        "back with transformers and check logits, and write an Ollama Modelfile beside it. --format vllm: "
+        "--format gguf: convert a merged model (an adapter or run folder is merged first) with llama.cpp's own "
+        "converter into a new or empty OUT, prove it in llama.cpp (prompt tokens, greedy answers, stop tokens) "
+        "and write an Ollama Modelfile and a model card beside it. --format vllm: "
         "print the `vllm serve ... --enable-lora --lora-modules ...` command for the adapters, after "
         "checking that vLLM accepts their ranks and target modules.",
     ),
