@@ -9,6 +9,7 @@ the rank's own error or the command that resumes the run. Its ranks die with it,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ LAUNCHER = "LORAKIT_LAUNCHER_PID"
 GLOO_PAIR = "gloo/transport/tcp/pair.cc"
 LOST_PEERS = "it lost its connection to another rank, which stopped first (that rank's error says why)"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# TrainOptions that describe the launch itself: a rank runs inside it and never gets them.
+LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
 
 
 def is_rank() -> bool:
@@ -76,8 +79,13 @@ def resume_command(config_path: str, overrides: list[str], opts: Any, local: boo
 
 
 def _rank_argv(config_path: str, overrides: list[str], opts: Any, local: bool) -> list[str]:
-    flags = [(local, "--local"), (opts.no_progress, "--no-progress"), (opts.force, "--force")]
-    return ["train", config_path, *overrides, *(flag for on, flag in flags if on)]
+    """A rank's command: every option of this one but the launch's own and --resume/--overwrite (added where
+    they apply), from options.to_argv, so that a field added to TrainOptions reaches the ranks by itself."""
+    from lorakit import options
+
+    own = {f.name: f.default for f in dataclasses.fields(opts) if f.name in LAUNCH_OPTIONS}
+    rank = dataclasses.replace(opts, **own, resume=False, overwrite=False)
+    return ["train", config_path, *overrides, *(["--local"] if local else []), *options.to_argv(rank)]
 
 
 def _launch_flags(opts: Any) -> list[str]:

@@ -352,6 +352,36 @@ def from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**values)
 
 
+def to_argv(opts: Any) -> list[str]:
+    """The command-line words that `from_args` turns back into `opts`: each field that differs from its default.
+
+    What a launcher passes on to the processes it starts (`train --nproc`), so that a field added to an options
+    class travels without a second list of flags. Fields read from an environment variable are left out: the
+    processes inherit the environment, and a secret (an API key) does not belong in a command line.
+    """
+    argv: list[str] = []
+    hints = typing.get_type_hints(type(opts))
+    for f in dataclasses.fields(opts):
+        value, meta = getattr(opts, f.name), f.metadata
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if value == default or meta["env"]:
+            continue
+        if meta["positional"]:
+            argv.append(str(value))
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        # FLAG=VALUE, one word: a value that starts with "-" is not taken for a flag.
+        if _unwrap(hints[f.name])[0] is bool:
+            argv.append(flag)
+        elif isinstance(value, dict):
+            argv += [f"{flag}={name}={path}" for name, path in value.items()]
+        elif isinstance(value, list):
+            argv += [f"{flag}={','.join(value)}"] if meta["comma"] else [f"{flag}={v}" for v in value]
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
 def pairs(items: list[str], flag: str) -> dict[str, str]:
     """NAME=PATH items as a dict; one message for an item that is not one."""
     out = {}

@@ -1,6 +1,7 @@
 """Command-line options come from one definition: the options dataclasses and the command table."""
 
 import dataclasses
+import typing
 from types import SimpleNamespace
 
 import pytest
@@ -118,3 +119,56 @@ def test_a_stray_flag_is_still_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "run.yaml", "train.lr=1e-3", "--no-such-flag"])
     assert e.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def other_value(f: dataclasses.Field, kind) -> object:
+    """A value of the field's type that is not its default, within its range."""
+    inner, choices = options._unwrap(kind)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if choices:
+        return next(c for c in reversed(choices) if c != default)
+    if inner is bool:
+        return True
+    if inner in (int, float):
+        low, high = f.metadata["minimum"], f.metadata["maximum"]
+        value = inner((low if low is not None else 0) + 3)
+        return value if high is None else min(value, inner(high))
+    if typing.get_origin(inner) is dict:
+        return {"a": "runs/a", "b-2": "my runs/b=c"}
+    if typing.get_origin(inner) is list:
+        return ["x", "y z"] if not f.metadata["comma"] else ["sql", "case"]
+    return "a value, with spaces"
+
+
+@pytest.mark.parametrize("name", [c.name for c in cli.COMMANDS])
+def test_every_field_of_every_command_survives_to_argv_and_back(name):
+    """What a launcher passes on (options.to_argv) is what the command parses: no field is forgotten."""
+    cmd = cli_command(name)
+    hints = typing.get_type_hints(cmd.options)
+    fields = [f for f in dataclasses.fields(cmd.options) if not f.metadata["env"]]
+    opts = cmd.options(**{f.name: other_value(f, hints[f.name]) for f in fields})
+    argv = options.to_argv(opts)
+    back = options.from_args(cmd.options, parse(name, argv))
+    assert back == opts
+    required = {f.name: getattr(opts, f.name) for f in fields if is_required(f)}
+    assert len(options.to_argv(cmd.options(**required))) == len(required), "a field at its default is left out"
+
+
+def test_a_secret_from_the_environment_never_reaches_a_command_line():
+    opts = options.ServeOptions(model="m", api_key="s3cret")
+    assert options.to_argv(opts) == ["--model=m"]
+
+
+def is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def test_a_launch_passes_every_train_option_but_its_own_to_the_ranks():
+    from lorakit import launch
+
+    launched = options.TrainOptions(no_progress=True, force=True, resume=True, nproc=2, nnodes=2, master_port=4000)
+    assert launch._rank_argv("run.yaml", ["train.lr=0.1"], launched, local=True) == [
+        "train", "run.yaml", "train.lr=0.1", "--local", "--no-progress", "--force",
+    ]  # fmt: skip
+    every = {f.name for f in dataclasses.fields(options.TrainOptions)}
+    assert set(launch.LAUNCH_OPTIONS) < every, "the launch's own options are TrainOptions fields"
