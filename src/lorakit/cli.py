@@ -74,7 +74,12 @@ def cmd_train(cfg: Any, opts: o.TrainOptions) -> int:
     from lorakit.run_folder import RunFolder
 
     result = train.run(
-        cfg, resume=opts.resume, overwrite=opts.overwrite, progress=not opts.no_progress, force=opts.force
+        cfg,
+        resume=opts.resume,
+        overwrite=opts.overwrite,
+        progress=not opts.no_progress,
+        force=opts.force,
+        device=opts.device,
     )
     summary = result.summary
     if summary:
@@ -221,7 +226,7 @@ def cmd_plan(opts: o.PlanOptions) -> int:
     if opts.json:
         print(json.dumps({**asdict(est), "model": shape.name, "setup": asdict(setup), "run_tokens": run_tokens}))
     else:
-        print(plan.render(shape, setup, est, run_tokens))
+        print(plan.table(shape, setup, est, run_tokens))
     return 0
 
 

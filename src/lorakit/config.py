@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorakit import files
 from lorakit.errors import LorakitError
 
+# The dtype names every key and option takes (train.precision, --dtype); model.DTYPES maps them to torch's.
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "chat_text", "template")
 
@@ -126,7 +129,7 @@ class TrainConfig(_Strict):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="AdamW (fused where the device has it) or bitsandbytes 8-bit variants."
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Dtype = Field(
         "auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it, else fp16 with loss scaling."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")

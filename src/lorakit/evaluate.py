@@ -29,8 +29,8 @@ BASE = "base"
 
 def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Evaluate; write eval.json and eval.html into the output folder; return the eval.json content."""
-    held_out = [opts.data, cfg.data.eval if isinstance(cfg.data.eval, str) else None]
-    out = _claim(output_dir(cfg, opts), opts.overwrite, held_out)
+    eval_files = [opts.data, cfg.data.eval if isinstance(cfg.data.eval, str) else None]
+    out = _claim(output_dir(cfg, opts), opts.overwrite, eval_files)
     if opts.adapters:
         adapters, full = {name: adapter_dir(p) for name, p in opts.adapters.items()}, {}
     else:
@@ -176,7 +176,7 @@ def active(net: Any, name: str) -> Iterator[None]:
 def held_out_loss(net: Any, encoded: list[render.Encoded], tokenizer: Any, batch_size: int) -> float:
     """Mean negative log-likelihood per trained (answer) token."""
     examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
-    total, count = loss.held_out(
+    total, count = loss.eval_sums(
         net,
         examples,
         packing.unpacked(len(examples)),

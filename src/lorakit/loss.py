@@ -142,7 +142,7 @@ class OnTrainedTokens(nn.Module):
         return loss_sum(self.model, batch)
 
 
-def held_out(
+def eval_sums(
     net: Any,
     examples: list[dict],
     rows: list[list[int]],

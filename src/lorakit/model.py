@@ -298,11 +298,20 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesCon
     raise ValueError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
 
 
-def pick_device(device: str = "auto") -> str:
-    """Where a model runs: 'auto' is the GPU when there is one, else the CPU; cpu, cuda, cuda:1... as given."""
+def pick_device(device: str = "auto", present: bool = True) -> str:
+    """Where a model runs: 'auto' is the GPU when there is one, else the CPU; cpu, cuda, cuda:1... as given.
+
+    present=False: a device to plan for (`lorakit plan --device cuda`), which this machine need not have.
+    """
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:  # "gpu", "cuda1": not a device string torch reads
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise LorakitError(f"--device {device}: use auto, cpu, cuda or cuda:N (torch's names: a GPU is cuda)")
+    if kind == "cuda" and present and not torch.cuda.is_available():
         raise LorakitError(
             f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA); "
             "use --device cpu, or auto"

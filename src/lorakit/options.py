@@ -17,6 +17,7 @@ import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
 
+from lorakit.config import Dtype
 from lorakit.errors import LorakitError
 from lorakit.run_folder import EXPORT_MARKER
 
@@ -57,6 +58,7 @@ def option(
 
 # ---- options several commands take: one definition each ----
 def device_option() -> Any:
+    # One vocabulary, torch's (model.pick_device reads it): cpu, cuda, cuda:1 ...; never "gpu".
     return option(
         "auto", help="where the model runs: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1, ..."
     )
@@ -82,7 +84,6 @@ def base_precision_option() -> Any:
     )
 
 
-Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 BasePrecision = Literal["auto", "4bit", "8bit", "full"]
 
 
@@ -105,6 +106,7 @@ class TrainOptions:
     node_rank: int = option(0, minimum=0, help="this host's number in a multi-host run, 0 to nnodes-1")
     master_addr: str = option("127.0.0.1", help="address of host 0, where the ranks meet (multi-host runs)")
     master_port: int = option(29500, minimum=1, maximum=65535, help="port on host 0 where the ranks meet")
+    device: str = device_option()
 
 
 @dataclass(kw_only=True)
@@ -155,7 +157,7 @@ class MergeOptions:
     base: str | None = option(
         None, help="base model (default: the run's model, else the adapter's base_model_name_or_path)"
     )
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
+    dtype: Dtype = option(
         "auto",
         help="dtype of the saved weights; auto = the base's own if 16-bit, else bf16 (the merge itself runs "
         "in fp32; fp32 keeps it exact)",
@@ -274,8 +276,10 @@ class PlanOptions:
     strategy: Literal["auto", "ddp", "fsdp"] | None = option(
         None, help="ddp or fsdp across processes (default: train.strategy)"
     )
-    device: Literal["auto", "cpu", "gpu"] = option(
-        "auto", help="plan for GPUs (bf16; the common ones are listed) or this CPU (fp32); auto: this machine's"
+    device: str = option(
+        "auto",
+        help="plan for cuda (GPUs in bf16: the common ones are listed, also on a machine without one) or cpu (this "
+        "CPU, fp32); auto: this machine's",
     )
     json: bool = option(False, help="print one JSON object (bytes) instead of the table")
 

@@ -27,11 +27,11 @@ def prompts(run_cfg: Any) -> tuple[list[list[dict]], str]:
     """Up to 3 prompts of the run's held-out file (the adapter's own task), plus 3 general ones."""
     from lorakit import formats, sources
 
-    held_out = run_cfg.data.eval if run_cfg is not None else None
-    if not isinstance(held_out, str):
+    eval_path = run_cfg.data.eval if run_cfg is not None else None
+    if not isinstance(eval_path, str):
         return BUILT_IN, "built-in"
     try:
-        rows = sources.read(held_out, limit=3)
+        rows = sources.read(eval_path, limit=3)
         chats = formats.convert(
             rows.records,
             rows.where,
@@ -48,7 +48,7 @@ def prompts(run_cfg: Any) -> tuple[list[list[dict]], str]:
         for m in (c.get("messages") or [] for c in chats)
         if any(t["role"] == "user" for t in m)
     ]
-    return own + BUILT_IN, f"{len(own)} held-out from {held_out} + built-in"
+    return own + BUILT_IN, f"{len(own)} held-out from {eval_path} + built-in"
 
 
 def inputs(tokenizer: Any, prompts: list[list[dict]], max_tokens: int = 512) -> list[torch.Tensor]:

@@ -398,12 +398,12 @@ def plan(opts: Any) -> tuple[Shape, Setup, Estimate, int | None]:
     run's token count where the config fixes it (train.max_steps)."""
     import torch
 
-    from lorakit import config
+    from lorakit import config, model
 
     cfg = config.load(opts.config) if opts.config else None
     if cfg is None and not opts.model:
         raise LorakitError("plan: give a run config (lorakit plan run.yaml) or a model (--model ID|folder|config.json)")
-    gpu = opts.device == "gpu" or (opts.device == "auto" and torch.cuda.is_available())
+    gpu = model.pick_device(opts.device, present=False) != "cpu"  # cuda: the common GPUs, also on a laptop
     setup = setup_of(cfg, "cuda" if gpu else "cpu", opts.nproc) if cfg else Setup(device="cuda" if gpu else "cpu")
     setup.nproc = opts.nproc
     for key, value in (("method", opts.method), ("seq_len", opts.seq_len), ("batch", opts.batch), ("r", opts.r),
@@ -421,7 +421,7 @@ def plan(opts: Any) -> tuple[Shape, Setup, Estimate, int | None]:
     return shape, setup, estimate(shape, setup, here), tokens
 
 
-def render(shape: Shape, setup: Setup, est: Estimate, run_tokens: int | None) -> str:
+def table(shape: Shape, setup: Setup, est: Estimate, run_tokens: int | None) -> str:
     """The human table: the breakdown, then each device with whether it fits, its largest batch and speed."""
     precision = "bf16 on a GPU" if setup.device != "cpu" else "fp32 on this CPU"
     lines = [f"plan for {shape.name} ({shape.params / 1e9:.2f}B parameters): {setup.method}"

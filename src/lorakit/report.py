@@ -33,10 +33,10 @@ document.getElementById('only-changed').addEventListener('change', e => {
 
 def write(path: Path, report: dict[str, Any]) -> None:
     """Render the report to `path` (atomically: a viewer never sees half a page)."""
-    files.write_text(path, render(report))
+    files.write_text(path, to_html(report))
 
 
-def render(report: dict[str, Any]) -> str:
+def to_html(report: dict[str, Any]) -> str:
     models = list(report["models"])
     changed = sum(1 for ex in report["examples"] if is_changed(ex))
     parts = [

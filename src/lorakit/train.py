@@ -1,4 +1,4 @@
-"""The training recipe: setup → train → save. Readable top to bottom; no callbacks, no Trainer.
+"""The training recipe: setup → train → finish. Readable top to bottom; no callbacks, no Trainer.
 
 Data order is a pure function of (seed, step): step s trains on rows s*N .. s*N+N-1 of the stream of
 seeded per-epoch permutations. With weights, optimizer, scheduler and RNGs restored from a checkpoint,
@@ -34,6 +34,7 @@ from lorakit import adapter, card, checkpoint, data, files, loss, model, packing
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.render import IGNORE
+from lorakit.run_folder import RunFolder
 
 MIXED = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
@@ -47,14 +48,57 @@ class Result:
 
 
 def run(
-    cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, force: bool = False
+    cfg: RunConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    force: bool = False,
+    device: str = "auto",
 ) -> Result:
     """Train one run; the adapter (or model), metrics, plot and summary land in output_dir.
 
-    force: train even where `lorakit plan` predicts the run does not fit this device.
+    force: train even where `lorakit plan` predicts the run does not fit this device. device: as --device says
+    (auto: the GPU when there is one; under a launch each rank takes the GPU of its LOCAL_RANK).
     """
-    # ---- setup ----
-    device = model.pick_device("auto")
+    t = setup(cfg, resume, overwrite, force, device)
+    last_eval = train(t, progress)
+    summary = finish(t, last_eval)
+    return Result(summary, t.net, t.tokenizer)
+
+
+@dataclass
+class Training:
+    """What the loop needs, built by `setup`: the run, its model and optimizer, its rows and where it stands."""
+
+    cfg: RunConfig
+    accelerator: Accelerator
+    run: RunFolder
+    tokenizer: Any
+    net: Any  # the model (a PeftModel for lora/qlora)
+    step_fn: Any  # what runs the loss, wrapped for DDP/FSDP by accelerate
+    optimizer: Any
+    scheduler: Any
+    dtype: torch.dtype
+    params: tuple[int, int]  # (trained, all) parameters
+    examples: list[dict]  # tokenized training examples
+    rows: list[list[int]]  # each row: the examples packed into it (one, unpacked)
+    eval_examples: list[dict]
+    eval_rows: list[list[int]]
+    use_positions: bool  # packed rows kept apart by restarting position ids
+    per_step: int  # rows per optimizer step, all ranks
+    total_steps: int
+    start: int  # the last step done (a resumed run's checkpoint)
+    # tokens, trained_tokens; elapsed: wall time of the loop, evaluation included; eval_s: the part spent
+    # evaluating; train_s: elapsed less eval_s when the last step had trained, before its evaluation
+    state: dict[str, Any]
+
+
+def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: str) -> Training:
+    """Device, the run folder, data, model, optimizer and schedule, and a checkpoint's state on --resume.
+
+    Nothing is written into the run folder before every check here passed (config.yaml comes last).
+    """
+    device = use_device(device)
     dtype = model.pick_dtype(cfg.train.precision, device)
     if "LOCAL_RANK" in os.environ:  # one rank of a launch: a plain single-process run has nothing to shard
         check_strategy(cfg, device == "cuda", resume)
@@ -85,7 +129,6 @@ def run(
     if cfg.data.packing and not use_positions and accelerator.is_main_process:
         print(f"note: {type(net).__name__} cannot keep packed examples apart; training without packing")
     rows = _rows(prepared.train, cfg.data.max_length, use_positions)
-    examples = _examples(prepared.train)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(rows) / per_step))
     if per_step > len(rows):
@@ -95,114 +138,123 @@ def run(
         )
     optimizer = build_optimizer(net, cfg)
     scheduler = build_schedule(optimizer, cfg, total_steps)
-    # `net` stays the model (a PeftModel for lora/qlora); `step` is what runs the loss, wrapped for DDP/FSDP.
     step_fn, optimizer = accelerator.prepare(loss.OnTrainedTokens(net), optimizer)
-    trainable, total_params = adapter.count_params(net)
-    # elapsed: wall time of the loop, evaluation included; eval_s: the part spent evaluating; train_s: elapsed
-    # less eval_s when the last step had trained, before its evaluation: what tokens/s divides by.
-    state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0, "train_s": 0.0}
-    start = 0
-    if resume and (ckpt := checkpoint.latest(run.checkpoints)):
-        state = checkpoint.load(ckpt, net, optimizer, scheduler, accelerator.process_index)
-        state.setdefault("train_s", state["elapsed"] - state["eval_s"])  # checkpoints written before train_s was kept
-        start = state["step"]
-        tracking.truncate_after(run.metrics, start)
-        accelerator.print(f"resumed from {ckpt} (step {start})")
-    else:
-        run.metrics.unlink(missing_ok=True)
+    state = resume_state(accelerator, run, net, optimizer, scheduler, resume)
     if accelerator.is_main_process:  # only now that setup passed and the checkpoint is loaded (claim_output_dir)
         checkpoint.record_config(cfg, run)
     if cfg.track:
         accelerator.init_trackers("lorakit", config=_flat(cfg.model_dump(mode="json")))
-    eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
-    eval_examples = _examples(prepared.eval) if eval_rows else []
-    pad = tokenizer.pad_token_id
-    order = DataOrder(len(rows), cfg.train.seed)
-    row_tokens = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
+    params = adapter.count_params(net)
     accelerator.print(
-        f"training {trainable:,} of {total_params:,} parameters ({cfg.method}, {dtype}, "
+        f"training {params[0]:,} of {params[1]:,} parameters ({cfg.method}, {dtype}, "
         f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "
         f"{total_steps} steps of {per_step} rows"
     )
+    eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
+    return Training(
+        cfg, accelerator, run, tokenizer, net, step_fn, optimizer, scheduler, dtype, params,
+        examples=_examples(prepared.train), rows=rows, eval_examples=_examples(prepared.eval) if eval_rows else [],
+        eval_rows=eval_rows, use_positions=use_positions, per_step=per_step, total_steps=total_steps,
+        start=state.get("step", 0), state=state,
+    )  # fmt: skip
 
-    # ---- train ----
-    step_fn.train()
-    bar = tqdm(
-        total=total_steps,
-        initial=start,
-        disable=not (progress and accelerator.is_local_main_process),
-        desc="training",
-        unit="step",
-        dynamic_ncols=True,
-    )
+
+def resume_state(accelerator: Accelerator, run: RunFolder, net: Any, optimizer: Any, scheduler: Any,
+                 resume: bool) -> dict[str, Any]:  # fmt: skip
+    """The loop's counters: from the newest checkpoint on --resume (weights, optimizer, schedule and RNGs restored
+    with them, metrics after its step dropped), else from zero (and no metrics of an earlier run)."""
+    state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0, "train_s": 0.0}
+    if resume and (ckpt := checkpoint.latest(run.checkpoints)):
+        state = checkpoint.load(ckpt, net, optimizer, scheduler, accelerator.process_index)
+        state.setdefault("train_s", state["elapsed"] - state["eval_s"])  # checkpoints written before train_s was kept
+        tracking.truncate_after(run.metrics, state["step"])
+        accelerator.print(f"resumed from {ckpt} (step {state['step']})")
+    else:
+        run.metrics.unlink(missing_ok=True)
+    return state
+
+
+def train(t: Training, progress: bool) -> float | None:
+    """Steps t.start+1 .. t.total_steps: log, evaluate and checkpoint on their cadence. Returns the last eval loss."""
+    cfg, accelerator, state = t.cfg, t.accelerator, t.state
+    t.step_fn.train()
+    bar = tqdm(total=t.total_steps, initial=t.start, disable=not (progress and accelerator.is_local_main_process),
+               desc="training", unit="step", dynamic_ncols=True)  # fmt: skip
+    pad = t.tokenizer.pad_token_id
+    order = DataOrder(len(t.rows), cfg.train.seed)
+    row_tokens = [sum(len(t.examples[i]["input_ids"]) for i in row) for row in t.rows]
     last_eval = None
     t0 = time.perf_counter() - state["elapsed"]
-    for step in range(start + 1, total_steps + 1):
-        step_rows = order.rows(step - 1, per_step)[accelerator.process_index :: accelerator.num_processes]
+    for step in range(t.start + 1, t.total_steps + 1):
+        step_rows = order.rows(step - 1, t.per_step)[accelerator.process_index :: accelerator.num_processes]
         micro = [
-            packing.collate([[examples[i] for i in rows[r]] for r in group], pad, use_positions)
+            packing.collate([[t.examples[i] for i in t.rows[r]] for r in group], pad, t.use_positions)
             for group in micro_batches(step_rows, row_tokens, cfg.train.batch_size)
         ]
-        step_loss, n_target, n_tokens = accumulate(step_fn, micro, accelerator, pad)
-        state["tokens"] += n_tokens
-        grad_norm = (
-            accelerator.clip_grad_norm_(step_fn.parameters(), cfg.train.max_grad_norm)
-            if cfg.train.max_grad_norm
-            else None
-        )
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses; stepping the scheduler sets the next one
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["trained_tokens"] += n_target
+        record = train_step(t, step, micro)
         state["train_s"] = time.perf_counter() - t0 - state["eval_s"]
-        train_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(
-            n_target, 1
-        )
-        record = {
-            "step": step,
-            "loss": train_loss,
-            "lr": lr,
+        record |= {
             "tokens_per_s": _throughput(state, accelerator.num_processes),
             "tokens": state["tokens"] * accelerator.num_processes,  # input tokens so far, all ranks
             "train_s": round(state["train_s"], 3),  # training time so far, evaluation left out
         }
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        if eval_rows and (step == total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+        if t.eval_rows and (step == t.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
             t_eval = time.perf_counter()
             last_eval = record["eval_loss"] = eval_loss(
-                net, eval_examples, eval_rows, cfg.train.batch_size, pad, use_positions, accelerator
+                t.net, t.eval_examples, t.eval_rows, cfg.train.batch_size, pad, t.use_positions, accelerator
             )
             state["eval_s"] += time.perf_counter() - t_eval
         # Before the checkpoint, evaluation included: a resumed run's clock goes on from here, and
         # elapsed - eval_s stays its training time.
         state["elapsed"] = time.perf_counter() - t0
         if accelerator.is_main_process and (
-            step % cfg.train.log_every == 0 or "eval_loss" in record or step == total_steps
+            step % cfg.train.log_every == 0 or "eval_loss" in record or step == t.total_steps
         ):
-            tracking.append(run.metrics, record)
+            tracking.append(t.run.metrics, record)
             if cfg.track:
                 accelerator.log(record, step=step)
-        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         # The last step is saved too: a finished run then resumes exactly when max_steps is raised.
-        if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total_steps):
-            save_checkpoint(accelerator, step_fn, net, run, step, optimizer, scheduler, state, cfg)
+        if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == t.total_steps):
+            save_checkpoint(accelerator, t.step_fn, t.net, t.run, step, t.optimizer, t.scheduler, state, cfg)
         _fault_injection(step)
     bar.close()
     state["elapsed"] = time.perf_counter() - t0  # the whole loop, the last evaluation and checkpoint included
+    return last_eval
 
-    # ---- save ----
+
+def train_step(t: Training, step: int, micro: list[dict]) -> dict[str, Any]:
+    """One optimizer step over its micro-batches; its record for metrics.jsonl (loss, lr, grad norm)."""
+    accelerator = t.accelerator
+    step_loss, n_target, n_tokens = accumulate(t.step_fn, micro, accelerator, t.tokenizer.pad_token_id)
+    t.state["tokens"] += n_tokens
+    max_norm = t.cfg.train.max_grad_norm
+    grad_norm = accelerator.clip_grad_norm_(t.step_fn.parameters(), max_norm) if max_norm else None
+    lr = t.scheduler.get_last_lr()[0]  # the rate this step uses; stepping the scheduler sets the next one
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.state["trained_tokens"] += n_target
+    total = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
+    record = {"step": step, "loss": total / max(n_target, 1), "lr": lr}
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    return record
+
+
+def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
+    """Save the adapter (or model), the loss plot, summary.json and the model card; the summary (main rank)."""
+    accelerator, cfg, state = t.accelerator, t.cfg, t.state
     accelerator.wait_for_everyone()
-    weights = whole_state(accelerator, step_fn)
+    weights = whole_state(accelerator, t.step_fn)
     summary = {}
     if accelerator.is_main_process:
-        save_result(net, tokenizer, run.weights(cfg.method), weights, base=cfg.model)
-        records = tracking.read(run.metrics)
-        tracking.plot(records, run.loss_plot)
+        save_result(t.net, t.tokenizer, t.run.weights(cfg.method), weights, base=cfg.model)
+        records = tracking.read(t.run.metrics)
+        tracking.plot(records, t.run.loss_plot)
         summary = {  # also the run folder's summary.json
-            "steps": total_steps,
+            "steps": t.total_steps,
             "method": cfg.method,
             "tokens": state["tokens"] * accelerator.num_processes,
             "trained_tokens": state["trained_tokens"],
@@ -213,24 +265,37 @@ def run(
             "peak_memory_mb": peak_memory_mb(),
             "final_train_loss": records[-1]["loss"] if records else None,
             "final_eval_loss": last_eval,
-            "trainable_params": trainable,
-            "total_params": total_params,
+            "trainable_params": t.params[0],
+            "total_params": t.params[1],
             "device": str(accelerator.device),
             "processes": accelerator.num_processes,
             "strategy": "fsdp" if accelerator.is_fsdp2 else "ddp" if accelerator.num_processes > 1 else "single",
-            "dtype": str(dtype).removeprefix("torch."),
-            "packing": use_positions,
-            "examples": len(prepared.train),
-            "rows": len(rows),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "packing": t.use_positions,
+            "examples": len(t.examples),
+            "rows": len(t.rows),
         }
-        files.write_json(run.summary, summary)
-        card.write(run.weights(cfg.method), "model" if cfg.method == "full" else "adapter", cfg.model, run)
+        files.write_json(t.run.summary, summary)
+        card.write(t.run.weights(cfg.method), "model" if cfg.method == "full" else "adapter", cfg.model, t.run)
     # end_training destroys the process group: a rank that did so while the main rank was still saving hung
     # in gloo's teardown once the main rank had exited (seen once in a fresh-clone make test). All ranks
     # leave together.
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return Result(summary, net, tokenizer)
+    return summary
+
+
+def use_device(device: str) -> str:
+    """The device this process trains on (model.pick_device): cpu, or cuda made the current GPU for accelerate."""
+    device = model.pick_device(device)
+    if device.startswith("cuda:"):
+        if "LOCAL_RANK" in os.environ:
+            raise LorakitError(
+                f"--device {device}: under a launch each rank trains on the GPU of its local rank; use --device cuda "
+                "(or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs"
+            )
+        torch.cuda.set_device(torch.device(device))  # accelerate's single process trains on the current GPU
+    return "cuda" if device.startswith("cuda") else device
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> Any:
@@ -403,7 +468,7 @@ def eval_loss(
     row (the sums over ranks grow n-fold together, so their ratio is the same).
     """
     mine = rows if accelerator.is_fsdp2 else rows[accelerator.process_index :: accelerator.num_processes]
-    total, count = loss.held_out(
+    total, count = loss.eval_sums(
         net, examples, mine, batch_size, pad, use_positions, accelerator.device, accelerator.autocast
     )
     sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")

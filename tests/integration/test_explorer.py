@@ -248,7 +248,7 @@ def test_eval_html_is_lorakits_rendering_never_a_symlink_out(world, tmp_path):
     with serving(world, adapters_dir=adapters, api_key=KEY) as (url, _):
         got = get(url, "/v1/lorakit/runs/r1/eval.html")
     assert got.status_code == 200 and SECRET not in got.text
-    assert got.text == report.render(json.loads((run / "eval" / "eval.json").read_text())), "rendered from eval.json"
+    assert got.text == report.to_html(json.loads((run / "eval" / "eval.json").read_text())), "rendered from eval.json"
     assert got.headers["content-security-policy"] == "sandbox allow-scripts", "an opaque origin, even opened directly"
     assert got.headers["x-content-type-options"] == "nosniff"
 

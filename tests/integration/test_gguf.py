@@ -90,7 +90,7 @@ def test_ollama_template_renders_like_the_chat_template():
     template = text.split('TEMPLATE """')[1].split('"""')[0]
     for chat in ollama.SAMPLE_CHATS:
         system = next((m["content"] for m in chat if m["role"] == "system"), "")
-        assert ollama.render(template, system, chat) == tok.apply_chat_template(
+        assert ollama.execute(template, system, chat) == tok.apply_chat_template(
             chat, tokenize=False, add_generation_prompt=True
         )
     # Ollama's own ChatML Modelfile (ollama.com/library, `{{-` trims and `.Role` included) renders the same.
@@ -98,11 +98,11 @@ def test_ollama_template_renders_like_the_chat_template():
         "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
     )
     chat = ollama.SAMPLE_CHATS[2]
-    assert ollama.render(known_good, "", chat) == tok.apply_chat_template(
+    assert ollama.execute(known_good, "", chat) == tok.apply_chat_template(
         chat, tokenize=False, add_generation_prompt=True
     )
     with pytest.raises(ValueError, match="outside the template subset"):
-        ollama.render("{{ .Messages | len }}", "", chat)
+        ollama.execute("{{ .Messages | len }}", "", chat)
 
 
 @pytest.fixture(scope="module")

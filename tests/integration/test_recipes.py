@@ -124,13 +124,13 @@ def test_three_task_twin_trains_evaluates_and_serves_side_by_side(tmp_path, caps
     serving.close()
 
 
-# A recipe's comment quotes the planner as "lorakit plan[ --flag value ...]: X GiB": `lorakit plan RECIPE --device gpu`
+# A recipe's comment quotes the planner as "lorakit plan[ --flag value ...]: X GiB": `lorakit plan RECIPE --device cuda`
 # with those flags prints a peak of X GiB.
 PLAN_QUOTE = re.compile(r"lorakit plan((?: --[\w-]+ [^\s:]+)*): (\d+\.\d) GiB")
 
 
 def planned_gib(recipe: Path, flags: list[str]) -> str:
-    args = cli.build_parser().parse_args(["plan", str(recipe), "--device", "gpu", *flags])
+    args = cli.build_parser().parse_args(["plan", str(recipe), "--device", "cuda", *flags])
     _, _, est, _ = plan.plan(options.from_args(options.PlanOptions, args))
     return f"{est.peak_bytes / plan.GIB:.1f}"
 

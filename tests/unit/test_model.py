@@ -1,5 +1,6 @@
 """Resolving and loading base models: folders, GGUF files, hub ids, the built-in alias, 4-bit."""
 
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -185,3 +186,21 @@ def test_real_alias():
     ids = tok("The capital of France is Paris. It is a beautiful city.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(input_ids=ids, labels=ids).loss.item() < 5
+
+
+def test_one_device_vocabulary_and_one_message_for_a_wrong_device(tmp_path, tiny_llama_dir, capsys):
+    """torch's names everywhere (cpu, cuda, cuda:N); "gpu" or a typo is one message, not torch's traceback."""
+    from lorakit import cli
+
+    for wrong in ("gpu", "cuda1", "meta"):
+        with pytest.raises(LorakitError, match=f"--device {wrong}: use auto, cpu, cuda or cuda:N"):
+            lkmodel.pick_device(wrong)
+    assert lkmodel.pick_device("cpu") == "cpu" and lkmodel.pick_device("cuda:1", present=False) == "cuda:1"
+    devices = {c.name: f for c in cli.COMMANDS for f in dataclasses.fields(c.options) if f.name == "device"}
+    assert {"train", "eval", "merge", "export", "serve", "plan", "quickstart compare"} <= set(devices)
+    assert all(f.default == "auto" and f.type == "str" for f in devices.values()), "one vocabulary: a device string"
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model: {tiny_llama_dir}\ndata: {{train: x.jsonl}}\noutput_dir: {tmp_path / 'out'}\n")
+    assert cli.main(["train", str(run), "--device", "gpu"]) == 2
+    assert "--device gpu: use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "refused before the run folder is claimed"

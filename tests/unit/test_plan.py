@@ -72,7 +72,7 @@ def test_bundled_references_and_unknown_layouts():
 
 def test_the_json_and_the_table(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
-    args = ["plan", "--model", str(tmp_path / "config.json"), "--method", "qlora", "--device", "gpu", "--batch", "2"]
+    args = ["plan", "--model", str(tmp_path / "config.json"), "--method", "qlora", "--device", "cuda", "--batch", "2"]
     assert cli.main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"device", "peak_bytes", "breakdown", "tokens_per_s", "fits"} <= out.keys()
@@ -86,7 +86,7 @@ def test_the_json_and_the_table(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_every_bundled_reference_gets_a_breakdown_and_a_fits_table(method, capsys):
     for ref in plan.references():
-        assert cli.main(["plan", "--model", ref, "--method", method, "--device", "gpu", "--seq-len", "512",
+        assert cli.main(["plan", "--model", ref, "--method", method, "--device", "cuda", "--seq-len", "512",
                          "--batch", "1", "--gradient-checkpointing", "--json"]) == 0  # fmt: skip
         out = json.loads(capsys.readouterr().out)
         assert out["peak_bytes"] == sum(out["breakdown"].values()), ref

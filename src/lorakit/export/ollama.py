@@ -25,7 +25,7 @@ def chat_pieces(tokenizer: Any) -> dict[str, str]:
     """
     S, U, A = ({"role": r, "content": f"LKMARK{r.upper()}"} for r in ("system", "user", "assistant"))
 
-    def render(chat: list[dict], gen: bool = False) -> str:
+    def as_text(chat: list[dict], gen: bool = False) -> str:
         return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
 
     unsupported = LorakitError(
@@ -33,7 +33,7 @@ def chat_pieces(tokenizer: Any) -> dict[str, str]:
         "written as an Ollama TEMPLATE automatically; write TEMPLATE by hand"
     )
     try:
-        s, su, sua, gen, u = render([S]), render([S, U]), render([S, U, A]), render([S, U], True), render([U])
+        s, su, sua, gen, u = as_text([S]), as_text([S, U]), as_text([S, U, A]), as_text([S, U], True), as_text([U])
     except (TemplateError, ValueError):  # no template, or one that refuses these chats
         raise unsupported from None
     head = (
@@ -89,7 +89,7 @@ def chat_pieces(tokenizer: Any) -> dict[str, str]:
         + user_post
         + p["gen"]
     )
-    if asst_pre != p["gen"] or render(two_turns, True) != rebuilt:
+    if asst_pre != p["gen"] or as_text(two_turns, True) != rebuilt:
         raise unsupported
     return p
 
@@ -142,7 +142,7 @@ def same_as_chat_template(template: str, default_system: str, tokenizer: Any) ->
     """None if Ollama's TEMPLATE renders SAMPLE_CHATS into the chat template's own strings, else what differs."""
     for chat in SAMPLE_CHATS:
         system = next((m["content"] for m in chat if m["role"] == "system"), default_system)
-        got = render(template, system, chat)
+        got = execute(template, system, chat)
         want = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         if got != want:
             return f"the Ollama TEMPLATE renders {got!r} where the chat template renders {want!r}; no TEMPLATE written"
@@ -152,7 +152,7 @@ def same_as_chat_template(template: str, default_system: str, tokenizer: Any) ->
 ACTION = re.compile(r"{{(.*?)}}", re.S)
 
 
-def render(template: str, system: str, messages: list[dict]) -> str:
+def execute(template: str, system: str, messages: list[dict]) -> str:
     """Ollama's Go template language, the subset Modelfile TEMPLATEs use for chats.
 
     .System, .Messages (range), .Role, .Content; if / else if / else / end; `eq .Role "x"`; `{{-`/`-}}`

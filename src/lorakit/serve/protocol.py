@@ -50,7 +50,7 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
-    def render(self) -> dict[str, str]:
+    def for_template(self) -> dict[str, str]:
         """The message as chat templates expect it; `developer` is OpenAI's newer name for `system`."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         return {"role": "system" if self.role == "developer" else self.role, "content": text}

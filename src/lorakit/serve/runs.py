@@ -72,12 +72,12 @@ def eval_report(adapter: Path) -> str | None:
     """The eval report of an adapter's run as `lorakit eval` renders it from the run's eval.json, or None.
 
     Never the eval.html found in the folder: that file could be anything (a hand-written page with a script),
-    while `report.render` escapes every string it takes from eval.json.
+    while `report.to_html` escapes every string it takes from eval.json.
     """
     run = run_of(adapter)
     evals = _read_json(run_file(run, run.eval_json)) if run is not None else None
     try:
-        return report.render(evals) if evals is not None else None
+        return report.to_html(evals) if evals is not None else None
     except (KeyError, TypeError, AttributeError):  # an eval.json that `lorakit eval` did not write
         return None
 

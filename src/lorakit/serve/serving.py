@@ -133,7 +133,7 @@ class Serving:
             raise APIError(400, "messages must not be empty", param="messages")
         try:
             text = self.tokenizer.apply_chat_template(
-                [m.render() for m in req.messages], add_generation_prompt=True, tokenize=False
+                [m.for_template() for m in req.messages], add_generation_prompt=True, tokenize=False
             )
         except Exception as e:  # noqa: BLE001 - no template, or one that rejects these roles (must alternate...)
             raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
