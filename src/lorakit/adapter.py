@@ -112,7 +112,8 @@ def peft_name(name: str) -> str:
 
 
 def load(net: Any, path: str | Path, name: str = "default") -> PeftModel:
-    """Attach the saved adapter at `path` to `net` (a base model, or a PeftModel holding others) as `name`.
+    """Attach the saved adapter at `path` to `net` (a base model, or a PeftModel holding others) as `name`, for
+    inference. If that fails, the model is left exactly as it was: a server goes on serving it.
 
     An adapter of another model's shapes is one message: --force skips the check of the base's name,
     not the laws of matrix multiplication.
@@ -120,9 +121,23 @@ def load(net: Any, path: str | Path, name: str = "default") -> PeftModel:
     name = peft_name(name)
     try:
         if isinstance(net, PeftModel):
-            net.load_adapter(str(path), adapter_name=name)
+            try:
+                net.load_adapter(str(path), adapter_name=name)
+            except BaseException:
+                if name in net.peft_config:  # the layers were added before the weights failed
+                    remove(net, name)
+                raise
             return net
-        return PeftModel.from_pretrained(net, str(path), adapter_name=name)
+        # As PeftModel.from_pretrained, in two steps, so that a failure can take the new layers out again.
+        cfg = PeftConfig.from_pretrained(str(path))
+        cfg.inference_mode = True
+        wrapped = PeftModel(net, cfg, adapter_name=name)
+        try:
+            wrapped.load_adapter(str(path), adapter_name=name)
+        except BaseException:
+            wrapped.unload()
+            raise
+        return wrapped
     except RuntimeError as e:  # torch's load_state_dict: "size mismatch for ...lora_A...: copying a param ..."
         lines = str(e).splitlines() or [type(e).__name__]
         first = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
@@ -132,6 +147,19 @@ def load(net: Any, path: str | Path, name: str = "default") -> PeftModel:
         ) from None
 
 
+def remove(net: PeftModel, name: str) -> Any:
+    """Take adapter `name` out of `net`; returns the model to use: the base itself when it was the last one
+    (peft cannot run a PeftModel left with no adapter, so its LoRA layers are taken out instead)."""
+    if len(net.peft_config) == 1:
+        return net.unload()
+    net.delete_adapter(name)
+    if net.active_adapter not in net.peft_config:
+        # peft leaves a deleted active adapter named active, and then every forward fails.
+        net.set_adapter(next(iter(net.peft_config)), inference_mode=True)
+    return net
+
+
+# ---- what an adapter says about itself, and the base it belongs to ----
 def trained_with(path: str | Path) -> str | None:
     """The method ("lora", "qlora") of the `lorakit train` run an adapter folder came from; None outside a run."""
     found = locate(path)
@@ -152,7 +180,6 @@ def base_mismatch(name: str, path: str | Path, quantization: str | None) -> str 
     )
 
 
-# ---- what an adapter says about itself, and the base it belongs to ----
 def read_adapter(folder: str | Path) -> PeftConfig:
     """The adapter's own config as peft reads it (a `LoraConfig` for LoRA): rank, targets, base model…"""
     try:

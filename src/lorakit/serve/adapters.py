@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit import adapter
 from lorakit.adapter import base_mismatch, check_base, peft_name, read_adapter
 from lorakit.errors import LorakitError
 from lorakit.run_folder import ADAPTER_CONFIG, find_adapter
@@ -174,27 +175,7 @@ class Registry:
 
     def _attach(self, path: Path, internal: str) -> None:
         """Add the adapter at `path` as `internal`; if that fails, the model is left exactly as it was."""
-        from peft import PeftConfig, PeftModel
-
-        if isinstance(self.net, PeftModel):
-            try:
-                self.net.load_adapter(str(path), adapter_name=internal)
-            except BaseException:
-                if internal in self.net.peft_config:  # the layers were added before the weights failed
-                    self._remove(internal)
-                raise
-        else:
-            # As PeftModel.from_pretrained, in two steps, so that a failure can take the new layers out again.
-            cfg = PeftConfig.from_pretrained(str(path))
-            cfg.inference_mode = True
-            wrapped = PeftModel(self.net, cfg, adapter_name=internal)
-            try:
-                wrapped.load_adapter(str(path), adapter_name=internal)
-            except BaseException:
-                self.net = wrapped.unload()
-                raise
-            self.net = wrapped
-        self.net.eval()
+        self.net = adapter.load(self.net, path, internal).eval()
 
     def unload(self, name: str) -> None:
         """Forget `name` (KeyError if unknown); its loaded version goes once no request uses it."""
@@ -222,14 +203,7 @@ class Registry:
 
     def _remove(self, internal: str) -> None:
         """Take one adapter out of the model (the caller holds the model lock)."""
-        if len(self.net.peft_config) == 1:
-            # peft cannot run a PeftModel left with no adapter: take the LoRA layers out instead.
-            self.net = self.net.unload()
-        else:
-            self.net.delete_adapter(internal)
-            if self.net.active_adapter not in self.net.peft_config:
-                # peft leaves a deleted active adapter named active, and then every forward fails.
-                self.net.set_adapter(next(iter(self.net.peft_config)), inference_mode=True)
+        self.net = adapter.remove(self.net, internal)
 
     def _evict(self) -> None:
         """Unload least recently used versions over `max_adapters`; they stay known and load again on demand."""
