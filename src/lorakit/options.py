@@ -57,11 +57,9 @@ def option(
 
 
 # ---- options several commands take: one definition each ----
-def device_option() -> Any:
+def device_option(help: str = "where the model runs") -> Any:
     # One vocabulary, torch's (model.pick_device reads it): cpu, cuda, cuda:1 ...; never "gpu".
-    return option(
-        "auto", help="where the model runs: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1, ..."
-    )
+    return option("auto", help=f"{help}: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1, ...")
 
 
 def dtype_option() -> Any:
@@ -276,10 +274,8 @@ class PlanOptions:
     strategy: Literal["auto", "ddp", "fsdp"] | None = option(
         None, help="ddp or fsdp across processes (default: train.strategy)"
     )
-    device: str = option(
-        "auto",
-        help="plan for cuda (GPUs in bf16: the common ones are listed, also on a machine without one) or cpu (this "
-        "CPU, fp32); auto: this machine's",
+    device: str = device_option(
+        "what to plan for (cuda: the common GPUs in bf16, also on a machine without one; cpu: this CPU in fp32)"
     )
     json: bool = option(False, help="print one JSON object (bytes) instead of the table")
 
