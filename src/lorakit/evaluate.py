@@ -56,8 +56,8 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     device = model.pick_device(opts.device)
     dtype = model.pick_dtype(opts.dtype, device)
     # The base its adapters were trained on: each one's own run says (an adapter outside a run: the config's method).
-    methods = {name: adapter.trained_with(path) or cfg.method for name, path in adapters.items()}
-    quantization = model.base_quantization(opts.base_precision, methods.values() if adapters else [cfg.method])
+    methods = [adapter.trained_with(path) or cfg.method for path in adapters.values()] or [cfg.method]
+    quantization = model.base_quantization(opts.base_precision, methods)
     for name, path in adapters.items():
         if why := adapter.base_mismatch(name, path, quantization):
             print(f"warning: {why}", file=sys.stderr)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import adapter
-from lorakit.adapter import base_mismatch, check_base, peft_name, read_adapter
 from lorakit.errors import LorakitError
 from lorakit.run_folder import ADAPTER_CONFIG, find_adapter
 
@@ -73,12 +72,12 @@ class Admission:
         if name == self.served_name:
             raise NameTaken(f"'{name}' is the base model's name; give the adapter another name")
         try:
-            meta = read_adapter(path)
+            meta = adapter.read_adapter(path)
             if self.base:
-                check_base(meta, self.base, force=self.force, where=f"adapter {name} ({path})")
+                adapter.check_base(meta, self.base, force=self.force, where=f"adapter {name} ({path})")
         except LorakitError as e:
             raise ValueError(str(e)) from None
-        if why := base_mismatch(name, path, self.quantization):
+        if why := adapter.base_mismatch(name, path, self.quantization):
             log.warning(why)  # served all the same: the operator chose this base
         # peft refuses adapter_names with DoRA, and a modules_to_save copy (lm_head, say) looks up every
         # adapter of the batch in its own table: a KeyError for all the other adapters' rows.
@@ -153,7 +152,7 @@ class Registry:
             with self._meta:
                 self._counter += 1
                 # peft names modules after adapters: no "." there (a public name like sql-v1.5 is fine).
-                internal = f"{peft_name(name)}@{self._counter}"
+                internal = f"{adapter.peft_name(name)}@{self._counter}"
             try:
                 with self.model_lock:
                     self._attach(p, internal)
