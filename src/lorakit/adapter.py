@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
@@ -18,9 +18,15 @@ from lorakit.run_folder import ADAPTER_CONFIG, Found, locate
 
 
 def attach(model: Any, cfg: RunConfig) -> Any:
-    """Return the model to train: a peft `PeftModel` for lora/qlora, the model itself for full."""
+    """Return the model to train: a peft `PeftModel` for lora/qlora, the model itself for full.
+
+    Dtypes: the base keeps the dtype it was loaded in (train.build_model: the run's compute dtype; fp32 masters
+    for full), 4-bit weights stay 4-bit, and a QLoRA run's trained weights take `qlora_dtype`.
+    """
     if cfg.train.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads hacks.
+        # Non-reentrant checkpointing computes the gradients of the weights inside a checkpointed layer even when
+        # the layer's input needs none, so frozen embeddings (LoRA, QLoRA) need no enable_input_require_grads
+        # (tests/unit/test_dtype_policy.py compares the gradients; transformers 5 hooks the embeddings anyway).
         # transformers 5 renamed it (the old name warns, and goes in v6).
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -30,13 +36,12 @@ def attach(model: Any, cfg: RunConfig) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if cfg.method == "qlora":
-        # Casts norms/embeddings to fp32 for stable training on 4-bit weights; checkpointing is ours to pick.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+    # QLoRA without peft's prepare_model_for_kbit_training: it upcasts every weight that is not 4-bit (embeddings,
+    # norms, lm_head) to fp32. Llama's RMSNorm then returns fp32, so the residual stream and every checkpointed
+    # input are fp32, and the frozen fp32 head is cast back to 16 bits in every loss chunk: a 7B QLoRA run took
+    # 1.36x TRL's memory at 0.46x its speed on an H200 (issue 23). The rest of what it does is done anyway:
+    # get_peft_model freezes the base, checkpointing is set above, and its input-gradient hook is for reentrant
+    # checkpointing only.
     check_targets(model, cfg.adapter.target_modules)
     a = cfg.adapter
     # peft reads a lone string as a regex of full module paths; lorakit means a module name, as in a list.
@@ -57,12 +62,39 @@ def attach(model: Any, cfg: RunConfig) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        # peft makes the LoRA weights fp32 whatever the base's dtype (autocast_adapter_dtype): plain LoRA keeps
+        # them so, as TRL does; autocast runs their matmuls in 16 bits on a GPU.
+        net = get_peft_model(model, lora)
     except ValueError as e:  # peft's own check, e.g. a module type LoRA cannot wrap
         raise LorakitError(
             f"adapter: peft refused the LoRA config: {e}. Linear modules in this model: "
             f"{', '.join(linear_module_names(model))}"
         ) from None
+    if cfg.method == "qlora":
+        train_in(net, qlora_dtype(model.dtype, model.device))
+    return net
+
+
+def qlora_dtype(compute: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The dtype a QLoRA run's trained weights (LoRA A/B, DoRA magnitudes, modules_to_save) live in.
+
+    compute: the model's dtype, that of its weights that are not 4-bit (train.build_model loads it in the run's
+    compute dtype, the 4-bit matmuls' too). bf16 where that is bf16 on a GPU, as in the QLoRA paper and TRL: on a
+    7B run fp32 ones took 616 MiB more and slowed every step (issue 23, an H200); the optimizer then updates
+    bf16 weights (and AdamW keeps bf16 moments; paged_adamw_8bit its 8-bit ones). fp32 otherwise: on the CPU
+    (fp32 throughout by default, as before), and under fp16 (GPUs without bf16), where accelerate's loss scaler
+    must unscale fp32 gradients (torch refuses "Attempting to unscale FP16 gradients"): fp32 master weights.
+    """
+    if compute == torch.bfloat16 and torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.float32
+
+
+def train_in(net: Any, dtype: torch.dtype) -> None:
+    """Cast the parameters `net` trains to `dtype`; the frozen ones stay as they are."""
+    for p in net.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def check_targets(model: Any, targets: list[str] | str) -> None:

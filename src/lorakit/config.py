@@ -133,6 +133,12 @@ class TrainConfig(_Strict):
         "auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it, else fp16 with loss scaling."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Fused GPU kernels: 'auto' patches Liger-Kernel's RMSNorm, RoPE and SwiGLU (GeGLU for Gemma) "
+        "into llama, mistral, qwen2 and gemma 1-3 models on CUDA when liger-kernel is installed (pip install "
+        "'lorakit[gpu]'), else nothing; 'liger' requires them (an error where they cannot run); 'none' never.",
+    )
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
         description="How several processes (--nproc, torchrun) share a run: 'ddp' (each holds the whole model) "

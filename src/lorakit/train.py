@@ -30,7 +30,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lorakit import adapter, card, checkpoint, data, files, loss, model, packing, plan, tracking
+from lorakit import adapter, card, checkpoint, data, files, kernels, loss, model, packing, plan, tracking
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.render import IGNORE
@@ -272,6 +272,7 @@ def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
             "strategy": "fsdp" if accelerator.is_fsdp2 else "ddp" if accelerator.num_processes > 1 else "single",
             "dtype": str(t.dtype).removeprefix("torch."),
             "packing": t.use_positions,
+            "kernels": kernels.applied(t.net),  # liger's, as train.kernels chose: [] for none
             "examples": len(t.examples),
             "rows": len(t.rows),
         }
@@ -399,6 +400,7 @@ def build_model(cfg: RunConfig, dtype: torch.dtype, device: Any) -> Any:
             trust_remote_code=cfg.trust_remote_code,
         )
     base.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    kernels.apply(base, cfg.train.kernels, device)  # before peft wraps the modules liger patches
     return adapter.attach(base, cfg)
 
 
