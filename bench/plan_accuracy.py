@@ -84,7 +84,7 @@ def main() -> int:
     p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     p.add_argument("--quick", action="store_true", help="only batch 1 and sequence length 256")
     args = p.parse_args()
-    here = plan.this_device("cpu", seconds=3.0)  # the peak every prediction scales with: measured long
+    here = plan.here("cpu", nproc=1, seconds=3.0)  # the peak every prediction scales with: measured long
     grid = list(itertools.product(args.models.split(","), ("lora", "qlora", "full"), (256,) if args.quick else
                                   (256, 1024), (1,) if args.quick else (1, 4), (False, True)))  # fmt: skip
     results = []
@@ -99,7 +99,7 @@ def main() -> int:
             shape = plan.load_shape(names[name])
             setup = plan.Setup(method=method, seq_len=seq, batch=batch, checkpointing=ckpt, trained_share=share,
                                device="cpu")  # fmt: skip
-            predicted = plan.estimate(shape, setup, here)
+            predicted = plan.estimate(shape, setup, {"this CPU": here})
             point = tmp / f"{name}-{method}-{seq}-{batch}-{int(ckpt)}"
             # At least 4,096 timed tokens: two steps of one short row last a fraction of a second, too noisy.
             steps = max(args.steps, 1 + -(-4096 // (seq * batch)))
@@ -118,7 +118,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     ok = [r for r in results if "error" not in r]
     print(json.dumps({
-        "cpu_fp32_matmul_gflops": round(here[1] / 1e9, 1), "points": len(results), "failed": len(results) - len(ok),
+        "cpu_fp32_matmul_gflops": round(here.flops / 1e9, 1), "points": len(results), "failed": len(results) - len(ok),
         "memory_within_15pct": sum(abs(r["memory_error"]) <= 0.15 for r in ok),
         "speed_within_25pct": sum(abs(r["speed_error"]) <= 0.25 for r in ok),
         "max_memory_error": max((abs(r["memory_error"]) for r in ok), default=None),

@@ -217,16 +217,16 @@ def cmd_export(opts: o.ExportOptions) -> int:
     return 0
 
 
-def cmd_plan(opts: o.PlanOptions) -> int:
+def cmd_plan(cfg: Any | None, opts: o.PlanOptions) -> int:
     from dataclasses import asdict
 
     from lorakit import plan
 
-    shape, setup, est, run_tokens = plan.plan(opts)
+    shape, setup, est = plan.plan(cfg, opts)
     if opts.json:
-        print(json.dumps({**asdict(est), "model": shape.name, "setup": asdict(setup), "run_tokens": run_tokens}))
+        print(json.dumps({**asdict(est), "model": shape.name, "setup": asdict(setup)}))
     else:
-        print(plan.table(shape, setup, est, run_tokens))
+        print(plan.table(shape, setup, est))
     return 0
 
 
@@ -245,6 +245,7 @@ class Command:
     help: str  # one line in `lorakit --help`
     description: str  # the top of `lorakit NAME --help`
     takes_config: bool = False  # a YAML run file and key.sub=value overrides come first
+    config_optional: bool = False  # and may be left out (run(None, opts)): plan --model describes a run itself
     # What Ctrl-C prints: "interrupted" when unset; nothing when it returns None (a rank whose launcher speaks).
     interrupted: Callable[[argparse.Namespace], str | None] | None = None
     launcher: Callable[..., int | None] | None = None  # (args, cfg, opts) -> exit code of a launch, None: run here
@@ -316,9 +317,12 @@ COMMANDS = [
         o.PlanOptions,
         "will a run fit, and how long will it take: memory and speed from the model's config",
         "Predict a training run's peak memory (weights, trained parameters, gradients, optimizer states, "
-        "activations, logits, framework) and tokens/s from the model's config alone, and list which common "
-        "GPUs (or this CPU's RAM) fit it, with the largest micro-batch that fits. Bundled configs: Gemma-2B, "
-        "Gemma-2 2B/9B, Llama-2 7B/13B, Llama-3.2 1B/3B, bloom-1b1.",
+        "activations, logits, framework) and tokens/s from the model's config alone, on this machine (as "
+        "`lorakit train` would run it here: its auto batch, its refusals) and on the common GPUs, with the largest "
+        "micro-batch that fits each. Takes the run config and overrides as `lorakit train` does, or --model. "
+        "Bundled configs: Gemma-2B, Gemma-2 2B/9B, Llama-2 7B/13B, Llama-3.2 1B/3B, bloom-1b1.",
+        takes_config=True,
+        config_optional=True,
     ),
     Command(
         "quickstart data",
@@ -375,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=config_reference() if cmd.takes_config else None,
         )
         if cmd.takes_config:
-            p.add_argument("config", help="YAML run file (see configs/)")
+            p.add_argument("config", nargs="?" if cmd.config_optional else None, help="YAML run file (see configs/)")
             p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
             p.add_argument("--local", action="store_true", help=LOCAL_HELP)
         o.add_arguments(p, cmd.options)
@@ -408,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd.run(opts)
         from lorakit import config
 
-        cfg = config.load(args.config, args.overrides, local=args.local)
+        cfg = config.load(args.config, args.overrides, local=args.local) if args.config else None
         if cmd.launcher and (code := cmd.launcher(args, cfg, opts)) is not None:
             return code
         return cmd.run(cfg, opts)

@@ -252,30 +252,34 @@ class ServeOptions:
 
 @dataclass(kw_only=True)
 class PlanOptions:
-    config: str | None = option(
-        None,
-        positional=True,
-        help="a run config (YAML); or describe the run with --model "
-        "and the options below, which also override the config's values",
-    )
+    # The run config and its key.sub=value overrides come first, as for `lorakit train`; without one, --model and
+    # the options below describe the run. Each option is the override of one config key (plan.OPTION_KEYS).
     model: str | None = option(
         None, help="hub id, folder, config.json or alias (a bundled reference model's config needs no download)"
     )
     method: Literal["lora", "qlora", "full"] | None = option(
-        None, help="lora, qlora or full (default: the config's, else lora)"
+        None, help="lora, qlora or full (method=...; default: the config's, else lora)"
     )
-    seq_len: int | None = option(None, minimum=1, help="tokens per row (default: data.max_length, else 1024)")
+    seq_len: int | None = option(
+        None, minimum=1, help="tokens per row (data.max_length=...; default: the config's, else 1024)"
+    )
     batch: int | None = option(
-        None, minimum=1, help="rows per forward pass per process (default: train.batch_size, else 4)"
+        None,
+        minimum=1,
+        help="rows per forward pass per process (train.batch_size=..., which also takes auto; "
+        "default: the config's, else 4)",
     )
-    r: int | None = option(None, minimum=1, help="LoRA rank (default: adapter.r, else 16)")
-    gradient_checkpointing: bool = option(False, help="recompute activations (also on where the config says so)")
-    nproc: int = option(1, minimum=1, help="processes sharing the run")
+    r: int | None = option(None, minimum=1, help="LoRA rank (adapter.r=...; default: the config's, else 16)")
+    gradient_checkpointing: bool = option(
+        False, help="recompute activations (train.gradient_checkpointing=true; also on where the config says so)"
+    )
+    nproc: int = option(1, minimum=1, help="processes sharing the run, as `lorakit train --nproc`")
     strategy: Literal["auto", "ddp", "fsdp"] | None = option(
-        None, help="ddp or fsdp across processes (default: train.strategy)"
+        None, help="ddp or fsdp across processes (train.strategy=...; default: the config's)"
     )
     device: str = device_option(
-        "what to plan for (cuda: the common GPUs in bf16, also on a machine without one; cpu: this CPU in fp32)"
+        "what to plan for (auto: this machine's device, and the common GPUs also on a machine without one; cuda: "
+        "the common GPUs in bf16; cpu: this CPU in fp32)"
     )
     json: bool = option(False, help="print one JSON object (bytes) instead of the table")
 

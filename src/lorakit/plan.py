@@ -5,15 +5,19 @@ weight plus its quantization constants), the trained parameters with their gradi
 the activations the backward pass keeps (a layer's input per layer under checkpointing, plus the one
 layer being recomputed), one chunk of the trained positions' logits (lorakit runs the head there alone,
 a chunk at a time), and the framework's own footprint. Speed is the FLOPs of a token against the device's
-measured matmul throughput, at the cost per FLOP measured for each kind of work. bench/plan_accuracy.py
-measures both against real steps.
+measured matmul throughput, at the cost per FLOP measured for each kind of work, plus what does not grow
+with the tokens (QLoRA's dequantization of each 4-bit weight at each use, per-layer overheads).
+bench/plan_accuracy.py measures both against real steps on a CPU; tests/unit/test_plan.py holds the GPU runs.
+
+`lorakit train` asks the same questions before it starts (check_run): its `batch_size: auto` and its refusal
+of a run that does not fit are `fit`'s answers for this machine, which `lorakit plan` prints too.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,30 +25,50 @@ from typing import Any
 from lorakit.errors import LorakitError
 
 GIB, MIB = 2**30, 2**20
-# Common GPUs: memory as nvidia-smi reports its total, and dense bf16 (fp16 on a T4) matmul peak in FLOP/s.
+# Common GPUs: memory as nvidia-smi reports its total, and the dense bf16 (fp16 on a T4) matmul peak of its data sheet
+# in FLOP/s.
 GPUS = {
     "T4 16GB": (15360 * MIB, 65e12),
     "L4 24GB": (23034 * MIB, 121e12),
+    "A10 24GB": (23028 * MIB, 125e12),
     "A10G 24GB": (23028 * MIB, 70e12),
+    "RTX 4090 24GB": (24564 * MIB, 165e12),
     "A100 40GB": (40960 * MIB, 312e12),
     "A100 80GB": (81920 * MIB, 312e12),
     "H100 80GB": (81559 * MIB, 989e12),
+    "H200 141GB": (143771 * MIB, 989e12),
 }
+# Of a data sheet's peak, what a bf16 matmul measures: 790 of the H200's 989 TFLOP/s (the reference H200, 2026-12-04).
+# The GPU costs below are in units of the measured peak, so a common GPU is priced at this share of its data sheet.
+REACHED = 0.80
+AUTO_BATCH_MAX = 64  # train.batch_size: auto never goes past it
 # The CPU values are fitted (least worst relative error) to bench/plan_accuracy.py's 48 measured points
 # (2-core AMD EPYC, fp32, SmolLM2-135M and a 4-layer model, LoRA/QLoRA/full x 256/1024 x batch 1/4 x
-# checkpointing, the chunked head), 2026-11-29. The GPU values are first guesses until a GPU run measures them.
+# checkpointing, the chunked head), 2026-11-29. The GPU values are fitted to two runs on the reference H200 (bf16,
+# 2026-12-04; tests/unit/test_plan.py holds them and checks the fit): a Llama-3.2-1B-shaped LoRA r16 on packed
+# 8 x 2048 rows, and the Llama-2-7B QLoRA recipe (r64, unpacked rows of <= 1024, checkpointing, paged_adamw_8bit)
+# with bf16 LoRA weights and no kbit preparation, as adapter.attach now trains it. Two runs fit two speed constants
+# (LoRA's cost per FLOP, QLoRA's per 4-bit weight and use) and one memory factor; full fine-tuning's and attention's
+# GPU costs keep their ratios to LoRA's from the first guesses, unmeasured.
 #
 # Speed. Seconds per FLOP, in units of 1 / (the device's measured matmul peak), by kind of work: the linear
-# layers by method (a QLoRA step on a CPU measures as fast as LoRA's; full fine-tuning's weight gradients are
-# large, efficient matmuls), checkpointing's second forward (no autograd graph: cheaper than a training
-# forward), attention (on a CPU, SDPA's math path with the packing mask computes every query-key pair of the
-# row, masked or not), plus NARROW / hidden for the linear layers: a 576-wide SmolLM2 runs further from the
-# peak than a 4096-wide Llama. Then AdamW's step over the trained parameters, and Python, hooks and kernel
-# launches per layer and micro-batch.
+# layers by method (QLoRA's are the same 16-bit matmuls as LoRA's once its weights are dequantized; full fine-tuning's
+# weight gradients are large, efficient matmuls), checkpointing's second forward (no autograd graph: cheaper than a
+# training forward on a CPU), attention (on a CPU, SDPA's math path with the packing mask computes every query-key
+# pair of the row, masked or not), plus NARROW / hidden for the linear layers: a 576-wide SmolLM2 runs further from
+# the peak than a 4096-wide Llama. Then QLoRA's dequantization, the optimizer's step over the trained parameters, and
+# Python, hooks and kernel launches per layer and micro-batch.
 FLOP_COST = {("cpu", "lora"): 0.896, ("cpu", "qlora"): 0.896, ("cpu", "full"): 0.558, ("cpu", "recompute"): 1.30,
-             ("cpu", "attention"): 4.61, ("cuda", "lora"): 2.5, ("cuda", "qlora"): 3.3, ("cuda", "full"): 2.2,
-             ("cuda", "recompute"): 2.5, ("cuda", "attention"): 3.3}  # fmt: skip
+             ("cpu", "attention"): 4.61, ("cuda", "lora"): 3.50, ("cuda", "qlora"): 3.50, ("cuda", "full"): 3.08,
+             ("cuda", "recompute"): 3.50, ("cuda", "attention"): 4.62}  # fmt: skip
 NARROW = {"cpu": 255.0, "cuda": 0.0}
+# QLoRA on a GPU: bitsandbytes dequantizes every 4-bit weight to 16 bits at each use (the forward, the backward's
+# input gradient, checkpointing's second forward), once per micro-batch whatever its tokens: in matmul FLOPs per
+# weight and use. bitsandbytes' kernel alone takes ~1,500 (its own timings, ~2 ps a weight on H100-class GPUs); the
+# fitted value is all a QLoRA micro-batch costs beyond LoRA's matmuls, measured as one lump on one run, so whether
+# the rest grows with the micro-batch's tokens is not known yet. With peft's kbit preparation and fp32 LoRA weights
+# (lorakit before issue 23) the same run measured 45,000. On a CPU a QLoRA step measures as fast as LoRA's.
+DEQUANT_FLOPS = {"cpu": 0.0, "cuda": 13_700.0}
 # On a CPU the optimizer's step measures inside the per-layer cost (a full fine-tune steps every weight of a
 # layer: 4x LoRA's); the fit leaves nothing to a per-parameter term.
 OPTIMIZER_SECONDS_PER_PARAM = {"cpu": 0.0, "cuda": 2e-11}
@@ -57,12 +81,15 @@ LAYER_SECONDS = {("cpu", "lora"): 1.03e-2, ("cpu", "qlora"): 1.03e-2, ("cpu", "f
 # allocator was measured to hold for them: under checkpointing the recomputed layers' temporaries are allocated
 # and freed layer after layer, and a LoRA step holds more than a full one. A QLoRA process on a CPU measures
 # as LoRA's (the fp32 weights are read before bitsandbytes packs them, and their pages stay with the process).
-BASE_BYTES = {"cpu": 0.708 * GIB, "cuda": 0.6 * GIB}  # a GPU's: the CUDA context and the allocator's reserve
+# A GPU's peak is what nvidia-smi shows: the allocator's peak, bitsandbytes' paged optimizer states (outside it),
+# the CUDA context and what the allocator keeps cached (852 MiB in the 1B run, on rows of one length; rows of
+# varying length, unpacked, leave more cached: the old-policy 7B QLoRA run showed 1.7 GiB).
+BASE_BYTES = {"cpu": 0.708 * GIB, "cuda": 852 * MIB}
 CPU_LOADING = 0.68  # x the fp32 weights
 ACTIVATIONS_HELD = {  # (device, method, checkpointing) -> factor
     ("cpu", "lora", False): 1.32, ("cpu", "lora", True): 12.7, ("cpu", "qlora", False): 1.43,
     ("cpu", "qlora", True): 16.3, ("cpu", "full", False): 0.90, ("cpu", "full", True): 6.52,
-    **{("cuda", m, c): 1.10 for m in ("lora", "qlora", "full") for c in (False, True)},
+    **{("cuda", m, c): 1.057 for m in ("lora", "qlora", "full") for c in (False, True)},
 }  # fmt: skip
 # Under checkpointing: each layer's input is held (ACTIVATIONS_HELD) and one layer is recomputed in full at a
 # time, whose temporaries the allocator keeps by this factor.
@@ -100,7 +127,7 @@ class Setup:
 
     method: str = "lora"
     seq_len: int = 1024
-    batch: int = 4
+    batch: int | str = 4  # "auto": train.batch_size: auto, which each device resolves (auto_batch)
     r: int = 16
     targets: list[str] | str = "all-linear"
     checkpointing: bool = False
@@ -112,14 +139,26 @@ class Setup:
     grad_accum: int = 1  # micro-batches per optimizer step
 
 
+@dataclass(frozen=True)
+class Device:
+    """Where a process trains, as the estimate needs it."""
+
+    kind: str  # "cuda" (bf16) or "cpu" (fp32)
+    memory_bytes: int  # what one process may hold: a GPU's memory; on a CPU, its share of the RAM
+    flops: float  # the matmul FLOP/s it measures
+
+
 @dataclass
 class Estimate:
-    device: str
+    device: str  # the kind the breakdown is for
+    batch: int  # the micro-batch the breakdown is for (auto: the first device of that kind's)
     peak_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)  # bytes, by what holds them
     flops_per_token: float = 0.0
     tokens_per_s: float = 0.0
-    fits: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> {fits, largest_batch}
+    # device name -> {memory_bytes, batch, peak_bytes, fits, largest_batch, tokens_per_s, refused}
+    fits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def shape_of(config: dict[str, Any]) -> Shape:
@@ -196,14 +235,17 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
     compute = 2 if gpu else 4  # bf16 on a GPU, fp32 on a CPU
     shard = s.nproc if s.strategy == "fsdp" and s.nproc > 1 else 1
     linear = shape.layers * shape.layer_params
-    other = shape.params - linear  # embeddings, head, norms: never quantized, and fp32 under QLoRA (peft's prep)
+    other = shape.params - linear  # embeddings, head, norms: never quantized
+    trained_bytes = _trained_bytes(s.method, gpu)
     if s.method == "full":
         weights, trained = 4 * shape.params, shape.params  # fp32 master weights; autocast computes in 16 bits
     elif s.method == "qlora" and gpu:
-        weights, trained = int(linear * (0.5 + 1 / 64)) + 4 * other, _lora_params(shape, s)  # NF4 + absmax/block
+        weights = int(linear * (0.5 + 1 / 64)) + compute * other  # NF4 and its absmax per block of 64 (double quant)
+        trained = _lora_params(shape, s)
     else:
         weights, trained = compute * shape.params, _lora_params(shape, s)
-    state_bytes = 2 if s.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
+    # AdamW keeps two moments in the trained weights' dtype; the 8-bit ones a byte each.
+    state_bytes = 2 if s.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 2 * trained_bytes
     tokens = s.batch * s.seq_len
     act = compute * tokens * _saved_per_token_layer(shape, s)
     if s.checkpointing:  # each layer's input, plus one layer recomputed in full during the backward pass
@@ -218,8 +260,8 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
     logits = chunk * shape.vocab * (4 + (compute if gpu else 0)) + 2 * compute * trained_tokens * shape.hidden
     parts = {
         "weights": weights // shard,
-        "trained_params": 4 * trained // shard if s.method != "full" else 0,
-        "gradients": 4 * trained // shard,
+        "trained_params": trained_bytes * trained // shard if s.method != "full" else 0,
+        "gradients": trained_bytes * trained // shard,
         "optimizer_states": state_bytes * trained // shard,
         "activations": int(act * ACTIVATIONS_HELD[kind, s.method, s.checkpointing]),
         "logits": int(logits * LOGITS_HELD[kind]),
@@ -230,6 +272,19 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
         parts["loading"] = max(0, int(CPU_LOADING * 4 * shape.params) // shard - sum(parts.values()))
     parts["framework"] = int(BASE_BYTES[kind])
     return parts
+
+
+def _trained_bytes(method: str, gpu: bool) -> int:
+    """Bytes a trained weight takes: fp32 (full's master weights; peft's LoRA weights), but a QLoRA run's in the dtype
+    adapter.qlora_dtype gives it (bf16 on a GPU)."""
+    if method != "qlora":
+        return 4
+    import torch
+
+    from lorakit.adapter import qlora_dtype  # imports peft: so not at the top
+
+    compute = torch.bfloat16 if gpu else torch.float32
+    return qlora_dtype(compute, "cuda" if gpu else "cpu").itemsize
 
 
 def _lora_params(shape: Shape, s: Setup) -> int:
@@ -268,28 +323,44 @@ def flops_parts(shape: Shape, s: Setup) -> dict[str, float]:
     }
 
 
-def estimate(shape: Shape, s: Setup, here: tuple[int, float] | None = None) -> Estimate:
-    """Peak memory and speed of `s`, and which devices fit it: the common GPUs (for a GPU run), and `here`,
-    this machine's device as (memory bytes, measured matmul FLOP/s)."""
-    parts = memory(shape, s)
-    peak = sum(parts.values())
-    per_token = flops_per_token(shape, s)
-    devices = {} if s.device == "cpu" else dict(GPUS)
-    if here is not None:
-        devices = {f"this {s.device.upper()}": here, **devices}
-    fits = {
-        name: {"memory_bytes": size, "fits": peak <= size, "largest_batch": _largest_batch(shape, s, size),
-               "tokens_per_s": round(tokens_per_s(shape, s, flops), 1)}
-        for name, (size, flops) in devices.items()
-    }  # fmt: skip
-    speed = next(iter(fits.values()))["tokens_per_s"] if fits else 0.0
-    return Estimate(s.device, peak, parts, per_token, speed, fits)
+def common_gpus() -> dict[str, Device]:
+    """The GPUs of GPUS as devices, each at the share of its data sheet's peak that a matmul reaches."""
+    return {name: Device("cuda", size, peak * REACHED) for name, (size, peak) in GPUS.items()}
 
 
-def tokens_per_s(shape: Shape, s: Setup, flops: float) -> float:
-    """Training tokens a second over all processes, on a device of `flops` matmul FLOP/s: the matmuls at the
-    utilization lorakit reaches, plus the optimizer's step and the per-layer costs of each micro-batch."""
-    kind = "cpu" if s.device == "cpu" else "cuda"
+def estimate(shape: Shape, s: Setup, devices: dict[str, Device] | None = None) -> Estimate:
+    """Peak memory and speed of `s`, and for each of `devices` (default: the common GPUs for a GPU run) whether
+    it fits. The breakdown is for s.device's kind, at the micro-batch of the first such device when the batch is
+    auto; each device row has its own kind, micro-batch, peak and speed."""
+    if devices is None:
+        devices = common_gpus() if s.device != "cpu" else {}
+    fits = {name: fit(shape, s, d) for name, d in devices.items()}
+    mine = [f for d, f in zip(devices.values(), fits.values()) if d.kind == _kind(s)]
+    top = replace(s, batch=max(mine[0]["batch"], 1) if mine else 1) if s.batch == "auto" else s
+    parts = memory(shape, top)
+    speed = mine[0]["tokens_per_s"] if mine else 0.0
+    return Estimate(s.device, top.batch, sum(parts.values()), parts, flops_per_token(shape, top), speed, fits)
+
+
+def fit(shape: Shape, s: Setup, device: Device) -> dict[str, Any]:
+    """`s` on one device: its micro-batch, peak, whether it fits, its largest micro-batch and speed. This is where
+    train.batch_size: auto resolves, for `lorakit train` (check_run) and `lorakit plan` alike: the largest micro-batch
+    (at most AUTO_BATCH_MAX) whose predicted peak fits the device; 0 when not even one row does."""
+    run = replace(s, device=device.kind)
+    largest = _largest_batch(shape, run, device.memory_bytes)
+    batch = min(largest, AUTO_BATCH_MAX) if s.batch == "auto" else s.batch
+    run = replace(run, batch=max(batch, 1))
+    peak = sum(memory(shape, run).values())
+    return {"memory_bytes": device.memory_bytes, "batch": batch, "peak_bytes": peak,
+            "fits": batch > 0 and peak <= device.memory_bytes, "largest_batch": largest,
+            "tokens_per_s": round(tokens_per_s(shape, run, device.flops), 1), "refused": None}  # fmt: skip
+
+
+def step_seconds(shape: Shape, s: Setup, flops: float) -> float:
+    """Seconds of one optimizer step of one process, on a device of `flops` matmul FLOP/s: the matmuls at the cost
+    per FLOP lorakit measures, QLoRA's dequantization of each 4-bit weight at each use, the optimizer's step and
+    the per-layer costs of each micro-batch."""
+    kind = _kind(s)
     tokens = s.batch * s.seq_len * s.grad_accum
     trained = shape.params if s.method == "full" else _lora_params(shape, s)
     f = flops_parts(shape, s)
@@ -297,15 +368,28 @@ def tokens_per_s(shape: Shape, s: Setup, flops: float) -> float:
     matmuls = tokens / flops * (f["linear"] * (FLOP_COST[kind, s.method] + narrow)
                                 + f["recompute"] * (FLOP_COST[kind, "recompute"] + narrow)
                                 + f["attention"] * FLOP_COST[kind, "attention"])  # fmt: skip
+    uses = 2 + s.checkpointing  # the forward, the backward's input gradient, checkpointing's second forward
+    quantized = shape.layers * shape.layer_params if s.method == "qlora" else 0
+    dequant = DEQUANT_FLOPS[kind] * quantized * uses * s.grad_accum / flops
     overhead = OPTIMIZER_SECONDS_PER_PARAM[kind] * trained + LAYER_SECONDS[kind, s.method] * shape.layers * s.grad_accum
-    seconds = matmuls + overhead
-    return tokens / seconds * s.nproc
+    return matmuls + dequant + overhead
+
+
+def tokens_per_s(shape: Shape, s: Setup, flops: float) -> float:
+    """Training tokens a second over all processes: each GPU process on its own GPU; CPU processes share the cores
+    whose throughput `flops` measured, so more of them do not add speed."""
+    per_process = s.batch * s.seq_len * s.grad_accum / step_seconds(shape, s, flops)
+    return per_process * (s.nproc if _kind(s) == "cuda" else 1)
+
+
+def _kind(s: Setup) -> str:
+    return "cpu" if s.device == "cpu" else "cuda"
 
 
 def _largest_batch(shape: Shape, s: Setup, size: int) -> int:
-    """The largest micro-batch (per process) whose peak fits `size` bytes; 0 if not even one row."""
+    """The largest micro-batch (per process, a power of two) whose peak fits `size` bytes; 0 if not even one row."""
     best, batch = 0, 1
-    while batch <= 4096 and sum(memory(shape, Setup(**{**asdict(s), "batch": batch})).values()) <= size:
+    while batch <= 4096 and sum(memory(shape, replace(s, batch=batch)).values()) <= size:
         best, batch = batch, batch * 2
     return best
 
@@ -314,13 +398,14 @@ def matmul_flops(device: str = "cpu", seconds: float = 0.3) -> float:
     """This device's matmul throughput, measured now (FLOP/s): fp32 on a CPU, bf16 on a GPU."""
     import torch
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    # On a GPU a 2048-square product lasts ~20 us, about what the sync after it costs: it measured half the peak.
+    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
 
     def sync() -> None:
         if device != "cpu":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     a @ b  # warm-up: thread pool, kernels, caches
     sync()
@@ -329,18 +414,28 @@ def matmul_flops(device: str = "cpu", seconds: float = 0.3) -> float:
         a @ b
         runs += 1
         sync()
-    return 2 * 2048**3 * runs / (time.perf_counter() - start)
+    return 2 * n**3 * runs / (time.perf_counter() - start)
 
 
 def this_device(device: str, seconds: float = 0.3) -> tuple[int, float]:
-    """(memory bytes, matmul FLOP/s) of this machine's `device`: RAM for the CPU, the first GPU's memory."""
+    """(memory bytes, matmul FLOP/s) of this machine's `device`: a GPU's memory; on a CPU, the RAM this process
+    may grow into (what is free now, plus what it holds: its libraries are the estimate's framework share)."""
     import psutil
     import torch
 
-    memory_bytes = (
-        psutil.virtual_memory().total if device == "cpu" else torch.cuda.get_device_properties(0).total_memory
-    )
+    if device == "cpu":
+        memory_bytes = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+    else:
+        memory_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
     return memory_bytes, matmul_flops(device, seconds)
+
+
+def here(device: str, nproc: int, seconds: float = 0.3) -> Device:
+    """This machine's `device` as each of `nproc` processes of a run sees it: CPU processes share the RAM, each GPU
+    process has a GPU of its own."""
+    memory_bytes, flops = this_device(device, seconds=seconds)
+    kind = "cpu" if device == "cpu" else "cuda"
+    return Device(kind, memory_bytes // nproc if kind == "cpu" else memory_bytes, flops)
 
 
 def setup_of(cfg: Any, device: str, nproc: int = 1) -> Setup:
@@ -364,23 +459,21 @@ def check_run(cfg: Any, device: str, nproc: int, force: bool = False) -> tuple[i
         if auto:
             raise LorakitError(f"train.batch_size: auto needs the model's size: {e}. Set a number instead") from None
         return cfg.train.batch_size, None
-    setup = setup_of(cfg, "cpu" if device == "cpu" else "cuda", nproc)
-    memory_bytes, flops = this_device(device, seconds=0.05)
-    per_process = memory_bytes // nproc if device == "cpu" else memory_bytes  # CPU processes share the RAM
-    if auto:
-        setup.batch = min(_largest_batch(shape, setup, per_process), 64)
-        if setup.batch == 0:
-            raise LorakitError(f"train.batch_size: auto: not even one row of {setup.seq_len} tokens fits this "
-                               f"{device} ({per_process / GIB:.1f} GiB); see `lorakit plan`")  # fmt: skip
-    est = estimate(shape, setup, (per_process, flops))
-    line = (f"plan: peak ~{est.peak_bytes / GIB:.1f} GiB of {per_process / GIB:.1f} GiB per process ("
-            + ", ".join(f"{k} {v / GIB:.1f}" for k, v in est.breakdown.items() if v >= GIB / 20)
-            + f"); ~{est.tokens_per_s:.0f} tokens/s at batch {setup.batch}")  # fmt: skip
-    if est.peak_bytes > per_process and not force:
+    this = here(device, nproc, seconds=0.05)
+    setup = setup_of(cfg, this.kind, nproc)
+    row = fit(shape, setup, this)
+    if row["batch"] == 0:
+        raise LorakitError(f"train.batch_size: auto: not even one row of {setup.seq_len} tokens fits this "
+                           f"{device} ({this.memory_bytes / GIB:.1f} GiB); see `lorakit plan`")  # fmt: skip
+    breakdown = memory(shape, replace(setup, batch=row["batch"]))
+    line = (f"plan: peak ~{row['peak_bytes'] / GIB:.1f} GiB of {this.memory_bytes / GIB:.1f} GiB per process ("
+            + ", ".join(f"{k} {v / GIB:.1f}" for k, v in breakdown.items() if v >= GIB / 20)
+            + f"); ~{row['tokens_per_s']:.0f} tokens/s at batch {row['batch']}")  # fmt: skip
+    if not row["fits"] and not force:
         raise LorakitError(
-            f"{line}: it does not fit this {device}. {_levers(cfg, setup.batch)}, or pass --force to try anyway"
+            f"{line}: it does not fit this {device}. {_levers(cfg, row['batch'])}, or pass --force to try anyway"
         )
-    return setup.batch, line
+    return row["batch"], line
 
 
 def _levers(cfg: Any, batch: int) -> str:
@@ -393,50 +486,98 @@ def _levers(cfg: Any, batch: int) -> str:
     return ", ".join(levers)
 
 
-def plan(opts: Any) -> tuple[Shape, Setup, Estimate, int | None]:
-    """The estimate `lorakit plan` prints: the run config's values, overridden by the options given; and the
-    run's token count where the config fixes it (train.max_steps)."""
+# Each of plan's options is the override of one config key: `--batch 8` is `train.batch_size=8`.
+OPTION_KEYS = {"model": "model", "method": "method", "seq_len": "data.max_length", "batch": "train.batch_size",
+               "r": "adapter.r", "strategy": "train.strategy"}  # fmt: skip
+NO_DATA = "(none: lorakit plan --model)"  # data.train of a run --model describes: plan never reads data
+
+
+def run_config(cfg: Any, opts: Any) -> Any:
+    """The run to plan: the run config (its overrides already applied, as `lorakit train` applies them) with each
+    option given set as its key, or the run --model and the options describe; validated as `lorakit train`
+    validates a config, so that plan refuses what train refuses."""
+    from lorakit import config
+
+    if cfg is None and not opts.model:
+        raise LorakitError("plan: give a run config (lorakit plan run.yaml [key.sub=value ...]) or a model "
+                           "(--model ID|folder|config.json)")  # fmt: skip
+    raw = cfg.model_dump(mode="json") if cfg is not None else {"data": {"train": NO_DATA}}
+    given = [f"{key}={getattr(opts, name)}" for name, key in OPTION_KEYS.items() if getattr(opts, name) is not None]
+    for item in given + (["train.gradient_checkpointing=true"] if opts.gradient_checkpointing else []):
+        config.apply_override(raw, item)
+    return config.validate(raw, source="plan (the run config with the options given)")
+
+
+def plan(cfg: Any, opts: Any) -> tuple[Shape, Setup, Estimate]:
+    """The estimate `lorakit plan` prints for a run config (None: the run --model describes) and its options:
+    on this machine's device, as `lorakit train` would run it here (its auto batch, its processes' share of the RAM,
+    its refusals), and on the common GPUs, also on a machine without one."""
     import torch
 
-    from lorakit import config, model
+    from lorakit import model
 
-    cfg = config.load(opts.config) if opts.config else None
-    if cfg is None and not opts.model:
-        raise LorakitError("plan: give a run config (lorakit plan run.yaml) or a model (--model ID|folder|config.json)")
-    gpu = model.pick_device(opts.device, present=False) != "cpu"  # cuda: the common GPUs, also on a laptop
-    setup = setup_of(cfg, "cuda" if gpu else "cpu", opts.nproc) if cfg else Setup(device="cuda" if gpu else "cpu")
-    setup.nproc = opts.nproc
-    for key, value in (("method", opts.method), ("seq_len", opts.seq_len), ("batch", opts.batch), ("r", opts.r),
-                       ("strategy", opts.strategy)):  # fmt: skip
-        if value is not None:
-            setattr(setup, key, value)
-    setup.checkpointing = setup.checkpointing or opts.gradient_checkpointing
-    if setup.batch == "auto":
-        setup.batch = 4
-    shape = load_shape(opts.model or cfg.model)
-    here = this_device("cuda") if gpu and torch.cuda.is_available() else None if gpu else this_device("cpu")
-    tokens = None
-    if cfg is not None and cfg.train.max_steps:
-        tokens = cfg.train.max_steps * setup.batch * cfg.train.grad_accum * setup.nproc * setup.seq_len
-    return shape, setup, estimate(shape, setup, here), tokens
+    run = run_config(cfg, opts)
+    device = model.pick_device(opts.device, present=False)
+    if device == "cpu" and opts.device == "auto":  # no GPU here: this CPU, and the GPUs the run could go to
+        kind, devices = "cuda", {"this CPU": here("cpu", opts.nproc), **common_gpus()}
+    elif device == "cpu":
+        kind, devices = "cpu", {"this CPU": here("cpu", opts.nproc)}
+    else:
+        this = {"this GPU": here(device, opts.nproc)} if torch.cuda.is_available() else {}
+        kind, devices = "cuda", {**this, **common_gpus()}
+    shape = load_shape(run.model)
+    setup = setup_of(run, kind, opts.nproc)
+    est = estimate(shape, setup, devices)
+    for name, row in est.fits.items():
+        if (why := refusal(run, devices[name].kind, opts.nproc)) is not None:
+            row.update(fits=False, refused=why)
+            est.notes.append(f"{name}: {why}")
+        if run.train.max_steps and row["tokens_per_s"] and row["batch"]:
+            tokens = run.train.max_steps * row["batch"] * setup.grad_accum * opts.nproc * setup.seq_len
+            row["run_s"] = round(tokens / row["tokens_per_s"], 1)
+    if all(row["refused"] for row in est.fits.values()):
+        raise LorakitError(next(iter(est.fits.values()))["refused"])
+    if not run.data.packing:
+        est.notes.append(f"data.packing is off: the speed is for full rows of {setup.seq_len} tokens; shorter rows, "
+                         "and each micro-batch's padding to its longest, give fewer tokens/s")  # fmt: skip
+    return shape, setup, est
 
 
-def table(shape: Shape, setup: Setup, est: Estimate, run_tokens: int | None) -> str:
-    """The human table: the breakdown, then each device with whether it fits, its largest batch and speed."""
+def refusal(cfg: Any, kind: str, nproc: int) -> str | None:
+    """Why `lorakit train --nproc` refuses the run on a device of this kind (train.check_strategy), or None."""
+    if nproc == 1:  # a single process has nothing to shard: train never checks its strategy
+        return None
+    from lorakit import train
+
+    try:
+        train.check_strategy(cfg, kind == "cuda")
+    except LorakitError as e:
+        return str(e)
+    return None
+
+
+def table(shape: Shape, setup: Setup, est: Estimate) -> str:
+    """The human table: the breakdown, then each device with whether it fits, at which micro-batch, its peak, its
+    largest micro-batch, its speed (and the run's time where train.max_steps fixes it), then the notes."""
     precision = "bf16 on a GPU" if setup.device != "cpu" else "fp32 on this CPU"
+    auto = f"auto (each device's largest that fits; the breakdown at {est.batch})"
+    batch = setup.batch if setup.batch != "auto" else auto
     lines = [f"plan for {shape.name} ({shape.params / 1e9:.2f}B parameters): {setup.method}"
              + (f" r {setup.r}" if setup.method != "full" else "")
-             + f", micro-batch {setup.batch} x {setup.seq_len} tokens, {setup.nproc} process(es)"
+             + f", micro-batch {batch} x {setup.seq_len} tokens, {setup.nproc} process(es)"
              + (f" ({setup.strategy})" if setup.nproc > 1 else "")
-             + f", checkpointing {'on' if setup.checkpointing else 'off'}, {precision}"]  # fmt: skip
+             + f", checkpointing {'on' if setup.checkpointing else 'off'}; {precision}:"]  # fmt: skip
     for key, value in est.breakdown.items():
         lines.append(f"  {key.replace('_', ' '):<18} {value / GIB:8.2f} GiB")
     lines.append(f"  {'peak':<18} {est.peak_bytes / GIB:8.2f} GiB per process")
     lines.append(f"  {'FLOPs per token':<18} {est.flops_per_token / 1e9:8.2f} G")
-    lines.append(f"{'device':<16}{'fits':>6}{'largest batch':>15}{'tokens/s':>11}"
-                 + (f"{'run time':>11}" if run_tokens else ""))  # fmt: skip
+    timed = any("run_s" in f for f in est.fits.values())
+    lines.append(f"{'device':<16}{'GiB':>7}{'fits':>6}{'batch':>7}{'peak GiB':>10}{'largest batch':>15}"
+                 f"{'tokens/s':>10}" + (f"{'run time':>10}" if timed else ""))  # fmt: skip
     for name, f in est.fits.items():
-        when = f"{run_tokens / f['tokens_per_s'] / 60:9.0f} m" if run_tokens and f["tokens_per_s"] else ""
-        lines.append(f"{name:<16}{'yes' if f['fits'] else 'no':>6}{f['largest_batch']:>15}{f['tokens_per_s']:>11.0f}"
-                     + (f"{when:>11}" if run_tokens else ""))  # fmt: skip
+        when = f"{f['run_s'] / 60:8.0f} m" if "run_s" in f else ""
+        lines.append(f"{name:<16}{f['memory_bytes'] / GIB:7.1f}{'yes' if f['fits'] else 'no':>6}{f['batch']:>7}"
+                     f"{f['peak_bytes'] / GIB:10.2f}{f['largest_batch']:>15}{f['tokens_per_s']:>10.0f}"
+                     + (f"{when:>10}" if timed else ""))  # fmt: skip
+    lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)

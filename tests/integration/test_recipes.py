@@ -132,7 +132,7 @@ PLAN_QUOTE = re.compile(r"lorakit plan((?: --[\w-]+ [^\s:]+)*): (\d+\.\d) GiB")
 
 def planned_gib(recipe: Path, flags: list[str]) -> str:
     args = cli.build_parser().parse_args(["plan", str(recipe), "--device", "cuda", *flags])
-    _, _, est, _ = plan.plan(options.from_args(options.PlanOptions, args))
+    _, _, est = plan.plan(config.load(args.config), options.from_args(options.PlanOptions, args))
     return f"{est.peak_bytes / plan.GIB:.1f}"
 
 
