@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # The CPU build on this project's machines; on a GPU machine use e.g. TORCH=torch==2.13.0 from PyPI (CUDA).
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -45,11 +45,23 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(PY) -m pytest -q --durations=10 tests
+	# Every row of `make bench-gpu` at toy size on the CPU (about 1.5 min): it fails unless each lorakit row gives
+	# finite losses, a speed and a plan prediction, and serving answers; its table and logs stay when it fails.
+	out=$$(mktemp -d /tmp/gpu-suite-tiny.XXXXXX) && $(PY) bench/gpu_suite.py --tiny --out $$out && rm -rf $$out
 
 # lorakit against TRL's SFTTrainer + PEFT on the same model, tokens and hyperparameters (~20 minutes on a 2-core CPU).
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/train_vs_peers.py --setting both
+
+# One CUDA GPU, offline, under 8 minutes (bench/gpu_suite.py): lorakit against TRL + PEFT on the 7B QLoRA recipe,
+# the Gemma-2-2B recipe as LoRA, LoRA and full fine-tuning of a 1B; serving 8 adapters; pytest -m gpu. One markdown
+# table, and its JSON and logs in GPU_OUT. It runs on the machine's own Python, which has torch (no $(STAMP): that
+# would install the CPU build); where the rest is missing, WHEELS=DIR installs it from a bundle made on a connected
+# machine by `$(PY) bench/gpu_suite.py --make-bundle DIR`.
+GPU_OUT ?= runs/gpu-suite
+bench-gpu:
+	$(PYTHON) bench/gpu_suite.py --out $(GPU_OUT) $(if $(WHEELS),--wheels $(WHEELS))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
