@@ -95,10 +95,12 @@ def write(folder: Path, kind: Kind, base: str, run: RunFolder | None, extra: str
             lines += [f"| LoRA rank / alpha / dropout | {a.r} / {a.alpha} / {a.dropout} |",
                       f"| target modules | {a.target_modules} |"]  # fmt: skip
         t = cfg.train
+        # What ran (summary.json) over what was asked: a time budget or epochs leave the steps to the run.
+        steps, epochs = (summary or {}).get("steps", t.max_steps or "-"), (summary or {}).get("epochs", t.epochs)
         lines += [
             f"| learning rate, schedule | {t.lr}, {t.scheduler} (warmup {t.warmup_steps}) |",
             f"| batch size × grad accum | {t.batch_size} × {t.grad_accum} |",
-            f"| steps / epochs | {t.max_steps or '-'} / {t.epochs} |",
+            f"| steps / epochs | {steps} / {epochs} |",
             f"| max length, packing | {cfg.data.max_length}, {cfg.data.packing} |",
             f"| precision | {t.precision} |",
             f"| train data | `{cfg.data.train}` |",
@@ -111,6 +113,13 @@ def write(folder: Path, kind: Kind, base: str, run: RunFolder | None, extra: str
                 f"| wall time, tokens/s | {summary.get('wall_time_s')} s, {summary.get('tokens_per_s')} |",
                 f"| device | {summary.get('device')} × {summary.get('processes')} |",
             ]
+            if summary.get("time_budget_s") is not None:
+                lines.append(f"| time budget | {summary['time_budget_s']:g} s: {summary.get('planned_steps')} steps "
+                             f"planned, {summary.get('budget_used_s')} s used |")  # fmt: skip
+            if summary.get("best_step") is not None:
+                lines.append(f"| published weights | step {summary['best_step']} of {steps}, the best "
+                             f"{summary.get('keep_best')} ({_num(summary.get('best_eval_loss'))}); the last step's "
+                             "are in checkpoints/ |")  # fmt: skip
         lines.append("")
     if run is not None and run.loss_plot.is_file():
         shutil.copy2(run.loss_plot, folder / "loss.png")

@@ -153,6 +153,25 @@ def save(
     return final
 
 
+def save_best(folder: Path, trainable: dict[str, torch.Tensor], record: dict) -> None:
+    """train.keep_best: write the best evaluation's trained weights and its record ({step, eval_loss}) into
+    `folder` (RunFolder.best) atomically, replacing the previous best."""
+    with files.atomic_dir(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        files.write_json(tmp / "best.json", record)
+
+
+def best(folder: Path) -> dict | None:
+    """The record ({step, eval_loss}) of the best evaluation kept in `folder`, or None when none was kept."""
+    path = folder / "best.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def best_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The trained weights of the best evaluation kept in `folder`, by the names of the model's parameters."""
+    return load_file(folder / "trainable.safetensors")
+
+
 def latest(checkpoints: Path) -> Path | None:
     found = sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").is_file())
     return found[-1] if found else None
@@ -193,6 +212,11 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0) 
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(_rngs(path)[rank])
+    return read_state(path)
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's loop counters (state.json): its step, tokens, clocks, and a time-budgeted run's plan."""
     return json.loads((path / "state.json").read_text())
 
 

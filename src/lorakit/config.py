@@ -7,11 +7,12 @@ outside checks: rename nothing here without a migration.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lorakit import files
 from lorakit.errors import LorakitError
@@ -104,7 +105,50 @@ class TrainConfig(_Strict):
     """The optimization loop."""
 
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides `epochs` when set.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training set (when max_steps is unset).")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training set (when neither max_steps nor time_budget is set)."
+    )
+    time_budget: float | None = Field(
+        None,
+        description="Train for this long, setup, evaluation and saving included: a duration such as 90s, 20m, 1h or "
+        "1h30m (a number alone is seconds; the config holds seconds). The run then sets its own number of steps, "
+        "and so of epochs (fractional or several), from the speed it measures over its first steps, with its "
+        "learning-rate schedule (warmup and decay) fitted to that length; `epochs` is unused and `max_steps` may "
+        "not be set with it. A resumed run finishes the steps its checkpoint planned.",
+    )
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        # Seconds in the config and its config.yaml, so that a resume compares "1h" and "60m" as the same budget.
+        if v is None:
+            return v
+        if isinstance(v, bool):
+            raise ValueError("must be a duration such as 90s, 20m, 1h or 1h30m, not true or false")
+        text = str(v).replace(" ", "").lower()
+        if isinstance(v, int | float) or re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(v)
+        else:
+            number = r"(\d+(?:\.\d+)?)"
+            parts = re.fullmatch(rf"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)
+            if parts is None or not any(parts.groups()):
+                raise ValueError("must be a duration such as 90s, 20m, 1h or 1h30m (a number alone is seconds)")
+            h, m, s = (float(x or 0) for x in parts.groups())
+            seconds = 3600 * h + 60 * m + s
+        if not seconds > 0:
+            raise ValueError("must be a positive duration such as 90s, 20m, 1h or 1h30m")
+        return seconds
+
+    @field_validator("time_budget")
+    @classmethod
+    def _one_length(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("max_steps") is not None:
+            raise ValueError(
+                "time_budget and max_steps both set the run's length: set one of them (time_budget plans the "
+                "steps itself; remove max_steps, or time_budget to train a fixed number of steps)"
+            )
+        return v
+
     batch_size: int | Literal["auto"] = Field(
         4,
         description="Rows per forward pass (packed rows when packing), 1 to 4096; 'auto': the largest that "
@@ -146,6 +190,25 @@ class TrainConfig(_Strict):
         "lora and full); 'auto' is ddp.",
     )
     eval_every: int | None = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
+    keep_best: Literal["eval_loss"] | None = Field(
+        None,
+        description="Publish the best evaluation instead of the last step: with 'eval_loss' (the one criterion "
+        "accepted) the run's adapter/ (model/ for full) holds the weights of the step whose eval loss was lowest, "
+        "and summary.json and the model card name that step and its loss. Needs data.eval and eval_every. The last "
+        "step is then always checkpointed, so --resume continues from the last weights, not the best; the best "
+        "is kept on disk as it happens (checkpoints/best), full fine-tuning included.",
+    )
+
+    @field_validator("keep_best")
+    @classmethod
+    def _best_of_several(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and "eval_every" in info.data and info.data["eval_every"] is None:
+            raise ValueError(
+                "keep_best picks among the run's evaluations, and without eval_every there is one, at the end: "
+                "set train.eval_every (e.g. 50)"
+            )
+        return v
+
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many newest checkpoints to keep.")
     log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
@@ -173,6 +236,15 @@ class RunConfig(_Strict):
             raise ValueError(
                 "train.strategy: fsdp shards 16/32-bit weights, not QLoRA's 4-bit ones; use ddp for "
                 "qlora (its 4-bit base fits one device), or method lora or full with fsdp"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _best_needs_eval(self) -> RunConfig:
+        if self.train.keep_best and self.data.eval is None:
+            raise ValueError(
+                f"train.keep_best: {self.train.keep_best} is measured on held-out data and there is none: set "
+                "data.eval (a file, or a fraction such as 0.1 of the train rows), or remove train.keep_best"
             )
         return self
 

@@ -55,6 +55,12 @@ class RunFolder:
         return self.root / "checkpoints"
 
     @property
+    def best(self) -> Path:
+        # train.keep_best: the best evaluation's trained weights so far (checkpoint.save_best). Not a step-*
+        # folder, so neither --resume nor keep_checkpoints takes it for a checkpoint.
+        return self.checkpoints / "best"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 

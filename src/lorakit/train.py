@@ -3,6 +3,10 @@
 Data order is a pure function of (seed, step): step s trains on rows s*N .. s*N+N-1 of the stream of
 seeded per-epoch permutations. With weights, optimizer, scheduler and RNGs restored from a checkpoint,
 a resumed run therefore repeats exactly what the killed run would have done.
+
+With train.time_budget the run plans its own length (budget.py): each plan comes before a step, and the schedule
+is rebuilt for each new length, so the planned last step takes the schedule's last rate; checkpoints record the plan
+so that a resumed run finishes the same steps.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import os
 import random
 import resource
 import signal
+import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ from transformers import (
 )
 
 from lorakit import adapter, card, checkpoint, data, files, kernels, loss, model, packing, plan, tracking
+from lorakit import budget as time_budget
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.render import IGNORE
@@ -43,7 +49,9 @@ SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_sch
 @dataclass
 class Result:
     summary: dict[str, Any]  # also in the run folder's summary.json
-    model: Any  # the trained model (PeftModel for lora/qlora), unwrapped from accelerate
+    # the trained model (PeftModel for lora/qlora), unwrapped from accelerate, as its last step left it (with
+    # train.keep_best the run folder's adapter/ or model/ holds the best evaluation's weights instead)
+    model: Any
     tokenizer: Any
 
 
@@ -60,7 +68,8 @@ def run(
     force: train even where `lorakit plan` predicts the run does not fit this device. device: as --device says
     (auto: the GPU when there is one; under a launch each rank takes the GPU of its LOCAL_RANK).
     """
-    t = setup(cfg, resume, overwrite, force, device)
+    started = time.perf_counter()  # a time budget counts from here: loading the model and data is part of it
+    t = setup(cfg, resume, overwrite, force, device, started)
     last_eval = train(t, progress)
     summary = finish(t, last_eval)
     return Result(summary, t.net, t.tokenizer)
@@ -91,12 +100,16 @@ class Training:
     # tokens, trained_tokens; elapsed: wall time of the loop, evaluation included; eval_s: the part spent
     # evaluating; train_s: elapsed less eval_s when the last step had trained, before its evaluation
     state: dict[str, Any]
+    row_tokens: list[int] = field(default_factory=list)  # input tokens of each of `rows`
+    budget: time_budget.Budget | None = None  # train.time_budget's plan and measurements
+    best: dict | None = None  # train.keep_best: the best evaluation so far, {step, eval_loss}
 
 
-def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: str) -> Training:
+def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: str, started: float) -> Training:
     """Device, the run folder, data, model, optimizer and schedule, and a checkpoint's state on --resume.
 
     Nothing is written into the run folder before every check here passed (config.yaml comes last).
+    started: when the run began (time.perf_counter()), which a time budget counts from.
     """
     device = use_device(device)
     dtype = model.pick_dtype(cfg.train.precision, device)
@@ -129,8 +142,19 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
     if cfg.data.packing and not use_positions and accelerator.is_main_process:
         print(f"note: {type(net).__name__} cannot keep packed examples apart; training without packing")
     rows = _rows(prepared.train, cfg.data.max_length, use_positions)
+    eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
+    if cfg.train.keep_best and not eval_rows:
+        raise LorakitError(f"train.keep_best: data.eval ({cfg.data.eval}) gave no held-out rows to evaluate on")
+    examples, eval_examples = _examples(prepared.train), _examples(prepared.eval) if eval_rows else []
+    row_tokens = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
+    params = adapter.count_params(net)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(rows) / per_step))
+    budget, total_steps = None, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(rows) / per_step))
+    if cfg.train.time_budget:
+        eval_tokens = sum(len(x["input_ids"]) for x in eval_examples)
+        budget, total_steps = time_budget.start(
+            cfg, accelerator, run, resume, device, per_step, row_tokens, eval_tokens, params[0], started
+        )
     if per_step > len(rows):
         accelerator.print(
             f"note: one step takes {per_step} rows (batch_size x grad_accum x processes) but the data makes "
@@ -140,22 +164,30 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
     scheduler = build_schedule(optimizer, cfg, total_steps)
     step_fn, optimizer = accelerator.prepare(loss.OnTrainedTokens(net), optimizer)
     state = resume_state(accelerator, run, net, optimizer, scheduler, resume)
+    if budget:  # what checkpoints record: a resumed run finishes these steps
+        state.setdefault("planned_steps", total_steps)
+        state.setdefault("budget_final", budget.final)
+    # The best kept so far, as it stands: it may come from after the checkpoint resumed from. Its weights are
+    # still an evaluation's own; the resumed run replaces them only with a strictly better one, and an exact resume
+    # evaluates that step to the same loss again.
+    best = checkpoint.best(run.best) if cfg.train.keep_best and resume else None
     if accelerator.is_main_process:  # only now that setup passed and the checkpoint is loaded (claim_output_dir)
         checkpoint.record_config(cfg, run)
     if cfg.track:
         accelerator.init_trackers("lorakit", config=_flat(cfg.model_dump(mode="json")))
-    params = adapter.count_params(net)
     accelerator.print(
         f"training {params[0]:,} of {params[1]:,} parameters ({cfg.method}, {dtype}, "
         f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "
         f"{total_steps} steps of {per_step} rows"
-    )
-    eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
+        + (f" ({time_budget.duration(budget.seconds)} time budget: {total_steps * per_step / len(rows):.2f} epochs"
+           + (", as its checkpoint planned)" if budget.final else " for now: re-planned from the first steps' speed)")
+           if budget else "")
+    )  # fmt: skip
     return Training(
         cfg, accelerator, run, tokenizer, net, step_fn, optimizer, scheduler, dtype, params,
-        examples=_examples(prepared.train), rows=rows, eval_examples=_examples(prepared.eval) if eval_rows else [],
-        eval_rows=eval_rows, use_positions=use_positions, per_step=per_step, total_steps=total_steps,
-        start=state.get("step", 0), state=state,
+        examples=examples, rows=rows, eval_examples=eval_examples, eval_rows=eval_rows, use_positions=use_positions,
+        per_step=per_step, total_steps=total_steps, start=state.get("step", 0), state=state, row_tokens=row_tokens,
+        budget=budget, best=best,
     )  # fmt: skip
 
 
@@ -175,23 +207,32 @@ def resume_state(accelerator: Accelerator, run: RunFolder, net: Any, optimizer: 
 
 
 def train(t: Training, progress: bool) -> float | None:
-    """Steps t.start+1 .. t.total_steps: log, evaluate and checkpoint on their cadence. Returns the last eval loss."""
-    cfg, accelerator, state = t.cfg, t.accelerator, t.state
+    """Steps t.start+1 .. t.total_steps: log, evaluate and checkpoint on their cadence. Returns the last eval loss.
+
+    A time budget may re-plan t.total_steps after the first steps (replan), so the loop reads it at every step.
+    """
+    cfg, accelerator, state, budget = t.cfg, t.accelerator, t.state, t.budget
     t.step_fn.train()
     bar = tqdm(total=t.total_steps, initial=t.start, disable=not (progress and accelerator.is_local_main_process),
-               desc="training", unit="step", dynamic_ncols=True)  # fmt: skip
+               desc=_bar_title(t), unit="step", dynamic_ncols=True)  # fmt: skip
     pad = t.tokenizer.pad_token_id
     order = DataOrder(len(t.rows), cfg.train.seed)
-    row_tokens = [sum(len(t.examples[i]["input_ids"]) for i in row) for row in t.rows]
     last_eval = None
     t0 = time.perf_counter() - state["elapsed"]
-    for step in range(t.start + 1, t.total_steps + 1):
+    step = t.start
+    while step < t.total_steps:
+        step += 1
+        if budget and budget.due(step, t.total_steps):  # before the step: its rate comes from the new schedule
+            replan(t, step, bar)
+        tic = time.perf_counter()
         step_rows = order.rows(step - 1, t.per_step)[accelerator.process_index :: accelerator.num_processes]
         micro = [
             packing.collate([[t.examples[i] for i in t.rows[r]] for r in group], pad, t.use_positions)
-            for group in micro_batches(step_rows, row_tokens, cfg.train.batch_size)
+            for group in micro_batches(step_rows, t.row_tokens, cfg.train.batch_size)
         ]
         record = train_step(t, step, micro)
+        if budget:
+            budget.durations.append(time.perf_counter() - tic)
         state["train_s"] = time.perf_counter() - t0 - state["eval_s"]
         record |= {
             "tokens_per_s": _throughput(state, accelerator.num_processes),
@@ -203,7 +244,12 @@ def train(t: Training, progress: bool) -> float | None:
             last_eval = record["eval_loss"] = eval_loss(
                 t.net, t.eval_examples, t.eval_rows, cfg.train.batch_size, pad, t.use_positions, accelerator
             )
-            state["eval_s"] += time.perf_counter() - t_eval
+            if cfg.train.keep_best:  # counted as evaluation time: picking the best is part of evaluating
+                keep_if_best(t, step, last_eval)
+            took = time.perf_counter() - t_eval
+            state["eval_s"] += took
+            if budget:
+                budget.eval_s = max(budget.eval_s or 0.0, took)
         # Before the checkpoint, evaluation included: a resumed run's clock goes on from here, and
         # elapsed - eval_s stays its training time.
         state["elapsed"] = time.perf_counter() - t0
@@ -215,13 +261,73 @@ def train(t: Training, progress: bool) -> float | None:
                 accelerator.log(record, step=step)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        # The last step is saved too: a finished run then resumes exactly when max_steps is raised.
-        if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == t.total_steps):
+        # The last step is saved too: a finished run then resumes exactly when max_steps is raised. With keep_best
+        # it always is: adapter/ holds the best weights, and the last ones must be somewhere.
+        last, every = step == t.total_steps, cfg.train.save_every
+        if (every and step % every == 0) or (last and (every or cfg.train.keep_best)):
+            tic = time.perf_counter()
             save_checkpoint(accelerator, t.step_fn, t.net, t.run, step, t.optimizer, t.scheduler, state, cfg)
+            if budget:
+                budget.save_s = max(budget.save_s or 0.0, time.perf_counter() - tic)
         _fault_injection(step)
     bar.close()
     state["elapsed"] = time.perf_counter() - t0  # the whole loop, the last evaluation and checkpoint included
     return last_eval
+
+
+def replan(t: Training, step: int, bar: Any) -> None:
+    """train.time_budget: before `step`, set the run's total steps from the speed measured so far, and rebuild the
+    schedule for the new total, standing where the steps done left it. After this process's first step: from that
+    step's time alone (cautious); then from the steps after it; then, at each check, from the steps since the last
+    one, only ever shorter (a run ahead of its plan ends early, which the budget allows; one behind would overrun)."""
+    b, done = t.budget, step - 1
+    checking, since = b.final, b.planned_at + 1 if b.final else b.first + 1
+    step_s = b.durations[0] if done == b.first else statistics.mean(b.durations[since - b.first :])
+    planned = b.plan(done, step_s)
+    total = time_budget.agree(t.accelerator, min(planned, t.total_steps) if checking else planned)
+    b.final, b.planned_at = done > b.first, done if done > b.first else 0
+    t.state.update(planned_steps=total, budget_final=b.final)
+    changed = total != t.total_steps
+    if changed:
+        t.scheduler = stretch_schedule(t.scheduler, t.cfg, total, done)
+        t.total_steps = bar.total = total
+        bar.set_description(_bar_title(t))
+    if b.final and (changed or not checking) and t.accelerator.is_main_process:
+        warmup = t.cfg.train.warmup_steps
+        tqdm.write(
+            f"{time_budget.line(b.seconds, total, t.per_step, len(t.rows))}, "
+            + ("shortened: " if checking else "") + f"planned from {step_s:.3g} s a step over steps {since}-{done}"
+            + (f"; note: fewer than train.warmup_steps ({warmup}): the rate never reaches its peak"
+               if total <= warmup else "")
+        )  # fmt: skip
+
+
+def stretch_schedule(scheduler: Any, cfg: RunConfig, total: int, done: int) -> Any:
+    """A schedule of `total` steps standing where `scheduler` stood after `done` steps: the one a run built for
+    `total` from the start would have there, so warmup and decay still end at the last step."""
+    stretched = build_schedule(scheduler.optimizer, cfg, total)  # its optimizer keeps each group's initial_lr
+    for _ in range(done):
+        stretched.step()
+    return stretched
+
+
+def keep_if_best(t: Training, step: int, value: float) -> None:
+    """train.keep_best: when this evaluation beats every earlier one, write its trained weights into the run's
+    best/ (on disk, so that a resumed run keeps it). Every rank takes part: FSDP gathers the weights."""
+    if not math.isfinite(value) or (t.best is not None and value >= t.best["eval_loss"]):
+        return
+    weights = whole_state(t.accelerator, t.step_fn)
+    t.best = {"step": step, "eval_loss": value}
+    if t.accelerator.is_main_process:
+        checkpoint.save_best(t.run.best, adapter.trainable_state(t.net, weights), t.best)
+    t.accelerator.wait_for_everyone()
+
+
+def with_best(weights: dict[str, torch.Tensor], best: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole state dict `weights` with the trained weights of `best` (keep_best) in it. A tied weight is one
+    parameter under two names (a full fine-tune's lm_head and embeddings): both take the best."""
+    by_storage = {weights[k].data_ptr(): v for k, v in best.items() if k in weights}
+    return {k: best.get(k, by_storage.get(v.data_ptr(), v)) for k, v in weights.items()}
 
 
 def train_step(t: Training, step: int, micro: list[dict]) -> dict[str, Any]:
@@ -250,6 +356,10 @@ def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
     weights = whole_state(accelerator, t.step_fn)
     summary = {}
     if accelerator.is_main_process:
+        if t.best is not None:  # keep_best: the last weights stay in the newest checkpoint
+            weights = with_best(weights, checkpoint.best_weights(t.run.best))
+        elif cfg.train.keep_best:
+            print("note: train.keep_best: no evaluation gave a finite eval loss; the last step's weights are saved")
         save_result(t.net, t.tokenizer, t.run.weights(cfg.method), weights, base=cfg.model)
         records = tracking.read(t.run.metrics)
         tracking.plot(records, t.run.loss_plot)
@@ -275,7 +385,14 @@ def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
             "kernels": kernels.applied(t.net),  # liger's, as train.kernels chose: [] for none
             "examples": len(t.examples),
             "rows": len(t.rows),
+            "epochs": round(t.total_steps * t.per_step / len(t.rows), 3),  # passes over the rows the steps made
         }
+        if t.budget:  # planned_steps: as "steps"; the budget counts from setup, so more than wall_time_s
+            summary |= {"time_budget_s": t.budget.seconds, "planned_steps": t.total_steps,
+                        "budget_used_s": round(t.budget.spent(), 2)}  # fmt: skip
+        if t.best is not None:  # what adapter/ (model/) holds
+            summary |= {"keep_best": cfg.train.keep_best, "best_step": t.best["step"],
+                        "best_eval_loss": t.best["eval_loss"]}  # fmt: skip
         files.write_json(t.run.summary, summary)
         card.write(t.run.weights(cfg.method), "model" if cfg.method == "full" else "adapter", cfg.model, t.run)
     # end_training destroys the process group: a rank that did so while the main rank was still saving hung
@@ -507,6 +624,14 @@ def _rows(ds: Any, max_length: int, use_positions: bool) -> list[list[int]]:
         return []
     lengths = [len(x) for x in ds["input_ids"]]
     return packing.pack(lengths, max_length) if use_positions else packing.unpacked(len(lengths))
+
+
+def _bar_title(t: Training) -> str:
+    return (
+        f"training ({time_budget.line(t.budget.seconds, t.total_steps, t.per_step, len(t.rows))})"
+        if t.budget
+        else "training"
+    )
 
 
 def _throughput(state: dict, world: int) -> float:
