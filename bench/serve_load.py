@@ -3,13 +3,17 @@
     python bench/serve_load.py --model smollm2-135m-instruct --adapter sql=runs/quickstart \\
         --adapter sql2=runs/qs2 --requests 16 --concurrency 4 --max-tokens 32 --batching on
     python bench/serve_load.py --distinct-adapters 8 --requests 32 --concurrency 8 --repeats 3  # the table
+    python bench/serve_load.py --overhead  # the engine's decode step against the bare forward, batch 1-16
 
 --distinct-adapters K makes K LoRA adapters of random weights (ranks 8 and 16 alternating, all linear
 layers) on the base, and runs four servers on the same requests, each request to the next adapter in turn:
 the base model alone (no adapter, the ceiling), batching with lorakit's batched multi-adapter LoRA
 (serve/multi_lora.py), batching with peft's per-row `adapter_names` (what it replaced), and one request
-at a time with the active adapter switched per request. Greedy answers must be identical in the three
-adapter modes, or the numbers do not count.
+at a time with the active adapter switched per request. The three adapter modes must answer alike, or the
+numbers do not count (exit 1): the logits that pick each answer's first token within the dtype's tolerance
+(lorakit.parity) of one request at a time's, and in fp32 identical greedy answers. In bf16/fp16 batching
+rounds differently (other padding, other matmul shapes), so an answer can turn at a near tie: the share of
+identical answers is reported beside the logits instead.
 
 The app runs in this process behind httpx's ASGI transport (no network in the way), so the numbers are
 the serving stack and the model: requests/s, completion tokens/s, p50/p99 latency, errors. Compare
@@ -21,13 +25,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
 import time
+from typing import get_args
 
 import httpx
 
+from lorakit.config import Dtype
 from lorakit.errors import LorakitError
 from lorakit.serve import server
 
@@ -128,15 +135,17 @@ def distinct(args: argparse.Namespace) -> dict:
         ("one_at_a_time", "off", False),
     )
     runs: dict[str, list[dict]] = {mode: [] for mode, _, _ in modes}
+    kept: dict[str, list] = {mode: [] for mode, _, _ in modes}  # each mode's jobs, with their first logits
     with tempfile.TemporaryDirectory() as tmp:
         adapters = random_adapters(args.model, args.distinct_adapters, tmp)
         for rep in range(args.repeats):
             for mode, batching, batched_lora in modes if rep % 2 == 0 else modes[::-1]:
                 used = {} if mode == "base_only" else adapters
                 opts = server.ServeOptions(model=args.model, served_model_name="base", adapters=used,
-                                           batching=batching, max_batch=args.max_batch)  # fmt: skip
+                                           batching=batching, max_batch=args.max_batch, dtype=args.dtype)  # fmt: skip
                 app, serving = server.build(opts)
                 serving.engine.batched_lora = batched_lora
+                keep_first_logits(serving.engine, kept[mode])
                 runs[mode].append(asyncio.run(load(app, list(used) or ["base"], args.requests, args.concurrency,
                                                    args.max_tokens)))  # fmt: skip
                 serving.close()
@@ -151,14 +160,162 @@ def distinct(args: argparse.Namespace) -> dict:
     return {
         **out,
         "repeats": args.repeats,
-        "same_answers_adapter_modes": all(
-            a == first for m in ("batched_lora", "peft_per_row", "one_at_a_time") for a in answers[m]
-        ),
+        **adapter_modes_agree(answers, kept, args.dtype),
         "answers_differing_from_base": f"{differ}/{len(first)}",
         "batched_vs_one_at_a_time": round(rate / out["one_at_a_time"]["requests_per_s"], 2),
         "batched_vs_peft_per_row": round(rate / out["peft_per_row"]["requests_per_s"], 2),
         "batched_vs_base_only": round(rate / out["base_only"]["requests_per_s"], 2),
     }
+
+
+def device_and_dtype(dtype: str) -> tuple[str, str]:
+    """Where `lorakit serve` runs by default (the GPU when there is one) and the dtype --dtype means there."""
+    from lorakit import model
+
+    device = model.pick_device("auto")
+    return device, {v: k for k, v in model.DTYPES.items()}[model.pick_dtype(dtype, device)]
+
+
+def keep_first_logits(engine, kept: list) -> None:
+    """Every job submitted to `engine` from now on keeps the logits of its first pick, and is added to `kept`."""
+    submit = engine.submit
+
+    def keeping(job) -> None:
+        job.keep_logits = True
+        kept.append(job)
+        submit(job)
+
+    engine.submit = keeping
+
+
+def adapter_modes_agree(answers: dict[str, list[list]], kept: dict[str, list], dtype: str) -> dict:
+    """Do the three adapter modes answer alike? Each batched mode against one request at a time (rows alone):
+    the logits that pick each answer's first token within the dtype's tolerance (lorakit.parity), and the
+    share of identical greedy answers. In fp32 the answers must be identical; in 16-bit, batching (another
+    padding, another matmul shape) changes the rounding, so an answer can turn at a near tie: there the
+    logits decide, and the agreement is reported beside them."""
+    import torch
+
+    from lorakit import parity
+
+    def key(job) -> tuple:  # the adapter without its load's version (name@N), and the prompt
+        return (job.adapter and job.adapter.rsplit("@", 1)[0], tuple(job.prompt_ids))
+
+    reference, alone = answers["one_at_a_time"][0], {}
+    for job in kept["one_at_a_time"]:
+        alone.setdefault(key(job), job.logits)
+    _, name = device_and_dtype(dtype)
+    logits, agreement = {}, {}
+    for mode in ("batched_lora", "peft_per_row"):
+        jobs = [j for j in kept[mode] if j.logits is not None]
+        got = torch.stack([j.logits for j in jobs])
+        want = torch.stack([alone[key(j)] for j in jobs])
+        logits[mode] = parity.compare(got, want, parity.TOLERANCE[name])
+        same = [a == b for run in answers[mode] for a, b in zip(run, reference)]
+        agreement[mode] = round(sum(same) / len(same), 4)
+    identical = all(a == reference for m in ("batched_lora", "peft_per_row", "one_at_a_time") for a in answers[m])
+    ok = all(r["ok"] for r in logits.values()) and (identical or name != "fp32")
+    return {
+        "dtype": name,
+        "ok": ok,
+        "same_answers_adapter_modes": identical,
+        "greedy_agreement_vs_one_at_a_time": agreement,
+        "first_step_logits_vs_one_at_a_time": logits,
+    }
+
+
+def overhead(args: argparse.Namespace) -> dict:
+    """--overhead: the engine's decode step against the bare forward it wraps, on the base model alone.
+
+    The engine step is `Engine._step` (feed each row's newest token, pick the next, stream its text), timed by
+    the engine itself (`step_times`); the bare forward is the same model called directly on the same batch and
+    cache length, with a DynamicCache, `logits_to_keep=1`, under inference_mode (no mask, no picking, no text).
+    Every row has the same prompt and no stop ids, so all rows run exactly --max-tokens tokens together.
+
+    Every torch call runs in a fresh thread of its own, as the engine's run in its worker thread: on Linux
+    torch's OpenMP (libgomp) keeps a team of threads for each thread that ran a parallel op, and once it
+    manages more threads than there are cores it stops spinning between parallel regions and sleeps instead.
+    A forward in one thread while another thread's team exists (the main thread's, once it ran a parallel op)
+    measured 1.3-1.5x slower on 2 cores: that is the process's threads, not the engine.
+    """
+    import torch
+
+    from lorakit import model
+
+    device, dtype = device_and_dtype(args.dtype)
+    tok = model.load_tokenizer(args.model)
+    net = in_thread(model.load_model, args.model, dtype=model.DTYPES[dtype], device=device).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True,
+                                   tokenize=False)  # fmt: skip
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    new = args.max_tokens or 128
+    in_thread(bare_forward, net, prompt, 1, 8)  # warm-up: first calls allocate
+    sizes = []
+    for batch in args.batch_sizes:
+        eng, bare = [], []
+        for rep in range(args.repeats):  # alternating order: a machine that drifts favours neither
+            for which in ("engine", "bare") if rep % 2 == 0 else ("bare", "engine"):
+                if which == "engine":
+                    eng += engine_steps(net, tok, prompt, batch, new)
+                else:
+                    bare += in_thread(bare_forward, net, prompt, batch, new)
+        e, b = statistics.median(eng), statistics.median(bare)
+        sizes.append({"batch": batch, "engine_step_ms": round(e * 1e3, 3), "bare_forward_ms": round(b * 1e3, 3),
+                      "ratio": round(e / b, 3), "steps": len(eng)})  # fmt: skip
+    return {"model": args.model, "device": device, "dtype": dtype,
+            "prompt_tokens": len(prompt), "new_tokens": new, "threads": torch.get_num_threads(),
+            "batches": sizes}  # fmt: skip
+
+
+def in_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a fresh thread, gone when it returns (see `overhead`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def engine_steps(net, tok, prompt: list[int], batch: int, new: int) -> list[float]:
+    """Seconds of each engine decode step with `batch` rows (the steps after their shared prefill)."""
+    import queue
+
+    from lorakit.serve.engine import Engine, Job
+
+    # A long window: the engine starts once all rows are queued, so they prefill and decode as one batch.
+    engine = Engine(lambda: net, tok, [tok.eos_token_id], max_batch=batch, window_s=600.0)
+    engine.step_times, ended = [], queue.Queue()
+    for _ in range(batch):
+        engine.submit(Job(prompt, None, new, stop_ids=frozenset(), emit=lambda t, done, why: done and ended.put(why)))
+    reasons = [ended.get(timeout=600) for _ in range(batch)]
+    engine.close()
+    assert reasons == ["length"] * batch, reasons
+    return [s for n, s in engine.step_times if n == batch]
+
+
+def bare_forward(net, prompt: list[int], batch: int, new: int) -> list[float]:
+    """Seconds of each bare decode forward of `batch` rows, the cache growing from the prompt as the engine's."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    device = next(net.parameters()).device
+    # transformers renamed `past_key_values` to `cache`: use what this model takes, as the engine does.
+    cache_kw = "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    times = []
+    with torch.inference_mode():
+        cache = DynamicCache()
+        ids = torch.tensor([prompt] * batch, device=device)
+        out = net(input_ids=ids, **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
+        for _ in range(new - 1):  # the engine's prefill picks the first token; each step then one more
+            ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            t0 = time.perf_counter()
+            out = net(input_ids=ids, **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> int:
@@ -167,20 +324,39 @@ def main() -> int:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="adapter (repeatable)")
     p.add_argument("--requests", type=int, default=16, help="total requests")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent clients")
-    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="max_tokens per request (default 32; 128 with --overhead)"
+    )
     p.add_argument("--batching", choices=["on", "off", "both"], default="both", help="server batching mode(s)")
     p.add_argument("--max-batch", type=int, default=8, help="batch size cap when batching")
     p.add_argument("--distinct-adapters", type=int, default=0, metavar="K",
                    help="K random adapters: base only vs batched LoRA vs peft per-row vs one at a time")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1,
-                   help="with --distinct-adapters: the four servers N times in alternating order; medians")  # fmt: skip
+                   help="the four servers of --distinct-adapters, or --overhead's engine and bare forward, N times "
+                        "in alternating order; medians")  # fmt: skip
+    dtype = next(f for f in dataclasses.fields(server.ServeOptions) if f.name == "dtype")  # serve's own option
+    p.add_argument("--dtype", choices=get_args(Dtype), default=dtype.default, help=dtype.metadata["help"])
+    p.add_argument("--overhead", action="store_true",
+                   help="time the engine's decode step against the bare forward (base model, no adapters)")  # fmt: skip
+    p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 8, 16],
+                   metavar="N,N,...", help="with --overhead: the batch sizes")  # fmt: skip
     args = p.parse_args()
+    if args.overhead:
+        print(json.dumps(overhead(args)))
+        return 0
+    args.max_tokens = args.max_tokens or 32
     if args.distinct_adapters:
         try:
-            print(json.dumps(distinct(args), indent=1))
+            out = distinct(args)
         except LorakitError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        print(json.dumps(out, indent=1))
+        if not out["ok"]:
+            print(
+                "error: the adapter modes do not answer alike (see ok above): the numbers do not count", file=sys.stderr
+            )
+            return 1
         return 0
     adapters = dict(a.split("=", 1) for a in args.adapter)
     out = {}

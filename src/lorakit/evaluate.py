@@ -49,10 +49,9 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
             "eval compares answers to prompts, but this data is plain text (format text); "
             "give chats (prompt + answer) with --data, or a data.template that splits the text"
         )
-    prompts = [_prompt(ex) for ex in examples]
-    refs = [_reference(ex) for ex in examples]
-    has_refs = all(r for r in refs)
-    tokenizer = _tokenizer(cfg, adapters)
+    prompts, refs = map(list, zip(*(render.split(ex["messages"]) for ex in examples))) if examples else ([], [])
+    has_refs = all(refs)
+    tokenizers = tokenizers_of(cfg, {**adapters, **full})
     device = model.pick_device(opts.device)
     dtype = model.pick_dtype(opts.dtype, device)
     # The base its adapters were trained on: each one's own run says (an adapter outside a run: the config's method).
@@ -62,15 +61,25 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
         if why := adapter.base_mismatch(name, path, quantization):
             print(f"warning: {why}", file=sys.stderr)
     net = load_models(cfg, adapters, opts.force, device=device, dtype=dtype, quantization=quantization)
-    encoded = [render.encode(tokenizer, ex, max_length=cfg.data.max_length) for ex in examples] if has_refs else []
+    encoded: dict[str | None, list] = {}  # by chat template: the held-out chats as each template renders them
     results: dict[str, dict] = {}
     outputs: dict[str, list[str]] = {}
+
+    def run_one(net: Any, name: str) -> None:
+        tokenizer = tokenizers[name]
+        if has_refs and tokenizer.chat_template not in encoded:
+            encoded[tokenizer.chat_template] = [
+                render.encode(tokenizer, ex, max_length=cfg.data.max_length) for ex in examples
+            ]
+        enc = encoded.get(tokenizer.chat_template, [])
+        results[name], outputs[name] = answer(net, name, tokenizer, prompts, enc, tasks, opts)
+
     for name in [BASE, *adapters]:
-        results[name], outputs[name] = answer(net, name, tokenizer, prompts, encoded, tasks, opts)
+        run_one(net, name)
     for name, folder in full.items():  # a full fine-tune is a model of its own: it replaces the base in memory
         del net
         net = model.load_model(str(folder), dtype=dtype, device=device, quantization=quantization).eval()
-        results[name], outputs[name] = answer(net, name, tokenizer, prompts, encoded, tasks, opts)
+        run_one(net, name)
     per_example: dict[str, list[dict]] = {}
     for name, preds in outputs.items() if has_refs else ():
         totals, per_example[name] = scoring.score(preds, refs, builtin, user, opts.normalize)
@@ -253,27 +262,21 @@ def _fmt(key: str, v: Any) -> str:
     return f"{v:.3f}" if key in ("loss", "perplexity") or ":" in key else f"{v:.1f}"
 
 
-def _tokenizer(cfg: RunConfig, adapters: dict[str, Path]) -> Any:
-    """The tokenizer saved with the first adapter (its exact chat template), else the base's."""
-    first = next(iter(adapters.values()), None)
-    tokenizer = (
-        model.adapter_tokenizer(first, cfg.model, cfg.trust_remote_code)
-        if first is not None
-        else model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    )
-    render.setup_template(tokenizer, cfg.data.chat_template)
-    return tokenizer
+def tokenizers_of(cfg: RunConfig, models: dict[str, Path]) -> dict[str, Any]:
+    """Each model's tokenizer, holding the chat template it answers with (the server renders the same way).
 
-
-def _prompt(ex: dict) -> list[dict]:
-    messages = ex["messages"]
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    return messages[:last]
-
-
-def _reference(ex: dict) -> str:
-    answers = [m["content"] for m in ex["messages"] if m["role"] == "assistant"]
-    return answers[-1] if answers else ""
+    An adapter (or a full fine-tune) answers with the template saved with it at training; the base with its
+    own. Where there is none (a base model, an adapter saved without its tokenizer), the run's
+    data.chat_template is applied as training did, so every model answers the same chats.
+    """
+    base = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    out = {BASE: base}
+    for name, path in models.items():
+        out[name] = model.adapter_tokenizer(path, cfg.model, cfg.trust_remote_code)
+    for tokenizer in out.values():
+        if not getattr(tokenizer, "chat_template", None):
+            render.setup_template(tokenizer, cfg.data.chat_template)
+    return out
 
 
 def _own_result(cfg: RunConfig) -> tuple[dict[str, Path], dict[str, Path]]:

@@ -12,6 +12,8 @@ from accelerate.utils import find_executable_batch_size
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from lorakit import render
+
 
 def generate(
     model,
@@ -29,23 +31,20 @@ def generate(
     """Complete each chat with one assistant turn; return the texts in the order of `chats`.
 
     Each chat is a list of `{"role", "content"}` messages rendered with the tokenizer's chat template.
-    `temperature == 0` decodes greedily (deterministic). A completion ends at the tokenizer's EOS, at
-    any EOS id of the model's generation config, or after `max_new_tokens`; its text is then cut
+    `temperature == 0` decodes greedily (deterministic). A completion ends at one of `render.stop_ids`
+    (the template's end of turn, the EOS ids) or after `max_new_tokens`; its text is then cut
     before the first of the `stop` strings. Special tokens are not part of the returned text.
     """
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = render.stop_ids(tokenizer, model.generation_config)
+    if not eos_ids:
+        raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token")
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError(
             "the tokenizer has no pad token: load it with lorakit.model.load_tokenizer, or pass "
             "lorakit.model.with_pad(tokenizer)"
         )
-    prompts = [
-        tokenizer(
-            tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False), add_special_tokens=False
-        ).input_ids  # the template already holds any BOS
-        for chat in chats
-    ]
+    prompts = [render.prompt_ids(tokenizer, chat) for chat in chats]
     # A fresh config, not the model's: its sampling defaults (temperature 0.7, repetition penalty…)
     # must not change what the caller asked for. Sampling knobs are only set when sampling, because
     # transformers warns about them under greedy decoding.
@@ -83,19 +82,6 @@ def generate(
     finally:
         model.train(was_training)
     return texts
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    # Chat models often end a turn with a token other than the tokenizer's EOS (Llama 3's <|eot_id|>);
-    # the generation config lists those, so both sources count.
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    extra = getattr(model.generation_config, "eos_token_id", None)
-    for i in [extra] if isinstance(extra, int) else extra or []:
-        if i not in ids:
-            ids.append(i)
-    if not ids:
-        raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token")
-    return ids
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

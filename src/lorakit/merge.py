@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jinja2.exceptions import TemplateError
 
 from lorakit import adapter, card, files, model, parity, render
 from lorakit.errors import LorakitError
@@ -126,30 +125,10 @@ def dequantized_4bit(base: str, device: str = "cpu") -> Any:
     return quantized.to(torch.float32)
 
 
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """The special token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`).
-
-    It is what the adapter learned to emit when done (lorakit trains on it), and it is not always
-    the tokenizer's EOS (a base model's EOS is often `<|endoftext|>`).
-    """
-    answer = "lorakit-parity-answer"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}], tokenize=False
-        )
-    except (TemplateError, ValueError):  # no template, or one that refuses this chat: nothing to add
-        return []
-    after = tokenizer(text[text.rfind(answer) + len(answer) :], add_special_tokens=False)["input_ids"]
-    special = render.special_ids(tokenizer)
-    return [i for i in after if i in special][:1]
-
-
 def set_stop_tokens(merged: Any, tokenizer: Any) -> None:
-    """The merged model must stop where the adapter did: EOS ids = end-of-turn + tokenizer EOS + the base's."""
+    """The merged model must stop where the adapter did: its EOS ids become `render.stop_ids` (end of turn first)."""
     gen = merged.generation_config
-    base_ids = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    ids = [i for i in [*end_of_turn_ids(tokenizer), tokenizer.eos_token_id, *base_ids] if i is not None]
-    ids = list(dict.fromkeys(ids))
+    ids = render.stop_ids(tokenizer, gen)
     gen.eos_token_id = ids if len(ids) > 1 else ids[0]
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id

@@ -213,9 +213,15 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def adapter_tokenizer(adapter_dir: str | Path, base: str, trust_remote_code: bool = False):
     """The tokenizer saved with an adapter (the chat template it was trained with), else the base's; pad set."""
-    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
-        return with_pad(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code))
-    return load_tokenizer(base, trust_remote_code=trust_remote_code)
+    saved = saved_tokenizer(adapter_dir, trust_remote_code)
+    return saved if saved is not None else load_tokenizer(base, trust_remote_code=trust_remote_code)
+
+
+def saved_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    """The tokenizer saved in a folder (training saves it beside the adapter), pad set; None if there is none."""
+    if not (Path(folder) / "tokenizer_config.json").is_file():
+        return None
+    return with_pad(AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code))
 
 
 def with_pad(tokenizer):

@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from jinja2.exceptions import TemplateError
 
+from lorakit import render
 from lorakit.errors import LorakitError
 
 # Max |logit difference| accepted between two models that should answer alike (base+adapter and its merge,
@@ -42,12 +44,8 @@ def prompts(run_cfg: Any) -> tuple[list[list[dict]], str]:
         ).examples
     except LorakitError:  # e.g. a relative path from another working directory: the built-in ones still test
         return BUILT_IN, "built-in"
-    # Each chat up to its last user turn: the model's answer position is where the adapter matters most.
-    own = [
-        m[: max(i for i, t in enumerate(m) if t["role"] == "user") + 1]
-        for m in (c.get("messages") or [] for c in chats)
-        if any(t["role"] == "user" for t in m)
-    ]
+    # Each chat's prompt (its turns before the answer): the answer position is where the adapter matters most.
+    own = [prompt for prompt, _ in map(render.split, (c.get("messages") or [] for c in chats)) if prompt]
     return own + BUILT_IN, f"{len(own)} held-out from {eval_path} + built-in"
 
 
@@ -57,21 +55,15 @@ def inputs(tokenizer: Any, prompts: list[list[dict]], max_tokens: int = 512) -> 
     A long chat keeps its last tokens: the answer position is the one that matters, and both models
     see the same ids either way. Chats the template refuses (Gemma's has no system turn) are left out.
     """
-    return [
-        torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:]])
-        for _, text in rendered(tokenizer, prompts)
-    ]
+    return [torch.tensor([ids[-max_tokens:]]) for _, ids in rendered(tokenizer, prompts)]
 
 
-def rendered(tokenizer: Any, prompts: list[list[dict]]) -> list[tuple[list[dict], str]]:
-    """(chat, its text up to the generation prompt) for the chats the template renders (Gemma's raises on a
-    system turn, by design)."""
-    from jinja2.exceptions import TemplateError
-
+def rendered(tokenizer: Any, prompts: list[list[dict]]) -> list[tuple[list[dict], list[int]]]:
+    """(chat, its prompt ids) for the chats the template renders (Gemma's raises on a system turn, by design)."""
     out = []
     for c in prompts:
         try:
-            out.append((c, tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)))
+            out.append((c, render.prompt_ids(tokenizer, c)))
         except (TemplateError, ValueError):
             continue
     return out

@@ -120,6 +120,63 @@ def default_end_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+def template_name(tokenizer: Any, base_template: str | None = None) -> str | None:
+    """What a tokenizer's chat template is, in a word: a fallback's name, "base" (the base model's own),
+    "custom" (another template the tokenizer carries), or None (none: it cannot render chats)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    named = next((name for name, text in FALLBACK_TEMPLATES.items() if text == template), None)
+    return named or ("base" if template == base_template else "custom")
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict], tools: list | None = None) -> list[int]:
+    """A chat as the ids the model reads before answering: rendered up to the generation prompt, as in training.
+
+    Every stage that answers chats (generate and eval, serve, merge's parity check, the GGUF proof) takes its
+    prompts from here, so the server's greedy answers equal `generate`'s by construction.
+    """
+    text = render(tokenizer, messages, tools, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds any BOS
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`).
+
+    It is what a fine-tuned model learned to emit when done (lorakit trains on it), and it is not always
+    the tokenizer's EOS (a base model's EOS is often `<|endoftext|>`).
+    """
+    answer = "lorakit-end-of-turn-probe"
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}])
+    except (TemplateError, ValueError):  # no template, or one that refuses this chat
+        return None
+    after = tokenizer(text[text.rfind(answer) + len(answer) :], add_special_tokens=False)["input_ids"]
+    return next((i for i in after if i in special_ids(tokenizer)), None)
+
+
+def stop_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """The ids that end an answer: the template's end of turn, the tokenizer's EOS and the model's own EOS ids.
+
+    Chat models often end a turn with a token other than the tokenizer's EOS (Llama 3's <|eot_id|>); the
+    generation config lists those. One list for generate, serve, merge's saved config and the GGUF proof.
+    """
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = [end_of_turn_id(tokenizer), tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def split(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """A held-out chat as (prompt, reference): the turns before its last assistant turn, and that turn's text.
+
+    A chat with no assistant turn is all prompt, with no reference.
+    """
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return list(messages), None
+    return messages[:last], messages[last]["content"] or None
+
+
 def _encode_text(tokenizer: Any, text: str) -> Encoded:
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):

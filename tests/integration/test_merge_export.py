@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lorakit import cli, config, merge
+from lorakit import cli, config, merge, render
 from lorakit import model as lkmodel
 from lorakit.errors import LorakitError
 from lorakit.export import gguf, ollama, vllm
@@ -104,7 +104,7 @@ def test_stop_tokens_include_the_templates_end_of_turn(tmp_path):
     im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert model.generation_config.eos_token_id == [im_end, eot]
     llama2 = tiny_tokenizer("llama2")
-    assert merge.end_of_turn_ids(llama2) == [llama2.convert_tokens_to_ids("</s>")]
+    assert render.end_of_turn_id(llama2) == llama2.convert_tokens_to_ids("</s>")
 
 
 def test_failed_parity_writes_nothing(tmp_path, bases, monkeypatch, capsys):

@@ -168,8 +168,8 @@ def test_a_request_joins_rows_already_decoding(world):
     done = {k: threading.Event() for k in "xy"}
     first = p.ChatCompletionRequest(model="a", messages=CHATS[1], max_tokens=10, temperature=0)
     second = p.ChatCompletionRequest(model="b", messages=CHATS[2], max_tokens=6, temperature=0)
-    [x] = serving.prepare(first, [serving.chat_prompt(first)])
-    [y] = serving.prepare(second, [serving.chat_prompt(second)])
+    [x] = serving.chat_jobs(first)
+    [y] = serving.chat_jobs(second)
     y.emit = lambda text, end, reason: end and done["y"].set()
 
     def on_x(text: str, end: bool, reason: str | None) -> None:
@@ -320,7 +320,7 @@ def test_old_version_lives_until_unused_and_broken_versions_never_replace_it(wor
     shutil.copytree(tmp / "adapters", adapters)
     _, serving, http = start(world, adapters_dir=adapters)
     req = p.ChatCompletionRequest(model="a", messages=MSGS, max_tokens=8, temperature=0)
-    in_flight = serving.prepare(req, [serving.chat_prompt(req)])  # pins version 1 of "a"
+    in_flight = serving.chat_jobs(req)  # pins version 1 of "a"
     old_internal = in_flight[0].adapter
     make_adapter(base, adapters / "a", 4, ["q_proj", "v_proj"], 99)
     assert serving.registry.scan(adapters) == ["a"]
@@ -428,7 +428,7 @@ def test_lru_eviction_reloads_on_demand_and_unload(world):
 def test_a_client_that_leaves_cancels_its_row(world):
     _, serving, _ = start(world)
     req = p.ChatCompletionRequest(model="a", messages=MSGS, max_tokens=200, temperature=0)
-    [job] = serving.prepare(req, [serving.chat_prompt(req)])
+    [job] = serving.chat_jobs(req)
 
     async def leave_after_first_token():
         async with aclosing(serving.run([job])) as events:
@@ -542,7 +542,7 @@ def test_a_row_that_fails_ends_alone_and_tiny_temperatures_work(world):
     tmp, base = world
     _, serving, _ = start(world, max_batch=4, batch_window_ms=60_000)
     reqs = [p.ChatCompletionRequest(model=m, messages=MSGS, max_tokens=8, temperature=0) for m in ("a", "b")]
-    jobs = [job for r in reqs for job in serving.prepare(r, [serving.chat_prompt(r)])]
+    jobs = [job for r in reqs for job in serving.chat_jobs(r)]
     jobs[1].temperature = float("nan")  # its sampling fails at the first token
     serving.engine.window_s = 0.0
 

@@ -1,6 +1,7 @@
 """Loss masks: exactly the assistant turns and their end token are trained, for every template."""
 
 import pytest
+from transformers import GenerationConfig
 
 from lorakit import formats, render, sources
 from lorakit.errors import LorakitError
@@ -132,3 +133,43 @@ def test_trained_text_is_exactly_the_answers_on_real_rows(shared_data, path):
         enc = render.encode(tok, ex)
         answers = [m["content"] + "<|im_end|>" for m in ex["messages"] if m["role"] == "assistant"]
         assert trained_runs(tok, enc) == answers
+
+
+def test_prompt_ids_are_the_training_render_up_to_the_answer():
+    """What generate, eval and serve feed the model is exactly the prefix training put before the answer."""
+    tok = tiny_tokenizer("chatml")
+    prompt, reference = render.split(CHAT)
+    assert reference == "It is 6." and prompt == CHAT[:4]
+    ids = render.prompt_ids(tok, prompt)
+    trained = render.encode(tok, {"messages": CHAT})
+    last = max(i for i, lab in enumerate(trained.labels) if lab != IGNORE)  # the last answer's end token
+    start = max(i for i, lab in enumerate(trained.labels[:last]) if lab == IGNORE) + 1  # its first token
+    assert ids == trained.input_ids[:start]
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_split_without_an_answer_is_all_prompt():
+    chat = [{"role": "user", "content": "hi"}]
+    assert render.split(chat) == (chat, None)
+    assert render.split([*chat, {"role": "assistant", "content": ""}]) == (chat, None)
+
+
+def test_stop_ids_put_the_templates_end_of_turn_first_and_keep_every_eos():
+    tok = tiny_tokenizer("chatml", eos="<|endoftext|>")  # a base-model EOS; turns still end with <|im_end|>
+    im_end, eot, close = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>", "</s>"])
+
+    generation = GenerationConfig(eos_token_id=[eot, close])
+    assert render.stop_ids(tok, generation) == [im_end, eot, close]
+    render.setup_template(tok, "alpaca")  # ends an answer with EOS itself: nothing else to stop at
+    assert render.stop_ids(tok) == [eot]
+    assert render.end_of_turn_id(tiny_tokenizer(None)) is None  # no template: only EOS ids
+    assert render.stop_ids(tiny_tokenizer(None)) == [im_end]
+
+
+def test_template_names():
+    tok = tiny_tokenizer("chatml")
+    base = tok.chat_template
+    assert render.template_name(tok, base) == "base" and render.template_name(tok) == "custom"
+    render.setup_template(tok, "llama2")
+    assert render.template_name(tok, base) == "llama2"
+    assert render.template_name(tiny_tokenizer(None)) is None

@@ -11,8 +11,8 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 
+from lorakit import render
 from lorakit.errors import LorakitError
-from lorakit.render import special_ids
 
 
 def chat_pieces(tokenizer: Any) -> dict[str, str]:
@@ -26,7 +26,7 @@ def chat_pieces(tokenizer: Any) -> dict[str, str]:
     S, U, A = ({"role": r, "content": f"LKMARK{r.upper()}"} for r in ("system", "user", "assistant"))
 
     def as_text(chat: list[dict], gen: bool = False) -> str:
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+        return render.render(tokenizer, chat, add_generation_prompt=gen)
 
     unsupported = LorakitError(
         "Modelfile: this chat template is not one block per turn, so it cannot be "
@@ -100,9 +100,8 @@ def modelfile(gguf_name: str, tokenizer: Any, generation_config: Any) -> tuple[s
     Returns (text, warning). A template that cannot be translated gets no TEMPLATE (Ollama then
     falls back to the chat template stored in the GGUF) and a warning saying so.
     """
-    special = special_ids(tokenizer)
-    eos = generation_config.eos_token_id
-    ids = list(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    special = render.special_ids(tokenizer)
+    ids = render.stop_ids(tokenizer, generation_config)
     lines, warning = [f"FROM ./{gguf_name}"], None
     try:
         p = chat_pieces(tokenizer)
@@ -143,7 +142,7 @@ def same_as_chat_template(template: str, default_system: str, tokenizer: Any) ->
     for chat in SAMPLE_CHATS:
         system = next((m["content"] for m in chat if m["role"] == "system"), default_system)
         got = execute(template, system, chat)
-        want = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        want = render.render(tokenizer, chat, add_generation_prompt=True)
         if got != want:
             return f"the Ollama TEMPLATE renders {got!r} where the chat template renders {want!r}; no TEMPLATE written"
     return None

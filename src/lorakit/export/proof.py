@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit import parity
+from lorakit import parity, render
 from lorakit.errors import LorakitError
 from lorakit.export import llamacpp
 
@@ -40,13 +40,6 @@ class Row:
     agreement: float
     max_logit_diff: float
     stops: str  # "both", "neither" (no end-of-turn within MAX_NEW), or what went wrong
-
-
-def end_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The ids that end the model's answers (generation_config's eos, else the tokenizer's)."""
-    eos = model.generation_config.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id]
-    return [i for i in dict.fromkeys(ids) if i is not None]
 
 
 def llama_prompt(llm: Any, chat: list[dict]) -> list[int]:
@@ -87,7 +80,7 @@ def prove(path: Path, model: Any, tokenizer: Any, outtype: str, chats: list[list
         return bool(llama_cpp.llama_vocab_is_eog(vocab, i))
 
     problems = []
-    ends = end_ids(model, tokenizer)
+    ends = render.stop_ids(tokenizer, model.generation_config)
     for i in ends:
         if not is_end(i):
             problems.append(
@@ -95,8 +88,7 @@ def prove(path: Path, model: Any, tokenizer: Any, outtype: str, chats: list[list
                 f"not mark as end-of-generation (its EOS is id {llm.token_eos()}): llama.cpp would run past the turn"
             )
     rows = []
-    for chat, text in parity.rendered(tokenizer, chats):
-        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for chat, want in parity.rendered(tokenizer, chats):
         got = llama_prompt(llm, chat)
         label = chat[-1]["content"][:40]
         if got != want:

@@ -163,4 +163,30 @@ def for_source(
                 f"unquantized base, where it answers differently. Serve `{merge}` "
                 "(merged into the dequantized base) instead, or add --quantization bitsandbytes."
             )
-    return command(base, dirs, force=force), warnings
+    return command(base, dirs, force=force), warnings + template_warnings(base, dirs)
+
+
+def template_warnings(base: str, adapters: dict[str, Path]) -> list[str]:
+    """One warning per adapter trained with a chat template other than the base's: vLLM renders every chat
+    request with one server-wide template (the base's, or --chat-template), so that adapter would be served
+    prompts in a format it never saw. lorakit's own server renders each adapter's requests with its own."""
+    from lorakit import model, render
+
+    try:
+        base_template = model.load_tokenizer(base).chat_template
+    except (LorakitError, OSError, ValueError) as e:
+        return [f"the base's chat template could not be read to compare with the adapters' ({e})"]
+    out = []
+    for name, path in adapters.items():
+        saved = model.saved_tokenizer(path)
+        if saved is None or saved.chat_template == base_template:
+            continue
+        base_has = "the base model has none" if not base_template else "not the base model's"
+        template = render.template_name(saved, base_template)
+        out.append(
+            f"{name} was trained with the chat template {template} ({base_has}): vLLM "
+            "renders every chat request with one template for the whole server, so its chat answers would differ "
+            "from `lorakit eval`'s. Serve it with `lorakit serve` (each adapter's own template), or merge it "
+            "(lorakit merge) and serve the merged model, which keeps its template."
+        )
+    return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit import adapter
+from lorakit import adapter, render
 from lorakit.errors import LorakitError
 from lorakit.run_folder import ADAPTER_CONFIG, find_adapter
 
@@ -26,11 +26,41 @@ log = logging.getLogger("lorakit.serve")
 FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
 
 
+@dataclass(frozen=True)
+class Chat:
+    """How one model (the base, or an adapter version) reads chats and ends answers.
+
+    An adapter answers chats in the template it was trained with, saved with it (`render.setup_template` set
+    it on the tokenizer that training saved into adapter/), which need not be the base's. The vocabulary is
+    the base's: only the template and the ids that end a turn differ.
+    """
+
+    tokenizer: Any
+    template: str | None  # `render.template_name`: chatml, llama2…, "base", "custom", None (cannot chat)
+    stop_ids: frozenset[int]
+
+    @classmethod
+    def of(cls, tokenizer: Any, generation_config: Any, base_template: str | None = None) -> Chat:
+        stops = frozenset(render.stop_ids(tokenizer, generation_config))
+        return cls(tokenizer, render.template_name(tokenizer, base_template), stops)
+
+
+def adapter_chat(path: Path, base: Chat, generation_config: Any) -> Chat:
+    """An adapter's Chat: the tokenizer saved in its folder, else the base's."""
+    from lorakit import model
+
+    tokenizer = model.saved_tokenizer(path)
+    if tokenizer is None or tokenizer.chat_template == base.tokenizer.chat_template:
+        return base  # the same prompts and stops: one tokenizer in memory, not one per adapter
+    return Chat.of(tokenizer, generation_config, base.tokenizer.chat_template)
+
+
 @dataclass
 class Version:
     internal: str
     path: Path
     fingerprint: str
+    chat: Chat  # its template and stop ids
     users: int = 0
     retired: bool = False
     loaded_at: float = field(default_factory=time.time)  # when this version went live (shown by the page)
@@ -101,11 +131,14 @@ class Registry:
         self,
         base_model: Any,
         model_lock: threading.Lock,
+        chat: Chat,
         allowed_dir: Path | None = None,
         max_adapters: int | None = None,
         admission: Admission | None = None,
     ):
         self.net = base_model  # a PeftModel while at least one adapter is loaded
+        self.generation_config = base_model.generation_config  # the base's EOS ids end every model's answers
+        self.chat = chat  # the base's; each adapter version has its own (`adapter_chat`)
         self.model_lock = model_lock
         self.admission = admission or Admission()
         self.allowed_dir = allowed_dir.resolve() if allowed_dir else None
@@ -149,6 +182,10 @@ class Registry:
             p = self.check_path(path, confined)
             self.admission.check(name, p)
             fp = fingerprint(p)
+            try:  # read before the model lock: tokenizers take a while to load
+                chat = adapter_chat(p, self.chat, self.generation_config)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"adapter {name}: its tokenizer in {path} cannot be read: {e}") from None
             with self._meta:
                 self._counter += 1
                 # peft names modules after adapters: no "." there (a public name like sql-v1.5 is fine).
@@ -159,7 +196,7 @@ class Registry:
             except Exception as e:  # noqa: BLE001 - any broken file: keep serving the previous version
                 log.error("adapter %s from %s failed to load: %s", name, p, e)
                 raise ValueError(f"adapter {name} could not be loaded from {path}: {e}") from None
-            version = Version(internal, p, fp, users=int(pin))
+            version = Version(internal, p, fp, chat, users=int(pin))
             with self._meta:
                 old = self.active.get(name)
                 self.known[name] = (p, confined, fp)
@@ -240,6 +277,11 @@ class Registry:
             version.users += 1
         return version
 
+    def share(self, version: Version, more: int) -> None:
+        """Count `more` requests rows as users of a version already pinned (held by the caller's own pin)."""
+        with self._meta:
+            version.users += more
+
     def release(self, version: Version) -> None:
         with self._meta:
             version.users -= 1
@@ -271,11 +313,11 @@ class Registry:
         return changed
 
     def describe(self) -> dict[str, dict]:
-        """Public name -> {path, loaded, version?, error?} for every known or failed adapter."""
+        """Public name -> {path, loaded, version?, chat_template?, error?} for every known or failed adapter."""
         with self._meta:
             out = {n: {"path": str(k[0]), "loaded": n in self.active} for n, k in self.known.items()}
             for n, v in self.active.items():
-                out[n].update(version=v.internal, loaded_at=int(v.loaded_at))
+                out[n].update(version=v.internal, loaded_at=int(v.loaded_at), chat_template=v.chat.template)
             for n, err in self.errors.items():
                 out.setdefault(n, {"path": None, "loaded": False})["error"] = err
         return out

@@ -7,7 +7,7 @@ to finish (continuous batching). A row leaves the batch, and its cache rows are 
 it ends. Rows of different adapters share each forward pass: multi_lora computes every row's LoRA in two
 batched matmuls per layer (peft's per-row `adapter_names` where multi_lora cannot), instead of switching
 the active adapter per request. Each row has its own sampling settings, stop
-strings and token budget, and streams its text as it is produced.
+strings and token budget, and streams its text as it is produced, decoded a few tokens at a time (`Text`).
 
 `per_row_adapters=False` is the naive server kept for comparison (bench/serve_load.py): one job at a
 time, with the active adapter switched by peft's `set_adapter` before its forward passes.
@@ -15,9 +15,11 @@ time, with the active adapter switched by peft's `set_adapter` before its forwar
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from lorakit.serve import multi_lora
 
 log = logging.getLogger("lorakit.serve")
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # what the tokenizers library's ByteFallback decoder reads as a byte
 
 
 @dataclass
@@ -46,14 +49,54 @@ class Job:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # Token ids that end this row (its adapter's end-of-turn and EOS); None: the engine's eos_ids.
+    stop_ids: frozenset[int] | None = None
     emit: Callable[[str, bool, str | None], None] = lambda text, done, reason: None
     release: Callable[[], None] = lambda: None  # called once the job no longer uses its adapter
     cancelled: bool = False  # set by the caller (client gone): the row stops at the next step
+    keep_logits: bool = False  # keep the logits that pick the first token (bench/serve_load.py compares them)
     # Filled by the engine:
     text: str = ""
     completion_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    logits: torch.Tensor | None = None  # with keep_logits: (vocab,) fp32 on the CPU
+
+
+@dataclass
+class Text:
+    """A row's text, decoded a few tokens at a time as vLLM's `detokenize_incrementally` does: decoding the
+    whole answer at every step costs time quadratic in its length.
+
+    A step decodes ids[prefix:] and keeps what it adds to decode(ids[prefix:read]). That chunk before the new
+    tokens is decoded again because a decode of the last tokens alone can differ from the tail of the whole
+    decode: SentencePiece (Llama) drops the leading space of the first token decoded. The text that later ids
+    can still change waits in `half`, and the window moves on only past it: a character split over byte tokens
+    decodes to U+FFFD until its last byte comes, and a run of byte-fallback tokens decodes all or nothing
+    (`_open_ids`). Holds: text + half == decode(ids), special tokens skipped.
+    """
+
+    ids: list[int] = field(default_factory=list)  # the row's generated ids
+    text: str = ""  # decode(ids) as far as later ids cannot change it: it only ever grows
+    half: str = ""  # the rest: an unfinished character's U+FFFD, an open run of byte-fallback tokens
+    prefix: int = 0  # ids[prefix:read]: the chunk decoded before the newest ids, decoded again as their context
+    read: int = 0  # ids[read:]: the ids after the last settled character
+    prefix_len: int = 0  # len(decode(ids[prefix:read]))
+    read_len: int = 0  # len(decode(ids[:read])): text[:read_len] never changes
+
+    def add(self, token: int, decode: Callable[[list[int]], str], open_ids: frozenset[int] = frozenset()) -> None:
+        self.ids.append(token)
+        window = decode(self.ids[self.prefix :])
+        end = len(self.ids)  # the text up to the last id not in open_ids is settled
+        while end > self.read and self.ids[end - 1] in open_ids:
+            end -= 1
+        settled = window if end == len(self.ids) else decode(self.ids[self.prefix : end])
+        full = self.text[: self.read_len] + window[self.prefix_len :]
+        self.text = (self.text[: self.read_len] + settled[self.prefix_len :]).rstrip("\ufffd")
+        self.half = full[len(self.text) :]
+        if end == len(self.ids) and len(window) > self.prefix_len and not self.half:  # all settled: move on
+            self.prefix, self.read, self.read_len = self.read, len(self.ids), len(full)
+            self.prefix_len = len(decode(self.ids[self.prefix : self.read]))
 
 
 @dataclass
@@ -66,7 +109,7 @@ class Rows:
     mask: torch.Tensor  # (B, T) 1 = real token, 0 = left padding
     pos: torch.Tensor  # (B,) position id of each row's next token
     last: list[int]
-    tokens: list[list[int]]  # generated ids per row
+    texts: list[Text]  # generated ids and text per row
     gens: list[torch.Generator | None]
 
 
@@ -83,6 +126,10 @@ class Engine:
         batched_lora: bool = True,
     ):
         self.get_model, self.tokenizer, self.eos_ids = get_model, tokenizer, set(eos_ids)
+        # Text decodes windows of a few tokens: tokenization-space cleanup (" ." -> ".") would rewrite text across
+        # their edges, so it stays off here, as transformers 5 has it by default (vLLM's streams skip it too).
+        self.decode = functools.partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        self.open_ids = _open_ids(tokenizer)
         self.max_batch, self.window_s, self.per_row_adapters = max_batch, window_s, per_row_adapters
         self.batched_lora = batched_lora  # multi_lora's batched path; False: peft's per-row adapter_names
         self.lock = model_lock or threading.Lock()  # held during every forward; adapter loads take it too
@@ -95,6 +142,7 @@ class Engine:
         self.batches = 0  # times decoding started from idle
         self.joined = 0  # jobs admitted into rows already decoding
         self.running = 0  # rows decoding now
+        self.step_times: list[tuple[int, float]] | None = None  # a list: (rows, seconds) of each step
         self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
         self._thread.start()
 
@@ -122,7 +170,10 @@ class Engine:
             try:
                 rows = self._join(rows, fresh)
                 if rows is not None:
+                    n, t0 = len(rows.jobs), time.perf_counter() if self.step_times is not None else 0.0
                     rows = self._step(rows)
+                    if self.step_times is not None:
+                        self.step_times.append((n, time.perf_counter() - t0))
             except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
                 self._fail((rows.jobs if rows else []) + (fresh.jobs if fresh else []), e)
                 rows = None
@@ -172,8 +223,11 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
         logits = self._forward(jobs, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
+        for b, job in enumerate(jobs):
+            if job.keep_logits:
+                job.logits = logits[b].to("cpu", torch.float32, copy=True)
         gens = [torch.Generator().manual_seed(j.seed) if j.seed is not None else None for j in jobs]
-        rows = Rows(jobs, cache, mask, mask.sum(-1), [0] * len(jobs), [[] for _ in jobs], gens)
+        rows = Rows(jobs, cache, mask, mask.sum(-1), [0] * len(jobs), [Text() for _ in jobs], gens)
         return self._settle(rows, logits)
 
     @torch.inference_mode()
@@ -188,7 +242,7 @@ class Engine:
     def _forward(
         self, jobs: list[Job], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
-        """Next-token logits (B, vocab) in fp32 on the CPU."""
+        """Next-token logits (B, vocab), on the model's device and in its dtype (a greedy pick needs no copy)."""
         kwargs = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -216,10 +270,12 @@ class Engine:
                 if net.active_adapter != jobs[0].adapter:
                     net.set_adapter(jobs[0].adapter, inference_mode=True)
                 out = net(**kwargs)
-        return out.logits[:, -1, :].float().cpu()
+        return out.logits[:, -1, :]
 
     def _settle(self, rows: Rows, logits: torch.Tensor) -> Rows | None:
         """Pick and record each row's next token; drop finished rows (and their cache rows)."""
+        # Greedy rows' picks in one argmax and one copy to the CPU, not a (B, vocab) copy and B argmaxes.
+        greedy = logits.argmax(-1).tolist() if any(j.temperature <= 0 for j in rows.jobs) else []
         keep = []
         for b, job in enumerate(rows.jobs):
             if job.cancelled:  # the client is gone: nobody to tell
@@ -227,8 +283,8 @@ class Engine:
                 job.release()
                 continue
             try:
-                token = self._pick(logits[b], job, rows.gens[b])
-                goes_on = self._advance(job, rows.tokens[b], token)
+                token = greedy[b] if job.temperature <= 0 else _sample(logits[b].float().cpu(), job, rows.gens[b])
+                goes_on = self._advance(job, rows.texts[b], token)
             except Exception as e:  # noqa: BLE001 - one row's failure (its sampling, its text) ends that row only
                 self._fail([job], e)
                 continue
@@ -242,8 +298,8 @@ class Engine:
         idx = torch.tensor(keep, device=rows.mask.device)
         rows.cache.batch_select_indices(idx)
         rows.mask, rows.pos = rows.mask[idx], rows.pos[idx]
-        rows.jobs, rows.last, rows.tokens, rows.gens = (
-            [xs[b] for b in keep] for xs in (rows.jobs, rows.last, rows.tokens, rows.gens)
+        rows.jobs, rows.last, rows.texts, rows.gens = (
+            [xs[b] for b in keep] for xs in (rows.jobs, rows.last, rows.texts, rows.gens)
         )
         return rows
 
@@ -261,7 +317,7 @@ class Engine:
         for la, lb in zip(a.cache.layers, b.cache.layers):
             la.keys, la.values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])
         a.mask, a.pos = torch.cat([a.mask, b.mask]), torch.cat([a.pos, b.pos])
-        a.jobs, a.last, a.tokens, a.gens = a.jobs + b.jobs, a.last + b.last, a.tokens + b.tokens, a.gens + b.gens
+        a.jobs, a.last, a.texts, a.gens = a.jobs + b.jobs, a.last + b.last, a.texts + b.texts, a.gens + b.gens
         return a
 
     def _fail(self, jobs: list[Job], e: Exception) -> None:
@@ -271,50 +327,71 @@ class Engine:
                 job.error = f"{type(e).__name__}: {e}"
                 _finish(job, "", "error")
 
-    def _pick(self, logits: torch.Tensor, job: Job, gen: torch.Generator | None) -> int:
-        if job.temperature <= 0:
-            return int(logits.argmax())
-        # Shifted so the largest is 0: a tiny temperature then gives -inf (probability 0), never inf - inf = nan.
-        probs = torch.softmax((logits - logits.max()) / job.temperature, dim=-1)
-        if job.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < job.top_p  # smallest set whose mass reaches top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=gen))
-
-    def _advance(self, job: Job, tokens: list[int], token: int) -> bool:
+    def _advance(self, job: Job, text: Text, token: int) -> bool:
         """Record one token; emit the new text; return whether the row goes on."""
-        if token in self.eos_ids:
-            # Text held back (a possible stop-string start, a half-decoded character) is final now.
-            rest = self.tokenizer.decode(tokens, skip_special_tokens=True)[len(job.text) :] if tokens else ""
-            job.text += rest
-            _finish(job, rest, "stop")
-            return False
-        tokens.append(token)
+        if token in (self.eos_ids if job.stop_ids is None else job.stop_ids):
+            return _end(job, text, "stop")
+        seen = len(text.text)  # stop strings were looked for in this much
+        text.add(token, self.decode, self.open_ids)
         job.completion_tokens += 1
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
+        cut = _stop_at(text.text, job.stop, seen)
         if cut >= 0:
-            delta, job.text = text[len(job.text) : cut], text[:cut]
+            delta, job.text = text.text[len(job.text) : cut], text.text[:cut]
             _finish(job, delta, "stop")
             return False
-        # Hold back text that could be the start of a stop string, and half-decoded UTF-8.
-        safe = len(text.rstrip("\ufffd"))
-        for s in job.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        delta = text[len(job.text) : safe] if safe > len(job.text) else ""
-        job.text = text[: max(safe, len(job.text))]
         if job.completion_tokens >= job.max_tokens:
-            rest = text[len(job.text) :]
-            job.text = text
-            _finish(job, delta + rest, "length")
-            return False
-        if delta:
+            return _end(job, text, "length")
+        safe = len(text.text) - _held(text.text, job.stop)  # a half character is not in text.text either
+        if safe > len(job.text):
+            delta = text.text[len(job.text) : safe]
+            job.text += delta
             job.emit(delta, False, None)
         return True
+
+
+def _sample(logits: torch.Tensor, job: Job, gen: torch.Generator | None) -> int:
+    """A token drawn from fp32 CPU logits (vocab,) at the job's temperature and top_p."""
+    # Shifted so the largest is 0: a tiny temperature then gives -inf (probability 0), never inf - inf = nan.
+    probs = torch.softmax((logits - logits.max()) / job.temperature, dim=-1)
+    if job.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < job.top_p  # smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _open_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids after which the decoded text can still change, beyond an unfinished character: byte-fallback tokens
+    `<0xNN>` (SentencePiece decodes a run of them all or nothing: "日" is three of them, and a fourth that
+    completes no character turns all four into U+FFFD), and, where there are such, the special ids the decode
+    skips (a run goes on across them). Byte-level BPE (GPT-2, SmolLM) has none: its text only grows."""
+    byte_ids = {i for t, i in tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(t)}
+    if not byte_ids:
+        return frozenset()
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return frozenset(byte_ids | set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special})
+
+
+def _stop_at(text: str, stops: list[str], seen: int) -> int:
+    """Where the first stop string in `text` starts, or -1. Those ending within text[:seen] were looked for
+    at earlier steps: only the end of the text is searched."""
+    return min((i for i in (text.find(s, max(0, seen - len(s))) for s in stops) if i >= 0), default=-1)
+
+
+def _held(text: str, stops: list[str]) -> int:
+    """How many of the last characters of `text` could be the start of a stop string (held back until known)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
+
+
+def _end(job: Job, text: Text, reason: str) -> bool:
+    """End a row at its last token: the text held back (a possible stop-string start, a half-decoded character,
+    an open run of bytes) is final now, and goes with the last event, cut at a stop string that it completes."""
+    full = text.text + text.half
+    cut = _stop_at(full, job.stop, len(text.text))
+    full, reason = (full[:cut], "stop") if cut >= 0 else (full, reason)
+    delta, job.text = full[len(job.text) :], full
+    _finish(job, delta, reason)
+    return False
 
 
 def _finish(job: Job, delta: str, reason: str) -> None:

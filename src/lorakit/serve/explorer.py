@@ -69,6 +69,11 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
             "adapters_evicted": sum(1 for d in described.values() if not d["loaded"] and "error" not in d),
             "adapters_failed": sum(1 for d in described.values() if "error" in d),
             "max_model_len": serving.context,
+            # What each model's chat requests are rendered with (an adapter's: the template it was trained with).
+            "chat_templates": {
+                serving.served_name: serving.registry.chat.template,
+                **{n: d["chat_template"] for n, d in described.items() if "chat_template" in d},
+            },
         }
 
 

@@ -150,7 +150,7 @@ class UsageInfo(_Body):
 class ModelCard(_Body):
     """One entry of /v1/models: the base (with max_model_len) or an adapter (its parent is the base)."""
 
-    optional = frozenset({"max_model_len", "path", "loaded", "version", "loaded_at", "error"})
+    optional = frozenset({"max_model_len", "path", "loaded", "version", "loaded_at", "chat_template", "error"})
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -163,6 +163,9 @@ class ModelCard(_Body):
     loaded: bool | None = None
     version: str | None = None
     loaded_at: int | None = None  # when the version serving it went live (unix time)
+    # The chat template its chat requests are rendered with (`render.template_name`): "base" (the base model's
+    # own), a fallback's name (chatml, llama2…), "custom" (another one saved with the adapter).
+    chat_template: str | None = None
     error: str | None = None
 
 

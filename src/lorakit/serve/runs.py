@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import yaml
 
-from lorakit import report, tracking
+from lorakit import render, report, tracking
 from lorakit.errors import LorakitError
 from lorakit.run_folder import EVAL_HTML, RunFolder, locate
 
@@ -93,13 +93,8 @@ def _examples(cfg: dict, evals: dict | None) -> list[dict]:
         held = data.held_out(config.validate(cfg).data).examples[:MAX_EXAMPLES]
     except (LorakitError, OSError):
         return []
-    out = []
-    for ex in held:
-        messages = ex.get("messages") or []
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-        answer = messages[last]["content"] if last < len(messages) else None
-        out.append({"prompt": messages[:last], "reference": answer or None})
-    return out
+    pairs = (render.split(ex.get("messages") or []) for ex in held)
+    return [{"prompt": prompt, "reference": reference} for prompt, reference in pairs]
 
 
 def _read_json(path: Path | None) -> dict | None:

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -133,6 +134,8 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         from lorakit.serve.adapters import adapters_in
 
         adapters |= {n: p for n, p in adapters_in(Path(opts.adapters_dir)).items() if n not in adapters}
+    for why in vllm.template_warnings(opts.model, adapters):
+        print(f"warning: {why}", file=sys.stderr)
     cmd = vllm.command(
         opts.model,
         adapters,

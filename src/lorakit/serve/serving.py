@@ -15,8 +15,9 @@ from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import Any
 
+from lorakit import render
 from lorakit.serve import protocol as p
-from lorakit.serve.adapters import Admission, NameTaken, Registry
+from lorakit.serve.adapters import Admission, Chat, NameTaken, Registry
 from lorakit.serve.engine import Engine, Job
 from lorakit.serve.metrics import Stats
 
@@ -57,10 +58,9 @@ class Serving:
         self.context = max_model_len or int(getattr(base_model.config, "max_position_embeddings", 2048))
         lock = threading.Lock()
         admission = Admission(served_name, base_name, per_row_adapters, force, quantization)
-        self.registry = Registry(base_model.eval(), lock, adapters_dir, max_adapters, admission)
-        gen = base_model.generation_config
-        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        eos_ids = [i for i in {tokenizer.eos_token_id, *eos} if i is not None]
+        chat = Chat.of(tokenizer, base_model.generation_config, tokenizer.chat_template)
+        self.registry = Registry(base_model.eval(), lock, chat, adapters_dir, max_adapters, admission)
+        eos_ids = sorted(chat.stop_ids)  # a row's own stop ids (its adapter's) replace these
         self.engine = Engine(lambda: self.registry.net, tokenizer, eos_ids, max_batch, window_s, lock, per_row_adapters)
         self.stats = Stats()
         self.started = p.now()
@@ -77,6 +77,7 @@ class Serving:
                 root=self.served_name,
                 parent=None,
                 max_model_len=self.context,
+                chat_template=self.registry.chat.template,
             )
         ]
         for name, info in self.registry.describe().items():
@@ -116,8 +117,7 @@ class Serving:
         gone: returns once the client has left; a non-streamed request then stops its rows (a stream
         stops when its consumer does).
         """
-        prompts = [self.chat_prompt(req)]
-        jobs = await asyncio.to_thread(self.prepare, req, prompts)  # may load an evicted adapter
+        jobs = await asyncio.to_thread(self.chat_jobs, req)  # may load an evicted adapter: not on the event loop
         return self.stream(req, jobs, chat=True) if req.stream else await self.complete(req, jobs, True, gone)
 
     async def completions(
@@ -125,19 +125,28 @@ class Serving:
     ) -> p.CompletionResponse | AsyncIterator[p.CompletionStreamResponse | p.ErrorResponse]:
         """A text_completion, or (stream=True) an iterator of its chunks."""
         prompts = self.text_prompts(req)
-        jobs = await asyncio.to_thread(self.prepare, req, prompts)
+        jobs = await asyncio.to_thread(self.prepare, req, lambda chat: prompts)
         return self.stream(req, jobs, chat=False) if req.stream else await self.complete(req, jobs, False, gone)
 
-    def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
+    def chat_jobs(self, req: p.ChatCompletionRequest) -> list[Job]:
+        """The rows of a chat request, its messages rendered with the template of the version it pins."""
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [m.for_template() for m in req.messages], add_generation_prompt=True, tokenize=False
+        return self.prepare(req, lambda chat: [self.chat_prompt(req, chat)])
+
+    def chat_prompt(self, req: p.ChatCompletionRequest, chat: Chat) -> list[int]:
+        """The request's messages as prompt ids, in the template of the model (base or adapter version) it runs on."""
+        if chat.template is None:
+            raise APIError(
+                400,
+                f"{req.model} has no chat template (a base model without one, or an adapter saved without its "
+                "tokenizer): send text to /v1/completions, or chat with an adapter trained with a data.chat_template",
+                param="messages",
             )
-        except Exception as e:  # noqa: BLE001 - no template, or one that rejects these roles (must alternate...)
+        try:
+            return render.prompt_ids(chat.tokenizer, [m.for_template() for m in req.messages])
+        except Exception as e:  # noqa: BLE001 - a template that rejects these roles (must alternate...)
             raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds any BOS
 
     def text_prompts(self, req: p.CompletionRequest) -> list[list[int]]:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -148,8 +157,24 @@ class Serving:
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         return [self.tokenizer(s)["input_ids"] or [start] for s in prompts]
 
-    def prepare(self, req: p.SamplingFields, prompts: list[list[int]]) -> list[Job]:
-        """Check limits and pin the adapter version for each of the request's rows (prompts x n)."""
+    def prepare(self, req: p.SamplingFields, prompts_of: Callable[[Chat], list[list[int]]]) -> list[Job]:
+        """Pin the model version the request runs on, render its prompts with that version's template, check
+        limits, and make its rows (prompts x n), each stopping at that version's end-of-turn ids."""
+        if req.n > MAX_ROWS:  # checked again below, once the prompts are known
+            raise APIError(400, f"n={req.n} is over {MAX_ROWS} completions in one request; lower it", param="n")
+        version = self._pin(req.model)
+        chat = version.chat if version else self.registry.chat
+        try:
+            jobs = self._jobs(req, prompts_of(chat), version, chat)
+        except BaseException:
+            if version is not None:
+                self.registry.release(version)
+            raise
+        if version is not None:
+            self.registry.share(version, len(jobs) - 1)  # each row releases the version once when it ends
+        return jobs
+
+    def _jobs(self, req: p.SamplingFields, prompts: list[list[int]], version: Any, chat: Chat) -> list[Job]:
         if len(prompts) * req.n > MAX_ROWS:
             raise APIError(
                 400,
@@ -176,28 +201,22 @@ class Serving:
                     param="messages",
                 )
             budgets.append(budget)
-        jobs: list[Job] = []
-        try:
-            for ids, max_tokens in zip(prompts, budgets):
-                for i in range(req.n):
-                    version = self._pin(req.model)
-                    jobs.append(
-                        Job(
-                            ids,
-                            version.internal if version else None,
-                            max_tokens,
-                            req.temperature,
-                            req.top_p,
-                            req.stops(),
-                            None if req.seed is None else req.seed + i,
-                            release=(lambda v=version: self.registry.release(v)) if version else lambda: None,
-                        )
-                    )
-        except APIError:
-            for job in jobs:
-                job.release()
-            raise
-        return jobs
+        release = (lambda: self.registry.release(version)) if version else lambda: None
+        return [
+            Job(
+                ids,
+                version.internal if version else None,
+                budget,
+                req.temperature,
+                req.top_p,
+                req.stops(),
+                None if req.seed is None else req.seed + i,
+                release=release,
+                stop_ids=chat.stop_ids,
+            )
+            for ids, budget in zip(prompts, budgets)
+            for i in range(req.n)
+        ]
 
     def _pin(self, model: str) -> Any:
         if model == self.served_name:

@@ -64,7 +64,7 @@ async function refresh() {
 }
 
 function renderModels(models) {
-  const signature = JSON.stringify(models.map((m) => [m.id, m.version, m.loaded, m.error]));
+  const signature = JSON.stringify(models.map((m) => [m.id, m.version, m.loaded, m.chat_template, m.error]));
   if (signature === ui.signature) return;
   ui.signature = signature;
   ui.base = models.find((m) => m.parent === null).id;
@@ -81,8 +81,9 @@ function renderModels(models) {
     box.disabled = Boolean(m.error) && !m.loaded;
     box.addEventListener("change", () => (box.checked ? ui.checked.add(m.id) : ui.checked.delete(m.id)));
     const note = document.createElement("small");
-    note.textContent = m.parent === null ? "base" : m.loaded
-      ? `${m.version} · loaded ${new Date(m.loaded_at * 1000).toLocaleTimeString()}` : "evicted: loads on use";
+    const template = m.chat_template ? ` · template ${m.chat_template}` : m.loaded !== false ? " · no chat template" : "";
+    note.textContent = (m.parent === null ? "base" : m.loaded
+      ? `${m.version} · loaded ${new Date(m.loaded_at * 1000).toLocaleTimeString()}` : "evicted: loads on use") + template;
     label.append(box, ` ${m.id}`, note);
     if (m.error) {
       const err = Object.assign(document.createElement("span"), { className: "error", textContent: m.error });
