@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # The CPU build on this project's machines; on a GPU machine use e.g. TORCH=torch==2.13.0 from PyPI (CUDA).
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup quickstart test bench bench-gpu clean
+.PHONY: setup quickstart test bench bench-quality bench-gpu clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/train_vs_peers.py --setting both
+
+# Adapter quality: lorakit and TRL + PEFT fine-tune SmolLM2-135M on WikiSQL (exact match) and ParaDetox (chrF) with the
+# same settings, 3 seeds each, all scored by `lorakit eval` on the same held-out rows (~30 minutes on a 2-core CPU).
+bench-quality: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/quality_vs_trl.py --out runs/bench-quality
 
 # One CUDA GPU, offline, under 8 minutes (bench/gpu_suite.py): lorakit against TRL + PEFT on the 7B QLoRA recipe,
 # the Gemma-2-2B recipe as LoRA, LoRA and full fine-tuning of a 1B; serving 8 adapters; pytest -m gpu. One markdown
