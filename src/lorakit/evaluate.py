@@ -271,8 +271,9 @@ def tokenizers_of(cfg: RunConfig, models: dict[str, Path]) -> dict[str, Any]:
     """
     base = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     out = {BASE: base}
-    for name, path in models.items():
-        out[name] = model.adapter_tokenizer(path, cfg.model, cfg.trust_remote_code)
+    for name, path in models.items():  # one saved without its tokenizer answers as the base does: the same object
+        saved = model.saved_tokenizer(path, cfg.trust_remote_code)
+        out[name] = saved if saved is not None else base
     for tokenizer in out.values():
         if not getattr(tokenizer, "chat_template", None):
             render.setup_template(tokenizer, cfg.data.chat_template)
