@@ -199,6 +199,11 @@ def suite(args: argparse.Namespace, started: float) -> int:
     bundle = args.wheels.resolve() if args.wheels else None
     data = args.data or (bundle / "data" if bundle and not peers.DATA.is_dir() else peers.DATA)
     tokenizer = str(bundle / "tokenizer") if bundle and (bundle / "tokenizer").is_dir() else None
+    if args.tiny and (missing := [r for r in rows if not (data / r.data).is_file()]):
+        # make test on a checkout without ../shared (a clone elsewhere): the data sets are not copied into the repo.
+        print(f"note: skipping the training rows {[r.name for r in missing]}: their data is not in {data} "
+              "(../shared/data beside the repository)", file=sys.stderr)  # fmt: skip
+        rows = [r for r in rows if r not in missing]
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     # The models and runs (about 25 GB on a GPU) beside the results, not in a /tmp that may be memory; deleted after.
     with tempfile.TemporaryDirectory(prefix="work-", dir=args.out.resolve()) as td:
