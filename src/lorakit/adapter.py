@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
+from lorakit import dropout
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.model import base_from_adapter, linear_module_names, same_base_names
@@ -72,6 +73,7 @@ def attach(model: Any, cfg: RunConfig) -> Any:
         ) from None
     if cfg.method == "qlora":
         train_in(net, qlora_dtype(model.dtype, model.device))
+    dropout.use_on(net)  # the same dropout, sampled ~3x faster on the CPU
     return net
 
 
