@@ -55,10 +55,11 @@ bench: $(STAMP)
 	$(PY) bench/train_vs_peers.py --setting both
 
 # Adapter quality: lorakit and TRL + PEFT fine-tune SmolLM2-135M on WikiSQL (exact match) and ParaDetox (chrF) with the
-# same settings, 3 seeds each, all scored by `lorakit eval` on the same held-out rows (~30 minutes on a 2-core CPU).
+# same settings, 3 seeds each, all scored by `lorakit eval` on the same held-out rows, and lorakit with train.time_budget
+# set to TRL's wall time on WikiSQL (~33 minutes on a 2-core CPU).
 bench-quality: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) bench/quality_vs_trl.py --out runs/bench-quality
+	$(PY) bench/quality_vs_trl.py --time-budget --out runs/bench-quality
 
 # One CUDA GPU, offline, under 8 minutes (bench/gpu_suite.py): lorakit against TRL + PEFT on the 7B QLoRA recipe,
 # the Gemma-2-2B recipe as LoRA, LoRA and full fine-tuning of a 1B; serving 8 adapters; pytest -m gpu. One markdown

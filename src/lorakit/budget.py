@@ -1,8 +1,8 @@
 """train.time_budget: how many steps a run makes to end within its budget, planned from the speed it measures.
 
 A run plans its length from plan's speed estimate at setup, again from its first step's time, once more from the
-speed measured over the steps after it, then shortens it where its pace falls behind (`plan_steps`, a pure function
-of the times; train.replan applies each plan before a step and rebuilds the schedule for it).
+speed measured over the steps after it, then at checks as that speed is measured over more steps (`plan_steps`, a
+pure function of the times; train.replan applies each plan before a step and rebuilds the schedule for it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lorakit.run_folder import RunFolder
 # train.time_budget. Steps timed after a process's first (whose time counts warm-up: compiling, the allocator
 # growing) before the run's length is planned from their speed.
 MEASURED_STEPS = 5
-CHECKS = 10  # how often a run checks its plan against its pace, and shortens it if it has fallen behind
+CHECKS = 10  # how often a run re-plans from the pace it measured so far
 EVAL_SPEEDUP = 2.0  # an evaluated token costs at most half a trained one (a forward pass, no backward)
 WRITE_BYTES_PER_S = 200e6  # how fast weights are taken to be written until a checkpoint has been timed
 FINISH_S = 5.0  # the end's fixed costs beyond writing the weights: tokenizer, loss plot, card, summary
@@ -56,8 +56,8 @@ class Budget:
     def due(self, step: int, total: int) -> bool:
         """Whether to re-plan before training `step` (of `total` planned): after this process's first step (its time
         counts warm-up, so the plan is cautious), then MEASURED_STEPS later (or before the planned last step, if that
-        comes sooner); then CHECKS times over the run, to shorten it if its pace has fallen behind (not in a resumed
-        run: it finishes its plan)."""
+        comes sooner); then CHECKS times over the run, from the pace measured so far (not in a resumed run: it
+        finishes its plan)."""
         done = step - 1
         if not self.final:
             return done == self.first or (done > self.first and (done == self.first + MEASURED_STEPS or step == total))

@@ -188,6 +188,19 @@ def test_a_time_budget_sets_the_steps_and_fits_the_schedule_to_them(tmp_path, ll
     assert (state["planned_steps"], state["budget_final"]) == (12, True), "what a resume from step 8 would finish"
 
 
+def test_a_run_ahead_of_its_plan_is_lengthened_at_a_check(tmp_path, llama, monkeypatch, capsys):
+    # Planned to 10 after steps 2-3; the check 5 steps later finds time for 14: the run makes them, its schedule the
+    # one of 14 steps from there (before, a check could only shorten, and a slow first window cost the rest).
+    calls = script_plan(monkeypatch, {0: 3, 1: 4, 3: 10, 8: 14})
+    cfg = budget_config(tmp_path, llama, "run")
+    summary = train.run(cfg, progress=False).summary
+    assert calls == [0, 1, 3, 8]
+    lr = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lr) == summary["steps"] == summary["planned_steps"] == 14
+    assert lr[3:8] == pytest.approx(schedule(cfg, 10)[3:8]) and lr[8:] == pytest.approx(schedule(cfg, 14)[8:])
+    assert "10m time budget: 14 steps" in capsys.readouterr().out.split("lengthened: planned from")[0]
+
+
 def test_a_resumed_time_budget_run_finishes_the_steps_its_checkpoint_planned(tmp_path, llama, monkeypatch):
     script_plan(monkeypatch, {0: 3, 1: 4, 3: 9})  # no check comes before the end at 9
     straight = train.run(budget_config(tmp_path, llama, "straight"), progress=False)

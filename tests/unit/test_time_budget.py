@@ -78,7 +78,7 @@ def test_the_plan_re_runs_after_the_first_step_then_once_measured_then_at_checks
     b.final, b.planned_at = True, 6  # planned from measured speed after 6 steps: then checked as it goes
     assert next(s for s in range(7, 30) if b.due(s, total=20)) == 12, "MEASURED_STEPS on, at least"
     assert next(s for s in range(7, 300) if b.due(s, total=200)) == 27, "a tenth of the run on"
-    assert not b.due(20, total=20), "never before the last step: nothing is left to shorten"
+    assert not b.due(20, total=20), "never before the last step: its rate is set"
     b.planned_at = 0  # a resumed run whose checkpoint had planned from measured speed: it finishes that plan
     assert not any(b.due(s, total=20) for s in range(1, 30))
 
