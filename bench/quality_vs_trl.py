@@ -32,11 +32,12 @@ Output: a JSON line per run (train and eval numbers) on stdout, then a markdown 
 score's mean, min..max and standard deviation over seeds, and the mean wall time per run. --out keeps the run
 folders, configs, held-out files, eval.json/eval.html and results.json.
 
-Wall time, measured on a 2-core Xeon (2026-12-04, the machine nearly idle; a CPU shared with other jobs is several
-times slower, the two systems unevenly): an optimizer step of 8 rows takes lorakit 4.6 s and TRL 6.2 s on sql (115
-tokens a row), 2.8 s and 3.9 s on detox (62 tokens a row); each run also pays ~8 s to start, import and load; `lorakit
-eval` ~0.6-1 s per held-out row and model. The default (160 rows = 20 steps, 50 held-out rows, 3 seeds, 2 tasks: 12
-runs, 2 evals of 7 models) comes to about 28 minutes; --time-budget adds 3 runs and 3 models to score (~8 minutes).
+Wall time, measured on a 2-core Xeon (2026-12-05, nothing else running; a CPU shared with other jobs is several
+times slower, the two systems unevenly): an optimizer step of 8 rows takes lorakit 4.2 s and TRL 6.5 s on sql (115
+tokens a row), 2.6 s and 3.7 s on detox (62 tokens a row); each run also pays ~8 s to start, import and load; `lorakit
+eval` ~0.75 s per held-out row and model. `make bench-quality` (the defaults and --time-budget: 160 rows = 20 steps,
+50 held-out rows, 3 seeds, 2 tasks: 15 runs, evals of 10 and 7 models) took 33.4 minutes, ~8 of them the
+--time-budget row's.
 `--quick` (1 seed, 48 rows = 6 steps, 10 held-out rows) took 3.5 minutes: a smoke run, too short to teach WikiSQL's
 query form (its sql scores stay at the base's).
 """
