@@ -2,13 +2,12 @@
 
 peft drops out each LoRA module's input (`lora_B(lora_A(dropout(x)))`) with `nn.Dropout`, whose CPU kernel draws a
 float per element from torch's single-threaded Mersenne Twister: 6.5 ns an element on a 2-core Xeon, 1.7 ms for a
-(460, 576) input, more than the frozen 576x576 matmul beside it (1.1 ms) and ~30x its LoRA matmuls. Over
+(460, 576) input, more than the frozen 576x576 matmul beside it (1.1 ms) and ~25x its LoRA matmul. Over
 SmolLM2-135M's 210 LoRA modules, training on 160 WikiSQL rows (bench/quality_vs_trl.py's config) ran at 199 tokens/s
 with dropout 0.05 and 265 without. Here each element takes 16 bits of a 64-bit draw from the same generator (2.2 ns
 an element, mask and scaling included; 228 tokens/s, runs side by side), so runs stay reproducible from the run's
-seed and a resumed run's RNG state. The rate is `p`
-rounded to a multiple of 1/65536 (0.05 -> 0.0500031), and the kept values are scaled by 1 / (1 - that rate), so the
-expected input is unchanged, as nn.Dropout's is.
+seed and a resumed run's RNG state. The rate is `p` rounded to a multiple of 1/65536 (0.05 -> 0.0500031), and the
+kept values are scaled by 1 / (1 - that rate), so the expected input is unchanged, as nn.Dropout's is.
 
 On a GPU, torch's fused dropout kernel is already cheap (counter-based, parallel): the module calls it there.
 """
