@@ -159,7 +159,12 @@ def agree(accelerator: Accelerator, n: int) -> int:
 
 
 def line(seconds: float, total: int, per_step: int, n_rows: int) -> str:
-    return f"{duration(seconds)} time budget: {total} steps, {total * per_step / n_rows:.2f} epochs"
+    return f"{duration(seconds)} time budget: {total} steps, {epochs(total, per_step, n_rows):.2f} epochs"
+
+
+def epochs(steps: int, per_step: int, n_rows: int) -> float:
+    """The passes over `n_rows` rows that `steps` steps of `per_step` rows make (train.DataOrder's stream)."""
+    return steps * per_step / n_rows
 
 
 def duration(seconds: float) -> str:

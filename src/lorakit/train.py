@@ -179,7 +179,8 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
         f"training {params[0]:,} of {params[1]:,} parameters ({cfg.method}, {dtype}, "
         f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "
         f"{total_steps} steps of {per_step} rows"
-        + (f" ({time_budget.duration(budget.seconds)} time budget: {total_steps * per_step / len(rows):.2f} epochs"
+        + (f" ({time_budget.duration(budget.seconds)} time budget: "
+           f"{time_budget.epochs(total_steps, per_step, len(rows)):.2f} epochs"
            + (", as its checkpoint planned)" if budget.final else " for now: re-planned from the first steps' speed)")
            if budget else "")
     )  # fmt: skip
@@ -284,7 +285,7 @@ def replan(t: Training, step: int, bar: Any) -> None:
     so a pace that slows for good still lowers each later plan, and the slack absorbs the lag."""
     b, done = t.budget, step - 1
     checking, since = b.final, b.first + 1
-    step_s = b.durations[0] if done == b.first else statistics.mean(b.durations[since - b.first :])
+    step_s = b.durations[0] if done == b.first else statistics.mean(b.durations[1:])  # durations[0]: step b.first
     total = time_budget.agree(t.accelerator, b.plan(done, step_s))
     b.final, b.planned_at = done > b.first, done if done > b.first else 0
     t.state.update(planned_steps=total, budget_final=b.final)
@@ -387,7 +388,7 @@ def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
             "kernels": kernels.applied(t.net),  # liger's, as train.kernels chose: [] for none
             "examples": len(t.examples),
             "rows": len(t.rows),
-            "epochs": round(t.total_steps * t.per_step / len(t.rows), 3),  # passes over the rows the steps made
+            "epochs": round(time_budget.epochs(t.total_steps, t.per_step, len(t.rows)), 3),  # passes over the rows
         }
         if t.budget:  # planned_steps: as "steps"; the budget counts from setup, so more than wall_time_s
             summary |= {"time_budget_s": t.budget.seconds, "planned_steps": t.total_steps,
