@@ -1,13 +1,16 @@
 """train.time_budget: how many steps a run makes to end within its budget, planned from the speed it measures.
 
-A run plans its length from plan's speed estimate at setup, again from its first step's time, once more from the
-speed measured over the steps after it, then at checks as that speed is measured over more steps (`plan_steps`, a
-pure function of the times; train.replan applies each plan before a step and rebuilds the schedule for it).
+A run plans its length from plan's speed estimate at setup, again from its first step's time (never the last word:
+that step counts warm-up), once more from the speed measured over the steps after it, then at checks as that speed
+is measured over more steps, and before its planned last step (`plan_steps`, a pure function of the times;
+Budget.replan picks what it plans from; train.replan applies each plan before a step and rebuilds the schedule).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +20,7 @@ from accelerate.utils import broadcast
 from lorakit import checkpoint, plan
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
-from lorakit.run_folder import RunFolder
+from lorakit.run_folder import RunFolder, latest
 
 # train.time_budget. Steps timed after a process's first (whose time counts warm-up: compiling, the allocator
 # growing) before the run's length is planned from their speed.
@@ -27,6 +30,7 @@ EVAL_SPEEDUP = 2.0  # an evaluated token costs at most half a trained one (a for
 WRITE_BYTES_PER_S = 200e6  # how fast weights are taken to be written until a checkpoint has been timed
 FINISH_S = 5.0  # the end's fixed costs beyond writing the weights: tokenizer, loss plot, card, summary
 SLACK = 0.05  # of the budget, left free for steps slower than the measured ones
+MIN_STEPS = 2  # a new run's least: the second is planned from the first's time, whatever setup's estimate said
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Budget:
     save_guess_s: float  # one checkpoint, until one is timed (0: the run saves none)
     best_guess_s: float  # keep_best writing the best weights, in an evaluation's time until one is timed
     reserve_s: float  # the end (saving the result, card, plot) and the slack
+    guess_step_s: float = 0.0  # a step's seconds by plan's estimate at setup (0: plan cannot tell, or a resumed run)
     offset: float = 0.0  # a resumed run: the loop time its earlier attempts spent
     first: int = 1  # the first step this process trains: its time includes warm-up
     final: bool = False  # planned from the speed measured after the first step (a resumed run keeps it)
@@ -49,24 +54,48 @@ class Budget:
     durations: list[float] = field(default_factory=list)  # seconds of each step this process trained
     eval_s: float | None = None  # the longest evaluation so far (keeping the best included)
     save_s: float | None = None  # the longest checkpoint so far
+    clock: Callable[[], float] = time.perf_counter  # what `started` was read from (tests script it)
 
     def spent(self) -> float:
-        return time.perf_counter() - self.started + self.offset
+        return self.clock() - self.started + self.offset
 
     def due(self, step: int, total: int) -> bool:
         """Whether to re-plan before training `step` (of `total` planned): after this process's first step (its time
-        counts warm-up, so the plan is cautious), then MEASURED_STEPS later (or before the planned last step, if that
-        comes sooner); then CHECKS times over the run, from the pace measured so far (not in a resumed run: it
-        finishes its plan)."""
+        counts warm-up, so the plan is cautious), then MEASURED_STEPS later or before the planned last step, if that
+        comes sooner; then CHECKS times over the run, from the pace measured so far, and before the planned last
+        step, where a run ahead of its plan lengthens it (not in a resumed run: it finishes its checkpoint's plan)."""
         done = step - 1
         if not self.final:
             return done == self.first or (done > self.first and (done == self.first + MEASURED_STEPS or step == total))
-        return self.planned_at > 0 and step < total and done - self.planned_at >= max(MEASURED_STEPS, total // CHECKS)
+        if self.planned_at == 0:
+            return False
+        return step == total or done - self.planned_at >= max(MEASURED_STEPS, total // CHECKS)
 
-    def plan(self, done: int, step_s: float) -> int:
+    def replan(self, done: int) -> tuple[int, float]:
+        """Before step done+1: the run's total steps, and the seconds a step they were planned from.
+
+        After this process's first step, from that step's time alone: cautious, since it counts warm-up, and never
+        the last word: while time is left it plans at least one step more than the next, so that a measured step
+        plans the run's end. Then, and at each check, from the mean of every step after the first. Not from the
+        steps since the last check: steps vary with their rows' lengths (WikiSQL, 8 rows: 3.6-5.2 s), and one slow
+        window had cut a 29-step plan to 25, ending the run at 102 s of a 122 s budget. The time left is the clock's,
+        so a pace that slows for good still lowers each later plan, and the slack absorbs the lag."""
+        warm_up = done == self.first
+        step_s = self.durations[0] if warm_up else statistics.mean(self.durations[1:])  # durations[0]: step first
+        # An evaluation is no warm-up step's multiple: scaled by one (3.17 s where later steps took a tenth of it), a
+        # 43 s evaluation guess left a 60 s budget 2 steps. Setup's estimate of a step scales it until steps are timed
+        # (where plan cannot tell, nothing does: this plan is re-made from measured steps before the run can end).
+        total = self.plan(done, step_s, self.guess_step_s if warm_up else step_s)
+        if warm_up and self.spent() + self.reserve_s < self.seconds:
+            total = max(total, done + 2)
+        self.final, self.planned_at = not warm_up, 0 if warm_up else done
+        return total, step_s
+
+    def plan(self, done: int, step_s: float, eval_step_s: float) -> int:
         """The run's total steps after `done`, at `step_s` seconds a step (plan_steps; evaluations and checkpoints
-        at their times measured so far, else guessed from the step's speed and the bytes they write)."""
-        eval_guess = self.eval_tokens / max(self.step_tokens, 1) * step_s / EVAL_SPEEDUP + self.best_guess_s
+        at their times measured so far, else guessed: an evaluation from `eval_step_s` seconds a step of its
+        tokens, a checkpoint from the bytes it writes)."""
+        eval_guess = self.eval_tokens / max(self.step_tokens, 1) * eval_step_s / EVAL_SPEEDUP + self.best_guess_s
         eval_s = self.eval_s if self.eval_s is not None else eval_guess if self.eval_tokens else 0.0
         save_s = self.save_s if self.save_s is not None else self.save_guess_s
         return plan_steps(self.seconds, self.spent(), done, step_s, self.reserve_s, eval_s, self.eval_every, save_s,
@@ -118,9 +147,9 @@ def start(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, resume: bool
                 per_step: int, row_tokens: list[int], eval_tokens: int, trained: int,
                 started: float) -> tuple[Budget, int]:  # fmt: skip
     """train.time_budget: the run's Budget and its first planned total steps. A resumed run's come from its
-    checkpoint; a new run plans from plan's speed estimate for this machine, at least 2 steps (the second is planned
-    from the first's time, whatever the estimate said; where plan cannot tell, so is the rest). All ranks take the
-    main rank's plan: each timed its own clock."""
+    checkpoint; a new run plans from plan's speed estimate for this machine, at least MIN_STEPS (where plan cannot
+    tell, MIN_STEPS: the rest is planned from the first's time), and says so where the budget cannot pay the run's
+    fixed costs. All ranks take the main rank's plan: each timed its own clock."""
     t = cfg.train
     saves = bool(t.save_every or t.keep_best)
     budget = Budget(
@@ -131,14 +160,32 @@ def start(cfg: RunConfig, accelerator: Accelerator, run: RunFolder, resume: bool
         best_guess_s=4 * trained / WRITE_BYTES_PER_S if t.keep_best else 0.0,
         reserve_s=FINISH_S + 4 * trained / WRITE_BYTES_PER_S + SLACK * t.time_budget,
     )  # fmt: skip
-    newest = checkpoint.latest(run.checkpoints) if resume else None
+    newest = latest(run.checkpoints) if resume else None
     saved = checkpoint.read_state(newest) if newest else {}
     if "planned_steps" in saved:
         budget.offset, budget.first, budget.final = saved["elapsed"], saved["step"] + 1, saved["budget_final"]
         return budget, saved["planned_steps"]
     speed = planned_speed(cfg, device, accelerator.num_processes)
-    total = max(2, budget.plan(0, budget.step_tokens / speed)) if speed else 2
+    budget.guess_step_s = budget.step_tokens / speed if speed else 0.0
+    total = max(MIN_STEPS, budget.plan(0, budget.guess_step_s, budget.guess_step_s)) if speed else MIN_STEPS
+    if note := over_budget(budget):
+        accelerator.print(note)
     return budget, agree(accelerator, total)
+
+
+def over_budget(budget: Budget) -> str | None:
+    """A note where the budget cannot pay a new run's fixed costs: the setup it spent, the end it keeps time for and
+    one step (by setup's estimate, where plan can tell); None where it can."""
+    setup, step_s = budget.spent(), budget.guess_step_s
+    if setup + budget.reserve_s + step_s <= budget.seconds:
+        return None
+    left = budget.seconds - setup - budget.reserve_s
+    return (
+        f"note: train.time_budget {duration(budget.seconds)} is shorter than this run's fixed costs: setup took "
+        f"{setup:.1f} s and the end needs about {budget.reserve_s:.1f} s (saving the result, the card, slack), which "
+        + (f"leaves {left:.1f} s, less than a step (about {step_s:.2g} s)" if left > 0 else "leaves no time to train")
+        + f"; the run makes at least {MIN_STEPS} steps all the same, and ends past its budget"
+    )
 
 
 def planned_speed(cfg: RunConfig, device: str, nproc: int) -> float | None:

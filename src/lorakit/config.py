@@ -24,6 +24,15 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "chat_text", "template")
 
 
+class KeyProblem(ValueError):
+    """A model validator's error about one of its model's keys (`key`, dotted): the message is labelled with that key
+    and its value, as a field validator's is, not as the whole model ("(top level)" and all its input)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 class _Strict(BaseModel):
     # Unknown keys are errors, never silently ignored: a typo must not train the wrong thing.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -233,18 +242,20 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _strategy_fits_method(self) -> RunConfig:
         if self.train.strategy == "fsdp" and self.method == "qlora":
-            raise ValueError(
-                "train.strategy: fsdp shards 16/32-bit weights, not QLoRA's 4-bit ones; use ddp for "
-                "qlora (its 4-bit base fits one device), or method lora or full with fsdp"
+            raise KeyProblem(
+                "train.strategy",
+                "fsdp shards 16/32-bit weights, not QLoRA's 4-bit ones; use ddp for qlora (its 4-bit base fits one "
+                "device), or method lora or full with fsdp",
             )
         return self
 
     @model_validator(mode="after")
     def _best_needs_eval(self) -> RunConfig:
         if self.train.keep_best and self.data.eval is None:
-            raise ValueError(
-                f"train.keep_best: {self.train.keep_best} is measured on held-out data and there is none: set "
-                "data.eval (a file, or a fraction such as 0.1 of the train rows), or remove train.keep_best"
+            raise KeyProblem(
+                "train.keep_best",
+                f"{self.train.keep_best} is measured on held-out data and there is none: set data.eval (a file, or "
+                "a fraction such as 0.1 of the train rows), or remove train.keep_best",
             )
         return self
 
@@ -301,17 +312,30 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
 def format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config ({e.error_count()} problem{'s' if e.error_count() > 1 else ''}):"]
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc, value = err["loc"], err.get("input")
+        problem = err.get("ctx", {}).get("error")
+        if isinstance(problem, KeyProblem):  # a model validator's: its input is the model's, the key one of its own
+            parts = tuple(problem.key.split("."))
+            loc, value = loc + parts, _value_at(value, parts)
+        key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            parent = _model_at(err["loc"][:-1])
+            parent = _model_at(loc[:-1])
             known = ", ".join(parent.model_fields) if parent else ""
             lines.append(f"  {key}: unknown key. Known keys here: {known}")
         elif err["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: {msg} (got {json.dumps(err.get('input'), default=str)[:80]})")
+            got = f" (got {json.dumps(value, default=str)[:80]})" if loc else ""  # not the whole config
+            lines.append(f"  {key}: {msg}{got}")
     return "\n".join(lines)
+
+
+def _value_at(raw: Any, parts: tuple[str, ...]) -> Any:
+    """The value at dotted `parts` in a raw config dict (None where it is not given)."""
+    for part in parts:
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

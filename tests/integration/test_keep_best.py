@@ -1,20 +1,22 @@
 """train.keep_best and train.time_budget on tiny local runs.
 
 keep_best: adapter/ (model/) holds the best evaluation's weights, the summary and card name its step, the newest
-checkpoint the last weights, and a resumed run keeps the best. time_budget: the plan's plumbing (the schedule
-rebuilt for each new length, the summary, a resume that finishes the planned steps) with plan_steps scripted, so
-that nothing depends on this machine's speed; plan_steps' own arithmetic is tests/unit/test_time_budget.py's.
+checkpoint the last weights, and a resumed run keeps the best. The evaluations' losses are scripted (training and
+checkpoints are real): which step of a tiny run evaluates lowest is the CPU's arithmetic (a 2-core AMD EPYC found
+step 14 where this suite had assumed at most 12), and what is under test is keeping the best, not the model's
+learning. time_budget: the plan's plumbing (the schedule rebuilt for each new length, the summary, a resume that
+finishes the planned steps) with plan_steps scripted, so that nothing depends on this machine's speed; plan_steps'
+own arithmetic is tests/unit/test_time_budget.py's.
 """
 
 import json
-import random
 import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import WORDS, make_config
+from test_train import make_config
 from transformers import AutoModelForCausalLM
 
 from lorakit import budget, config, train
@@ -27,16 +29,15 @@ def llama(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("llama"), arch="llama")
 
 
-def unreversed_eval(tmp_path: Path) -> Path:
-    """Held-out prompts of the train task answered in the prompt's order, not reversed: training first lowers their
-    loss (the words, the end of an answer), then raises it as the model learns to reverse."""
-    rng = random.Random(1)
-    path = tmp_path / "unreversed.jsonl"
-    with open(path, "w") as f:
-        for _ in range(8):
-            words = rng.choices(WORDS, k=4)
-            f.write(json.dumps({"prompt": "reverse: " + " ".join(words), "completion": " ".join(words)}) + "\n")
-    return path
+def script_evals(monkeypatch, losses: dict[int, float], steps: range) -> None:
+    """train.eval_loss answering losses[s] for each step s of `steps` in turn (the evaluations a run makes)."""
+    answers = iter([losses[s] for s in steps])
+    monkeypatch.setattr(train, "eval_loss", lambda *a, **k: next(answers))
+
+
+# Evaluated every 2 steps: the best at step 8; step 4's loss comes again at 10 (a tie is no new best) and every later
+# one is worse, the last too.
+LOSSES = {2: 3.0, 4: 2.5, 6: 2.6, 8: 2.0, 10: 2.5, 12: 2.2, 14: 2.1, 16: 2.4}
 
 
 def evals(run: Path) -> dict[int, float]:
@@ -46,7 +47,6 @@ def evals(run: Path) -> dict[int, float]:
 
 def keep_best_config(tmp_path: Path, base: Path, out: str, **over) -> config.RunConfig:
     keys = {
-        "data.eval": str(unreversed_eval(tmp_path)),
         "train.lr": 0.05,
         "train.max_steps": 16,
         "train.eval_every": 2,
@@ -58,13 +58,13 @@ def keep_best_config(tmp_path: Path, base: Path, out: str, **over) -> config.Run
 
 
 def test_the_published_adapter_is_the_best_evaluation_and_the_last_weights_stay_in_the_newest_checkpoint(
-    tmp_path, llama
+    tmp_path, llama, monkeypatch
 ):
+    script_evals(monkeypatch, LOSSES, range(2, 17, 2))
     result = train.run(keep_best_config(tmp_path, llama, "run"), progress=False)
     run = tmp_path / "run"
-    losses = evals(run)
-    best = min(losses, key=losses.get)
-    assert best < 16, f"the construction should make the last evaluation worse than an earlier one: {losses}"
+    losses, best = evals(run), 8
+    assert losses == LOSSES
     s = result.summary
     assert (s["keep_best"], s["best_step"], s["best_eval_loss"]) == ("eval_loss", best, losses[best])
     assert s["final_eval_loss"] == losses[16], "final_eval_loss stays the last evaluation's"
@@ -83,20 +83,37 @@ def test_the_published_adapter_is_the_best_evaluation_and_the_last_weights_stay_
     assert f"| published weights | step {best} of 16, the best eval_loss ({losses[best]:.4g})" in card
 
 
-def test_a_resumed_run_keeps_the_best_of_the_steps_before_it(tmp_path, llama):
-    """Trained to step 12, then resumed to 16 (max_steps may grow on --resume): the same best as one straight run.
-    No save_every: with keep_best the last step is checkpointed all the same."""
+def test_a_resumed_run_keeps_the_best_of_the_steps_before_it(tmp_path, llama, monkeypatch):
+    """Trained to step 12, then resumed to 16 (max_steps may grow on --resume): the same best as one straight run,
+    step 8's, which the resumed steps 14 and 16 do not beat. No save_every: with keep_best the last step is
+    checkpointed all the same."""
     over = {"train.save_every": None}
+    script_evals(monkeypatch, LOSSES, range(2, 17, 2))
     straight = train.run(keep_best_config(tmp_path, llama, "straight", **over), progress=False).summary
+    script_evals(monkeypatch, LOSSES, range(2, 13, 2))
     train.run(keep_best_config(tmp_path, llama, "resumed", **over, **{"train.max_steps": 12}), progress=False)
     assert (tmp_path / "resumed" / "checkpoints" / "best" / "best.json").is_file()
     assert (tmp_path / "resumed" / "checkpoints" / "step-0000012").is_dir()
+    script_evals(monkeypatch, LOSSES, range(14, 17, 2))
     resumed = train.run(keep_best_config(tmp_path, llama, "resumed", **over), resume=True, progress=False).summary
-    assert straight["best_step"] <= 12, straight  # the best came before the resume, and was kept through it
-    assert (resumed["best_step"], resumed["best_eval_loss"]) == (straight["best_step"], straight["best_eval_loss"])
+    assert (straight["best_step"], straight["best_eval_loss"]) == (8, 2.0)
+    assert (resumed["best_step"], resumed["best_eval_loss"]) == (8, 2.0)
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path, llama, monkeypatch):
+    """--resume of a run with no step left trains and evaluates nothing: summary.json keeps its last evaluation
+    (it was rewritten with final_eval_loss null) and its best."""
+    script_evals(monkeypatch, {2: 2.0, 4: 3.0}, range(2, 5, 2))
+    cfg = keep_best_config(tmp_path, llama, "run", **{"train.max_steps": 4})
+    first = train.run(cfg, progress=False).summary
+    assert (first["final_eval_loss"], first["best_step"], first["best_eval_loss"]) == (3.0, 2, 2.0)
+    monkeypatch.setattr(train, "eval_loss", lambda *a, **k: pytest.fail("a finished run evaluates nothing more"))
+    again = train.run(cfg, resume=True, progress=False).summary
+    assert (again["steps"], again["final_eval_loss"], again["best_step"], again["best_eval_loss"]) == (4, 3.0, 2, 2.0)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == again
 
 
 def test_keep_best_of_a_full_fine_tune_with_tied_embeddings(tmp_path, monkeypatch):
@@ -122,10 +139,13 @@ def test_keep_best_of_a_full_fine_tune_with_tied_embeddings(tmp_path, monkeypatc
 
 
 def test_keep_best_needs_held_out_data_and_evaluations(tmp_path, llama):
-    with pytest.raises(
-        LorakitError, match=r"train.keep_best: eval_loss is measured on held-out data and there is none"
-    ):
+    with pytest.raises(LorakitError) as none:
         make_config(tmp_path, llama, **{"data.eval": None, "train.eval_every": 2, "train.keep_best": "eval_loss"})
+    # Labelled with its key and value, as a key's own check is; it was "(top level)" and the whole config.
+    assert str(none.value).splitlines()[1:] == [
+        "  train.keep_best: eval_loss is measured on held-out data and there is none: set data.eval (a file, or a "
+        'fraction such as 0.1 of the train rows), or remove train.keep_best (got "eval_loss")'
+    ]
     with pytest.raises(LorakitError, match=r"train.keep_best: keep_best picks among the run's evaluations"):
         make_config(tmp_path, llama, **{"train.keep_best": "eval_loss"})
     with pytest.raises(LorakitError, match=r"train.keep_best: Input should be 'eval_loss'"):
@@ -163,11 +183,12 @@ def schedule(cfg: config.RunConfig, total: int) -> list[float]:
 
 def test_a_time_budget_sets_the_steps_and_fits_the_schedule_to_them(tmp_path, llama, monkeypatch, capsys):
     # By the steps done when it plans: setup 3 steps; after step 1 (its time) 4; after step 3 (the planned last step
-    # came before step 7; steps 2-3 measured) 12; the check 5 steps later finds the run behind its plan: 10.
-    calls = script_plan(monkeypatch, {0: 3, 1: 4, 3: 12, 8: 10})
+    # came before step 7; steps 2-3 measured) 12; the check 5 steps later finds the run behind its plan: 10; the
+    # check before that last step keeps it.
+    calls = script_plan(monkeypatch, {0: 3, 1: 4, 3: 12, 8: 10, 9: 10})
     cfg = budget_config(tmp_path, llama, "run")
     summary = train.run(cfg, progress=False).summary
-    assert calls == [0, 1, 3, 8]
+    assert calls == [0, 1, 3, 8, 9]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 11))
     lr = [r["lr"] for r in records]
@@ -192,18 +213,52 @@ def test_a_time_budget_sets_the_steps_and_fits_the_schedule_to_them(tmp_path, ll
 def test_a_run_ahead_of_its_plan_is_lengthened_at_a_check(tmp_path, llama, monkeypatch, capsys):
     # Planned to 10 after steps 2-3; the check 5 steps later finds time for 14: the run makes them, its schedule the
     # one of 14 steps from there (before, a check could only shorten, and a slow first window cost the rest).
-    calls = script_plan(monkeypatch, {0: 3, 1: 4, 3: 10, 8: 14})
+    calls = script_plan(monkeypatch, {0: 3, 1: 4, 3: 10, 8: 14, 13: 14})
     cfg = budget_config(tmp_path, llama, "run")
     summary = train.run(cfg, progress=False).summary
-    assert calls == [0, 1, 3, 8]
+    assert calls == [0, 1, 3, 8, 13]
     lr = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lr) == summary["steps"] == summary["planned_steps"] == 14
     assert lr[3:8] == pytest.approx(schedule(cfg, 10)[3:8]) and lr[8:] == pytest.approx(schedule(cfg, 14)[8:])
     assert re.search(r"10m time budget: 14 steps, [\d.]+ epochs, lengthened: planned from", capsys.readouterr().out)
 
 
+def test_a_plan_from_the_warm_up_step_is_never_the_last_word(tmp_path, llama, monkeypatch, capsys):
+    # Issue 30: after a slow first step, its plan was 2 steps and the run ended there, never measuring another.
+    # Setup: 2; after step 1: 2 still, but the run makes one step more to measure; from step 2's time: 6; before step
+    # 6, its planned last, the run finds itself ahead: 8 (a check could only come 5 steps on, so it never came).
+    calls = script_plan(monkeypatch, {0: 2, 1: 2, 2: 6, 5: 8, 7: 8})
+    cfg = budget_config(tmp_path, llama, "run")
+    summary = train.run(cfg, progress=False).summary
+    assert calls == [0, 1, 2, 5, 7]
+    lr = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lr) == summary["steps"] == summary["planned_steps"] == 8
+    assert lr[2:5] == pytest.approx(schedule(cfg, 6)[2:5]) and lr[5:] == pytest.approx(schedule(cfg, 8)[5:])
+    out = capsys.readouterr().out
+    assert re.search(r"10m time budget: 6 steps, [\d.]+ epochs, planned from [\d.]+ s a step over steps 2-2", out)
+    assert re.search(r"10m time budget: 8 steps, [\d.]+ epochs, lengthened: planned from [\d.]+ s a step over "
+                     r"steps 2-5", out)  # fmt: skip
+
+
+def test_a_budget_shorter_than_the_fixed_costs_says_so_at_the_start(tmp_path, llama, capsys):
+    """Setup and the end's reserve (5 s at least) pass a 1 s budget: one note, and the least run there is."""
+    cfg = budget_config(tmp_path, llama, "run").model_copy(deep=True)
+    cfg.train.time_budget = 1.0
+    summary = train.run(cfg, progress=False).summary
+    out = capsys.readouterr().out
+    note = re.findall(r"^note: train\.time_budget .*$", out, re.M)
+    assert len(note) == 1 and out.index(note[0]) < out.index("training "), out
+    assert re.fullmatch(
+        r"note: train\.time_budget 1s is shorter than this run's fixed costs: setup took [\d.]+ s and the end needs "
+        r"about [\d.]+ s \(saving the result, the card, slack\), which leaves no time to train; the run makes at "
+        r"least 2 steps all the same, and ends past its budget",
+        note[0],
+    )
+    assert summary["steps"] == summary["planned_steps"] == budget.MIN_STEPS
+
+
 def test_a_resumed_time_budget_run_finishes_the_steps_its_checkpoint_planned(tmp_path, llama, monkeypatch):
-    script_plan(monkeypatch, {0: 3, 1: 4, 3: 9})  # no check comes before the end at 9
+    script_plan(monkeypatch, {0: 3, 1: 4, 3: 9, 8: 9})  # the check before the last step keeps it
     straight = train.run(budget_config(tmp_path, llama, "straight"), progress=False)
 
     def stop_after_6(step):

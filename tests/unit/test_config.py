@@ -40,6 +40,16 @@ def test_wrong_type_names_its_path(tmp_path):
         config.load(write(tmp_path, {"data": {"train": "x"}, "train": {"batch_size": "eight"}}))
 
 
+def test_a_rule_across_keys_names_its_key_not_the_whole_config(tmp_path):
+    """A model validator's error read "(top level): ..." with the whole config as its value."""
+    with pytest.raises(LorakitError) as e:
+        config.load(write(tmp_path, {"method": "qlora", "data": {"train": "x"}, "train": {"strategy": "fsdp"}}))
+    assert str(e.value).splitlines()[1] == (
+        "  train.strategy: fsdp shards 16/32-bit weights, not QLoRA's 4-bit ones; use ddp for qlora (its 4-bit base "
+        'fits one device), or method lora or full with fsdp (got "fsdp")'
+    )
+
+
 def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(LorakitError) as e:
         config.load(write(tmp_path, {"data": {"train": "x"}, "method": "prefix", "adapter": {"r": 0}}))

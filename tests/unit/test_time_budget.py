@@ -78,9 +78,93 @@ def test_the_plan_re_runs_after_the_first_step_then_once_measured_then_at_checks
     b.final, b.planned_at = True, 6  # planned from measured speed after 6 steps: then checked as it goes
     assert next(s for s in range(7, 30) if b.due(s, total=20)) == 12, "MEASURED_STEPS on, at least"
     assert next(s for s in range(7, 300) if b.due(s, total=200)) == 27, "a tenth of the run on"
-    assert not b.due(20, total=20), "never before the last step: its rate is set"
+    assert b.due(9, total=9), "and before the planned last step, however soon: a run ahead of its plan lengthens it"
     b.planned_at = 0  # a resumed run whose checkpoint had planned from measured speed: it finishes that plan
     assert not any(b.due(s, total=20) for s in range(1, 30))
+
+
+class Clock:
+    """time.perf_counter, scripted: it moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def issue_budget(clock: Clock, **over) -> budget.Budget:
+    """Issue 30's run: 60 s, 8 s kept for the end, an evaluation and a 1 s checkpoint every 10 steps, 27.32 times a
+    step's tokens evaluated (3.17 s a step made that 43.3 s), and 0.3 s a step by setup's estimate."""
+    keys = {"seconds": 60, "started": 0.0, "step_tokens": 100, "eval_tokens": 2732, "eval_every": 10, "save_every": 10,
+            "save_guess_s": 1.0, "best_guess_s": 0.0, "reserve_s": 8.0, "guess_step_s": 0.3}  # fmt: skip
+    return budget.Budget(**{**keys, **over}, clock=clock)
+
+
+def test_a_plan_from_the_warm_up_step_neither_scales_the_evaluation_by_it_nor_ends_the_run():
+    # plan_steps is right about what it was given: one more step and its evaluation (43.3 s) pass 60 s, so the run
+    # makes that step as its last. What it was given was wrong: the evaluation scaled by the warm-up step.
+    assert budget.plan_steps(60, 8, 1, 3.17, 8, 43.3, 10, 1, 10) == 2
+    clock = Clock()
+    b = issue_budget(clock)
+    clock.now, b.durations = 8.0, [3.17]  # setup and step 1
+    total, step_s = b.replan(1)
+    assert step_s == 3.17 and not b.final, "planned from the warm-up step: never the last word"
+    evaluation = 2732 / 100 * 0.3 / budget.EVAL_SPEEDUP  # 4.1 s: by setup's estimate of a step
+    assert total == budget.plan_steps(60, 8, 1, 3.17, 8, evaluation, 10, 1, 10) == 11
+    # A warm-up step so slow that no more fit by its pace: one step more all the same, whose time plans the end ...
+    b.durations = [30.0]
+    assert b.replan(1)[0] == 3 and budget.plan_steps(60, 8, 1, 30.0, 8, evaluation, 10, 1, 10) == 2
+    clock.now = 52.0  # ... unless setup and that step left no time past the end's reserve
+    assert b.replan(1)[0] == 2
+
+
+def simulate(b: budget.Budget, clock: Clock, total: int, step_s, eval_s: float, save_s: float) -> list[tuple]:
+    """A run as train.train makes it, on a scripted clock: each re-plan's (step, total); step_s(step) its time."""
+    plans, step = [], 0
+    while step < total:
+        step += 1
+        if b.due(step, total):
+            total, _ = b.replan(step - 1)
+            plans.append((step, total))
+        clock.now += step_s(step)
+        b.durations.append(step_s(step))
+        for every, took, field in ((b.eval_every, eval_s, "eval_s"), (b.save_every, save_s, "save_s")):
+            if step == total or step % every == 0:
+                clock.now += took
+                setattr(b, field, took)
+    return plans
+
+
+@pytest.mark.parametrize(("later_s", "least"), [(0.3, 45), (1.0, 15)])
+def test_a_run_re_plans_from_its_measured_steps_and_ends_within_its_budget(later_s, least):
+    """Issue 30's run (setup 4.83 s, step 1 3.17 s, checkpoints 1 s) planned 2 steps of its 60 s and used 13.5 s.
+    Its later steps take a tenth of the first's time, or a third; an evaluation, 27.32 steps' tokens at half a trained
+    token's cost (4.1 s, 13.7 s), more than setup's estimate guessed in the second case."""
+    clock = Clock()
+    b = issue_budget(clock)
+    clock.now, eval_s = 4.83, 27.32 * later_s / budget.EVAL_SPEEDUP
+    plans = simulate(b, clock, 2, lambda step: 3.17 if step == 1 else later_s, eval_s=eval_s, save_s=1.0)
+    steps = plans[-1][1]
+    assert plans[0] == (2, 11), "after step 1"
+    assert plans[1][0] == 7, "after the next MEASURED_STEPS"
+    assert all(step == total or step - 1 >= 7 for step, total in plans[2:]), plans
+    assert steps >= least and 60 - 8 - (later_s + eval_s + 1.0) < clock.now <= 60 - 8, (steps, clock.now, plans)
+
+
+def test_a_budget_below_the_run_s_fixed_costs_is_said():
+    clock = Clock()
+    b = issue_budget(clock, seconds=1.0, reserve_s=5.1)
+    clock.now = 8.2  # setup alone
+    assert budget.over_budget(b) == (
+        "note: train.time_budget 1s is shorter than this run's fixed costs: setup took 8.2 s and the end needs about "
+        "5.1 s (saving the result, the card, slack), which leaves no time to train; the run makes at least 2 steps "
+        "all the same, and ends past its budget"
+    )
+    b.seconds, b.guess_step_s, clock.now = 10.0, 2.0, 3.0
+    assert "which leaves 1.9 s, less than a step (about 2 s);" in budget.over_budget(b)
+    b.guess_step_s = 1.5
+    assert budget.over_budget(b) is None
 
 
 def lrs(scheduler, optimizer, steps: int) -> list[float]:
