@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from lorakit import config, files
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
-from lorakit.run_folder import RunFolder
+from lorakit.run_folder import RunFolder, latest
 
 # Keys that may change between a run and its resume: they extend or shorten it, not change it.
 RESUMABLE_CHANGES = {
@@ -170,11 +170,6 @@ def best(folder: Path) -> dict | None:
 def best_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The trained weights of the best evaluation kept in `folder`, by the names of the model's parameters."""
     return load_file(folder / "trainable.safetensors")
-
-
-def latest(checkpoints: Path) -> Path | None:
-    found = sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").is_file())
-    return found[-1] if found else None
 
 
 def none_yet(cfg: RunConfig) -> str:

@@ -100,11 +100,11 @@ def train_launch(args: argparse.Namespace, cfg: Any, opts: o.TrainOptions) -> in
     here, in this process, which may itself be one rank of a launch)."""
     import torch
 
-    from lorakit import checkpoint, launch, train
+    from lorakit import checkpoint, launch
 
     if not launch.wanted(opts):
         return None
-    train.check_strategy(cfg, torch.cuda.is_available(), opts.resume)
+    launch.check_strategy(cfg, torch.cuda.is_available(), opts.resume)
     checkpoint.check_output_dir(cfg, opts.resume, opts.overwrite, (opts.nproc or 1) * opts.nnodes)
     return launch.run(cfg, args.config, args.overrides, opts, args.local)
 
@@ -113,13 +113,13 @@ def train_interrupted(args: argparse.Namespace) -> str | None:
     """What a Ctrl-C'd training run tells: where its newest checkpoint is and the command that continues it
     (the launch flags too); nothing in a rank whose launcher or main rank says it (launch.quiet_rank)."""
     from lorakit import checkpoint, config, launch
-    from lorakit.run_folder import RunFolder
+    from lorakit.run_folder import RunFolder, latest
 
     if launch.quiet_rank():
         return None
     cfg = config.load(args.config, args.overrides, local=args.local)
     run = RunFolder.of(cfg)
-    newest = checkpoint.latest(run.checkpoints)
+    newest = latest(run.checkpoints)
     if newest is None:
         return f"interrupted: no checkpoint was saved in {run.root} ({checkpoint.none_yet(cfg)})"
     if launch.is_rank():  # the main rank of the user's own torchrun or accelerate launch: its command is theirs

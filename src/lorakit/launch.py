@@ -41,6 +41,25 @@ def wanted(opts: Any) -> bool:
     return (bool(opts.nproc) or opts.nnodes > 1) and not is_rank()
 
 
+def check_strategy(cfg: Any, on_gpu: bool, resume: bool = False) -> None:
+    """Refuse what train.strategy cannot do here: accelerate shards (FSDP) over GPUs only, and an FSDP run's
+    checkpoints hold its gathered weights but not its sharded optimizer states. The launcher asks before any rank
+    starts, each rank again in its setup, and `lorakit plan --nproc` of each device it plans for."""
+    if cfg.train.strategy != "fsdp":
+        return
+    if not on_gpu:
+        raise LorakitError(
+            "train.strategy: fsdp needs GPUs: accelerate shards a model over CUDA devices only (on "
+            "CPU processes it would fall back to ddp). On CPUs use train.strategy: ddp"
+        )
+    if resume:
+        raise LorakitError(
+            "--resume: an FSDP run's checkpoints hold its gathered weights (usable by eval, merge "
+            "and serve) but not its sharded optimizer states, so it cannot continue exactly; start "
+            "it again, or train with train.strategy: ddp"
+        )
+
+
 def run(cfg: Any, config_path: str, overrides: list[str], opts: Any, local: bool) -> int:
     """Start `opts.nproc` ranks on this host (host `opts.node_rank` of `opts.nnodes`) and wait for them.
 
@@ -109,7 +128,7 @@ def _quiet_agent() -> None:
 def _failed(failures: dict[int, Any], cfg: Any, resume: str) -> str:
     """The message of a failed launch: the rank that failed first, with its own error or how it died."""
     from lorakit import checkpoint
-    from lorakit.run_folder import RunFolder
+    from lorakit.run_folder import RunFolder, latest
 
     rank, failure = min(failures.items(), key=_cause_first)
     kind, message = _recorded(failure)
@@ -119,7 +138,7 @@ def _failed(failures: dict[int, Any], cfg: Any, resume: str) -> str:
         how = "lost its connection to another rank, which stopped first (on another host: see its output)"
     else:
         how = _how(failure.exitcode) + " (its output is above)"
-    if checkpoint.latest(RunFolder.of(cfg).checkpoints):
+    if latest(RunFolder.of(cfg).checkpoints):
         then = f"Continue from the newest checkpoint with:\n  {resume}"
     else:
         then = f"It has no checkpoint to resume from ({checkpoint.none_yet(cfg)})."

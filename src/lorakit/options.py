@@ -85,6 +85,12 @@ def base_precision_option() -> Any:
 BasePrecision = Literal["auto", "4bit", "8bit", "full"]
 
 
+# Processes on one host (torchrun's --nproc-per-node): one per GPU, or a share of a CPU host's cores, and no host
+# has more than a few hundred of either. `train --nproc` and `plan --nproc` take the same range: past it a number is a
+# typo (a million processes would be started, or planned for), not a host.
+NPROC_MAX = 1024
+
+
 # ---- the options of each command ----
 @dataclass(kw_only=True)
 class TrainOptions:
@@ -95,6 +101,7 @@ class TrainOptions:
     nproc: int | None = option(
         None,
         minimum=1,
+        maximum=NPROC_MAX,
         help="processes on this host (one per GPU; on a CPU, each takes a "
         "share of the batch): lorakit starts them with torchrun",
     )
@@ -273,7 +280,9 @@ class PlanOptions:
     gradient_checkpointing: bool = option(
         False, help="recompute activations (train.gradient_checkpointing=true; also on where the config says so)"
     )
-    nproc: int = option(1, minimum=1, help="processes sharing the run, as `lorakit train --nproc`")
+    nproc: int = option(
+        1, minimum=1, maximum=NPROC_MAX, help="processes on one host sharing the run, as `lorakit train --nproc`"
+    )
     strategy: Literal["auto", "ddp", "fsdp"] | None = option(
         None, help="ddp or fsdp across processes (train.strategy=...; default: the config's)"
     )
@@ -408,7 +417,8 @@ def _check_range(value: Any, low: float | None, high: float | None, flag: str) -
             if low is not None
             else f"at most {high:g}"
         )
-        raise LorakitError(f"{flag} {value:g}: must be {bounds}")
+        # An int as typed: `:g` writes 1000000 as 1e+06.
+        raise LorakitError(f"{flag} {value if isinstance(value, int) else format(value, 'g')}: must be {bounds}")
 
 
 def _unwrap(kind: Any) -> tuple[Any, list | None]:

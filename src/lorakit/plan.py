@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lorakit import launch
 from lorakit.errors import LorakitError
 
 GIB, MIB = 2**30, 2**20
@@ -110,6 +111,7 @@ class Shape:
     tied: bool
     linears: dict[str, tuple[int, int]]  # module name -> (in_features, out_features)
     eager_attention: bool  # keeps the (heads x seq x seq) attention matrix (Gemma 2's soft-capping)
+    context: int | None = None  # the longest row its positions cover (max_position_embeddings); None: no limit
 
     @property
     def layer_params(self) -> int:
@@ -170,6 +172,7 @@ def shape_of(config: dict[str, Any]) -> Shape:
         heads = config.get("n_head") or config["num_attention_heads"]
         linears = {"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, 4 * h),
                    "dense_4h_to_h": (4 * h, h)}  # fmt: skip
+        # BLOOM's ALiBi positions have no table to run past: no context to check a row against.
         return Shape(name, h, config.get("n_layer") or config["num_hidden_layers"], heads, h // heads,
                      config["vocab_size"], config.get("tie_word_embeddings", True), linears, False)  # fmt: skip
     if "intermediate_size" not in config or "num_attention_heads" not in config:
@@ -182,7 +185,7 @@ def shape_of(config: dict[str, Any]) -> Shape:
                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
     tied = config.get("tie_word_embeddings", kind.startswith("gemma"))
     return Shape(name, h, config["num_hidden_layers"], heads, hd, config["vocab_size"], tied, linears,
-                 kind == "gemma2")  # fmt: skip
+                 kind == "gemma2", config.get("max_position_embeddings"))  # fmt: skip
 
 
 def load_shape(model: str) -> Shape:
@@ -517,16 +520,17 @@ def plan(cfg: Any, opts: Any) -> tuple[Shape, Setup, Estimate]:
     from lorakit import model
 
     run = run_config(cfg, opts)
+    # The device `lorakit train` would use here (model.pick_device decides auto for both), or --device: it leads
+    # the estimate (the breakdown, the JSON's top level), being the first of its kind in `devices`.
     device = model.pick_device(opts.device, present=False)
-    if device == "cpu" and opts.device == "auto":  # no GPU here: this CPU, and the GPUs the run could go to
-        kind, devices = "cuda", {"this CPU": here("cpu", opts.nproc), **common_gpus()}
-    elif device == "cpu":
-        kind, devices = "cpu", {"this CPU": here("cpu", opts.nproc)}
+    kind = "cpu" if device == "cpu" else "cuda"
+    if kind == "cpu":  # without a GPU here, auto also lists the GPUs the run could go to
+        devices = {"this CPU": here("cpu", opts.nproc), **(common_gpus() if opts.device == "auto" else {})}
     else:
-        this = {"this GPU": here(device, opts.nproc)} if torch.cuda.is_available() else {}
-        kind, devices = "cuda", {**this, **common_gpus()}
+        devices = {**({"this GPU": here(device, opts.nproc)} if torch.cuda.is_available() else {}), **common_gpus()}
     shape = load_shape(run.model)
     setup = setup_of(run, kind, opts.nproc)
+    check_context(shape, setup.seq_len)
     est = estimate(shape, setup, devices)
     for name, row in est.fits.items():
         if (why := refusal(run, devices[name].kind, opts.nproc)) is not None:
@@ -543,14 +547,22 @@ def plan(cfg: Any, opts: Any) -> tuple[Shape, Setup, Estimate]:
     return shape, setup, est
 
 
+def check_context(shape: Shape, seq_len: int) -> None:
+    """Refuse rows longer than the model's positions cover: its estimate would be of a run that cannot train."""
+    if shape.context and seq_len > shape.context:
+        raise LorakitError(
+            f"plan: rows of {seq_len:,} tokens (data.max_length, --seq-len) are longer than {shape.name} reads: its "
+            f"context is {shape.context:,} tokens (max_position_embeddings in its config). Plan at most "
+            f"--seq-len {shape.context}"
+        )
+
+
 def refusal(cfg: Any, kind: str, nproc: int) -> str | None:
-    """Why `lorakit train --nproc` refuses the run on a device of this kind (train.check_strategy), or None."""
+    """Why `lorakit train --nproc` refuses the run on a device of this kind (launch.check_strategy), or None."""
     if nproc == 1:  # a single process has nothing to shard: train never checks its strategy
         return None
-    from lorakit import train
-
     try:
-        train.check_strategy(cfg, kind == "cuda")
+        launch.check_strategy(cfg, kind == "cuda")
     except LorakitError as e:
         return str(e)
     return None
@@ -567,17 +579,25 @@ def table(shape: Shape, setup: Setup, est: Estimate) -> str:
              + f", micro-batch {batch} x {setup.seq_len} tokens, {setup.nproc} process(es)"
              + (f" ({setup.strategy})" if setup.nproc > 1 else "")
              + f", checkpointing {'on' if setup.checkpointing else 'off'}; {precision}:"]  # fmt: skip
-    for key, value in est.breakdown.items():
-        lines.append(f"  {key.replace('_', ' '):<18} {value / GIB:8.2f} GiB")
-    lines.append(f"  {'peak':<18} {est.peak_bytes / GIB:8.2f} GiB per process")
-    lines.append(f"  {'FLOPs per token':<18} {est.flops_per_token / 1e9:8.2f} G")
+    # Columns as wide as their widest cell: a run of a million GiB stays aligned.
+    parts = [(key.replace("_", " "), value / GIB, "GiB") for key, value in est.breakdown.items()]
+    parts += [("peak", est.peak_bytes / GIB, "GiB per process"), ("FLOPs per token", est.flops_per_token / 1e9, "G")]
+    cells = _columns([[f"  {name}", f"{value:.2f}"] for name, value, _ in parts])
+    lines += [f"{line} {unit}" for line, (_, _, unit) in zip(cells, parts)]
     timed = any("run_s" in f for f in est.fits.values())
-    lines.append(f"{'device':<16}{'GiB':>7}{'fits':>6}{'batch':>7}{'peak GiB':>10}{'largest batch':>15}"
-                 f"{'tokens/s':>10}" + (f"{'run time':>10}" if timed else ""))  # fmt: skip
-    for name, f in est.fits.items():
-        when = f"{f['run_s'] / 60:8.0f} m" if "run_s" in f else ""
-        lines.append(f"{name:<16}{f['memory_bytes'] / GIB:7.1f}{'yes' if f['fits'] else 'no':>6}{f['batch']:>7}"
-                     f"{f['peak_bytes'] / GIB:10.2f}{f['largest_batch']:>15}{f['tokens_per_s']:>10.0f}"
-                     + (f"{when:>10}" if timed else ""))  # fmt: skip
+    header = ["device", "GiB", "fits", "batch", "peak GiB", "largest batch", "tokens/s"] + ["run time"] * timed
+    rows = [[name, f"{f['memory_bytes'] / GIB:.1f}", "yes" if f["fits"] else "no", str(f["batch"]),
+             f"{f['peak_bytes'] / GIB:.2f}", str(f["largest_batch"]), f"{f['tokens_per_s']:.0f}"]
+            + ([f"{f['run_s'] / 60:.0f} m" if "run_s" in f else ""] if timed else [])
+            for name, f in est.fits.items()]  # fmt: skip
+    lines += _columns([header, *rows])
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines: the first column left-aligned, the others right-aligned, each as wide as its widest
+    cell, two spaces apart."""
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if k == 0 else cell.rjust(w) for k, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in rows]  # fmt: skip

@@ -140,8 +140,6 @@ def _run_of(folder: Path) -> RunFolder | None:
 def check_finished(path: str | Path) -> None:
     """Refuse a `lorakit train` run folder that has no adapter/ or model/ yet (a run saves it when it ends:
     this one was interrupted, or failed), saying how to use its newest checkpoint or finish the run."""
-    from lorakit import checkpoint  # it imports this module
-
     run = RunFolder(Path(path))
     if not run.config.is_file() or locate(path) is not None:
         return
@@ -151,7 +149,7 @@ def check_finished(path: str | Path) -> None:
         cfg = None
     what = f"{run.weights(cfg.method).name}/" if cfg is not None else "adapter/ (or model/)"
     said = f"{path} is a run of `lorakit train` that did not finish: it has no {what} yet (a run saves it when it ends)"
-    newest = checkpoint.latest(run.checkpoints)
+    newest = latest(run.checkpoints)
     if newest is None:
         again = shlex.join(["lorakit", "train", str(run.config), *(["--overwrite"] if run.has_results() else [])])
         raise LorakitError(
@@ -170,6 +168,13 @@ def check_finished(path: str | Path) -> None:
         else ""
     )
     raise LorakitError(f"{said}. To use it, {use}finish the run: {resume}")
+
+
+def latest(checkpoints: Path) -> Path | None:
+    """The newest checkpoint in a run's checkpoints/ (a step-NNNNNNN/ folder of checkpoint.save's, with its
+    state.json), or None."""
+    found = sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").is_file())
+    return found[-1] if found else None
 
 
 def find_adapter(path: str | Path) -> Path | None:

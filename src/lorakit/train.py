@@ -18,7 +18,6 @@ import os
 import random
 import resource
 import signal
-import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lorakit import adapter, card, checkpoint, data, files, kernels, loss, model, packing, plan, tracking
+from lorakit import adapter, card, checkpoint, data, files, kernels, launch, loss, model, packing, plan, tracking
 from lorakit import budget as time_budget
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.render import IGNORE
-from lorakit.run_folder import RunFolder
+from lorakit.run_folder import RunFolder, latest
 
 MIXED = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
@@ -114,7 +113,7 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
     device = use_device(device)
     dtype = model.pick_dtype(cfg.train.precision, device)
     if "LOCAL_RANK" in os.environ:  # one rank of a launch: a plain single-process run has nothing to shard
-        check_strategy(cfg, device == "cuda", resume)
+        launch.check_strategy(cfg, device == "cuda", resume)
     # cpu=True: several CPU processes (torchrun on a machine without a GPU) then join over gloo.
     accelerator = Accelerator(
         mixed_precision=MIXED[dtype],
@@ -197,7 +196,7 @@ def resume_state(accelerator: Accelerator, run: RunFolder, net: Any, optimizer: 
     """The loop's counters: from the newest checkpoint on --resume (weights, optimizer, schedule and RNGs restored
     with them, metrics after its step dropped), else from zero (and no metrics of an earlier run)."""
     state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0, "train_s": 0.0}
-    if resume and (ckpt := checkpoint.latest(run.checkpoints)):
+    if resume and (ckpt := latest(run.checkpoints)):
         state = checkpoint.load(ckpt, net, optimizer, scheduler, accelerator.process_index)
         state.setdefault("train_s", state["elapsed"] - state["eval_s"])  # checkpoints written before train_s was kept
         tracking.truncate_after(run.metrics, state["step"])
@@ -277,17 +276,12 @@ def train(t: Training, progress: bool) -> float | None:
 
 
 def replan(t: Training, step: int, bar: Any) -> None:
-    """train.time_budget: before `step`, set the run's total steps from the speed measured so far, and rebuild the
-    schedule for the new total, standing where the steps done left it. After this process's first step: from that
-    step's time alone (cautious); then, and at each check, from the mean of every step after it. Not from the
-    steps since the last check: steps vary with their rows' lengths (WikiSQL, 8 rows: 3.6-5.2 s), and one slow
-    window had cut a 29-step plan to 25, ending the run at 102 s of a 122 s budget. The time left is the clock's,
-    so a pace that slows for good still lowers each later plan, and the slack absorbs the lag."""
+    """train.time_budget: before `step`, set the run's total steps from the speed measured so far (Budget.replan),
+    and rebuild the schedule for the new total, standing where the steps done left it."""
     b, done = t.budget, step - 1
     checking, since = b.final, b.first + 1
-    step_s = b.durations[0] if done == b.first else statistics.mean(b.durations[1:])  # durations[0]: step b.first
-    total = time_budget.agree(t.accelerator, b.plan(done, step_s))
-    b.final, b.planned_at = done > b.first, done if done > b.first else 0
+    total, step_s = b.replan(done)
+    total = time_budget.agree(t.accelerator, total)
     t.state.update(planned_steps=total, budget_final=b.final)
     before, changed = t.total_steps, total != t.total_steps
     if changed:
@@ -366,6 +360,8 @@ def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
         save_result(t.net, t.tokenizer, t.run.weights(cfg.method), weights, base=cfg.model)
         records = tracking.read(t.run.metrics)
         tracking.plot(records, t.run.loss_plot)
+        if t.start >= t.total_steps:  # a resumed run with no step left evaluated nothing: its last evaluation stands
+            last_eval = next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None)
         summary = {  # also the run folder's summary.json
             "steps": t.total_steps,
             "method": cfg.method,
@@ -464,24 +460,6 @@ def accumulate(net: Any, micro: list[dict], accelerator: Accelerator, pad: int) 
         step_loss += total.item()
         n_tokens += batch["input_ids"].numel() - _padding(batch, pad)
     return step_loss, n_target, n_tokens
-
-
-def check_strategy(cfg: RunConfig, on_gpu: bool, resume: bool = False) -> None:
-    """Refuse what the strategy cannot do here: accelerate shards (FSDP) over GPUs only, and an FSDP run's
-    checkpoints hold its gathered weights but not its sharded optimizer states."""
-    if cfg.train.strategy != "fsdp":
-        return
-    if not on_gpu:
-        raise LorakitError(
-            "train.strategy: fsdp needs GPUs: accelerate shards a model over CUDA devices only (on "
-            "CPU processes it would fall back to ddp). On CPUs use train.strategy: ddp"
-        )
-    if resume:
-        raise LorakitError(
-            "--resume: an FSDP run's checkpoints hold its gathered weights (usable by eval, merge "
-            "and serve) but not its sharded optimizer states, so it cannot continue exactly; start "
-            "it again, or train with train.strategy: ddp"
-        )
 
 
 def fsdp_plugin(cfg: RunConfig) -> Any:

@@ -244,9 +244,10 @@ def test_vllm_command_and_rank_check(tmp_path, bases, capsys):
     cmd = vllm.command(str(bases["llama"]), {"a": a, "b": b})
     assert cmd[:5] == ["vllm", "serve", str(Path(bases["llama"]).resolve()), "--enable-lora", "--lora-modules"]
     assert cmd[5:7] == [f"a={a.resolve()}", f"b={b.resolve()}"] and cmd[cmd.index("--max-lora-rank") + 1] == "16"
-    odd = make_adapter(bases["llama"], tmp_path / "odd", r=4)
-    assert cli.main(["export", str(bases["llama"]), "--format", "vllm", "--adapter", f"odd={odd}"]) == 2
-    assert "rank 4 is not one vLLM accepts" in capsys.readouterr().err
+    # A rank vLLM's --max-lora-rank does not list is served under the next value that covers it (issue 30).
+    four = make_adapter(bases["llama"], tmp_path / "four", r=4)
+    assert cli.main(["export", str(bases["llama"]), "--format", "vllm", "--adapter", f"four={four}"]) == 0
+    assert "--max-lora-rank 8" in capsys.readouterr().out
     saved = make_adapter(bases["llama"], tmp_path / "saved", r=8, modules_to_save=["lm_head"])
     with pytest.raises(LorakitError, match="modules_to_save"):
         vllm.command(str(bases["llama"]), {"saved": saved})

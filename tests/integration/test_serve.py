@@ -599,8 +599,9 @@ def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
     assert f"b={(tmp / 'adapters' / 'b').resolve()}" in cmd and "9000" in cmd
     assert cmd[cmd.index("--served-model-name") + 1] == "tiny" and cmd[cmd.index("--max-model-len") + 1] == "512"
     assert env == {"VLLM_API_KEY": "k"} and "k" not in cmd, "the key stays out of the process list"
-    with pytest.raises(Exception, match="rank 4 is not one vLLM accepts"):  # adapter "a" has rank 4
-        server.vllm_command(server.ServeOptions(model=str(base), adapters_dir=str(tmp / "adapters")))
+    # Adapter "a" has rank 4, which vLLM serves under --max-lora-rank 8 (issue 30: it was refused).
+    cmd, _ = server.vllm_command(server.ServeOptions(model=str(base), adapters_dir=str(tmp / "adapters")))
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
     monkeypatch.setattr(server.shutil, "which", lambda name: None)
     monkeypatch.setattr(server.importlib.util, "find_spec", lambda name: None)
     assert (
@@ -617,7 +618,7 @@ def test_vllm_engine_takes_force_and_the_adapters_folder_as_lorakits_engine_does
     shutil.copytree(tmp / "adapters" / "b", folder / "renamed")
     meta = folder / "renamed" / "adapter_config.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_model_name_or_path": "someone/else"}))
-    shutil.copytree(tmp / "adapters" / "a", folder / ".upload-tmp")  # rank 4: vLLM would refuse it
+    shutil.copytree(tmp / "adapters" / "a", folder / ".upload-tmp")  # an upload in progress: not served
     opts = server.ServeOptions(model=str(base), adapters_dir=str(folder))
     with pytest.raises(LorakitError, match="was trained on 'someone/else'"):
         server.vllm_command(opts)

@@ -184,7 +184,7 @@ def test_without_a_gpu_plan_lists_this_cpu_and_the_common_gpus(capsys, no_gpu):
             "H200 141GB"} <= set(plan.GPUS)  # fmt: skip
     assert out["fits"]["T4 16GB"]["fits"] and not out["fits"]["this CPU"]["fits"], "a 7B QLoRA: a T4, not 16 GiB fp32"
     cpu_peak, gpu_peak = out["fits"]["this CPU"]["peak_bytes"], out["fits"]["T4 16GB"]["peak_bytes"]
-    assert out["device"] == "cuda" and out["peak_bytes"] == gpu_peak < cpu_peak, "the breakdown is the GPUs' (bf16)"
+    assert out["device"] == "cpu" and out["peak_bytes"] == cpu_peak > gpu_peak, "the breakdown is this CPU's (fp32)"
     assert cli.main(["plan", recipe]) == 0
     table = capsys.readouterr().out
     assert all(name in table for name in out["fits"]) and "data.packing is off" in table
@@ -224,22 +224,80 @@ def test_processes_on_a_cpu_share_its_ram_in_plan_as_in_train(tmp_path, capsys, 
 
 
 def test_fsdp_is_refused_where_train_refuses_it(tmp_path, capsys, no_gpu):
-    from lorakit import train
+    from lorakit import launch
 
     run = run_file(tmp_path, strategy="fsdp")
     with pytest.raises(LorakitError) as refused:
-        train.check_strategy(config.load(run), on_gpu=False)  # what `lorakit train --nproc 2` says on a CPU
+        launch.check_strategy(config.load(run), on_gpu=False)  # what `lorakit train --nproc 2` says on a CPU
     assert cli.main(["plan", str(run), "--nproc", "2", "--device", "cpu"]) == 2
     assert str(refused.value) in capsys.readouterr().err
     out = planned(capsys, str(run), "--nproc", "2")  # auto: this CPU refuses, the GPUs shard
     assert out["fits"]["this CPU"]["refused"] == str(refused.value) and not out["fits"]["this CPU"]["fits"]
     assert out["fits"]["H100 80GB"]["fits"] and out["notes"] == [f"this CPU: {refused.value}"]
-    assert out["breakdown"]["weights"] == 2 * plan.load_shape(str(tmp_path / "config.json")).params // 2
+    gpus = planned(capsys, str(run), "--nproc", "2", "--device", "cuda")  # the GPUs' breakdown: bf16, sharded
+    assert gpus["breakdown"]["weights"] == 2 * plan.load_shape(str(tmp_path / "config.json")).params // 2
     assert planned(capsys, str(run), "--device", "cpu")["fits"]["this CPU"]["fits"], "one process: nothing to shard"
     with pytest.raises(LorakitError) as qlora:
         config.validate({"method": "qlora", "data": {"train": "x"}, "train": {"strategy": "fsdp"}})
     assert cli.main(["plan", str(run), "--method", "qlora", "--nproc", "2"]) == 2
     assert str(qlora.value).splitlines()[1][:60] in capsys.readouterr().err, "config's rule, as train validates it"
+
+
+@pytest.mark.parametrize(
+    ("gpu", "kind", "first", "precision"),
+    [(False, "cpu", "this CPU", "fp32 on this CPU"), (True, "cuda", "this GPU", "bf16 on a GPU")],
+)
+def test_the_estimate_leads_with_the_device_train_would_use_here(
+    tmp_path, capsys, monkeypatch, gpu, kind, first, precision
+):
+    """Issue 30: without a GPU, plan's breakdown and JSON top level were a GPU's (bf16), not this CPU's."""
+    run = run_file(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(plan, "this_device", lambda device, seconds: (16 * plan.GIB, 1e11))
+    out = planned(capsys, str(run))  # --device auto: what `lorakit train` picks (model.pick_device)
+    assert list(out["fits"]) == [first, *plan.GPUS], "the other devices stay in the table"
+    assert (out["device"], out["setup"]["device"]) == (kind, kind)
+    assert out["peak_bytes"] == out["fits"][first]["peak_bytes"]
+    assert out["tokens_per_s"] == out["fits"][first]["tokens_per_s"] and out["batch"] == out["fits"][first]["batch"]
+    assert cli.main(["plan", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"{precision}:")
+    if not gpu:  # --device cuda still plans for the GPUs, on a machine without one
+        cuda = planned(capsys, str(run), "--device", "cuda")
+        assert cuda["device"] == "cuda" and cuda["peak_bytes"] == cuda["fits"]["T4 16GB"]["peak_bytes"]
+
+
+def test_rows_past_the_context_and_processes_past_a_host_are_refused(tmp_path, capsys, no_gpu):
+    """Issue 30: --seq-len 100000000 planned a model of a 2,048-token context, and --nproc 1000000 was taken."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "max_position_embeddings": 2048}))
+    model = ["plan", "--model", str(tmp_path / "config.json")]
+    assert cli.main([*model, "--seq-len", "100000000", "--batch", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "rows of 100,000,000 tokens" in err and "context is 2,048 tokens" in err and "--seq-len 2048" in err
+    assert planned(capsys, *model[1:], "--seq-len", "2048")["setup"]["seq_len"] == 2048
+    assert plan.load_shape("meta-llama/Llama-2-7b-hf").context == 4096, "the bundled configs carry their context"
+    for command in (model, ["train", str(run_file(tmp_path))]):  # one range for both
+        assert cli.main([*command, "--nproc", "1000000"]) == 2
+        assert "--nproc 1000000: must be between 1 and 1024" in capsys.readouterr().err
+
+
+def test_huge_numbers_keep_the_table_in_columns(tmp_path, capsys, no_gpu):
+    """Issue 30: the columns ran together when a number outgrew their fixed widths."""
+    import re
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))  # no context to refuse the length at
+    huge = ["--seq-len", "100000000", "--batch", "4096"]
+    assert cli.main(["plan", "--model", str(tmp_path / "config.json"), *huge]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith("device"))
+    breakdown, devices = lines[1:start], [line for line in lines[start:] if not line.startswith("note:")]
+    numbers = [re.search(r"(\d+\.\d\d) G", line) for line in breakdown]
+    assert max(len(n.group(1)) for n in numbers) > 8, "wider than the table's fixed columns were"
+    assert len({n.end(1) for n in numbers}) == 1, breakdown
+
+    def ends(line: str) -> list[int]:  # where each cell after the device name ends: they are right-aligned
+        return [m.end() for m in re.finditer(r"\S+(?: \S+)*", line)][1:]
+
+    assert len(devices) == 1 + len(plan.GPUS) + 1 and all(ends(line) == ends(devices[0]) for line in devices), devices
 
 
 # ---- the GPU constants against the runs they were fitted to ----

@@ -13,6 +13,9 @@ from lorakit.adapter import base_of, check_base, read_adapter, trained_with
 from lorakit.errors import LorakitError
 from lorakit.run_folder import adapter_source, check_finished, find_adapter
 
+# The values vLLM's --max-lora-rank takes (vllm/config/lora.py, MaxLoRARanks; its default is 16). An adapter of rank
+# r loads when r <= the flag (vLLM checks `rank > max_lora_rank`), so any rank up to the largest is served. Newer vLLM
+# also takes 1; 8 covers rank 1 on every version.
 RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 # Module names vLLM's LoRA layers wrap in llama-family models (it fuses q/k/v and gate/up itself).
 TARGETS = {
@@ -38,12 +41,10 @@ def check(base: str, adapters: dict[str, Path], force: bool = False) -> list[int
         meta = read_adapter(path)
         ranks_here = sorted({int(meta.r), *map(int, (meta.rank_pattern or {}).values())})
         ranks += ranks_here
-        odd = [r for r in ranks_here if r not in RANKS]
-        if odd:
+        if ranks_here[-1] > RANKS[-1]:
             problems.append(
-                f"{name}: rank {', '.join(map(str, odd))} is not one vLLM accepts "
-                f"({', '.join(map(str, RANKS))}); retrain with adapter.r=8/16/32/..., or merge it "
-                "(lorakit merge) and serve the merged model"
+                f"{name}: rank {ranks_here[-1]} is above {RANKS[-1]}, the largest vLLM's --max-lora-rank takes; "
+                f"retrain with adapter.r={RANKS[-1]} or less, or merge it (lorakit merge) and serve the merged model"
             )
         targets = meta.target_modules or []
         targets = [targets] if isinstance(targets, str) else targets
@@ -99,7 +100,7 @@ def command(
             "--lora-modules",
             *(f"{n}={Path(p).resolve()}" for n, p in adapters.items()),
             "--max-lora-rank",
-            str(max(ranks)),
+            str(max_lora_rank(ranks)),
             "--max-loras",
             str(at_once),
         ]
@@ -119,6 +120,12 @@ def command(
     if quantization == "4bit":
         cmd += ["--quantization", "bitsandbytes"]
     return cmd
+
+
+def max_lora_rank(ranks: list[int]) -> int:
+    """vLLM's --max-lora-rank for adapters of these ranks: the smallest value it takes that covers them all (a larger
+    one reserves more GPU memory for every LoRA slot). The ranks passed `check`: none is above RANKS[-1]."""
+    return next(allowed for allowed in RANKS if allowed >= max(ranks))
 
 
 def _model_arg(base: str) -> str:
