@@ -63,16 +63,25 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> Prepared:
     return Prepared(train_ds, eval_ds, stats, False, path)
 
 
+def held_out_source(cfg: DataConfig, path: str | None = None) -> str | None:
+    """The data `held_out` reads: `path`, else data.eval when it names data, else data.train when data.eval is a
+    fraction of it; None when there is no held-out data."""
+    if path is not None or isinstance(cfg.eval, str):
+        return path or cfg.eval
+    return cfg.train if cfg.eval is not None else None
+
+
 def held_out(cfg: DataConfig, path: str | None = None) -> formats.Converted:
     """Held-out examples as chats, for generation: `path`, else data.eval (a file, or the same
     seeded fraction of train that `prepare` holds out). Rows without an answer are kept."""
-    if path is None and cfg.eval is None:
+    source = held_out_source(cfg, path)
+    if source is None:
         raise LorakitError("no held-out data: set data.eval (a file or a fraction) or pass --data FILE")
-    if path is not None or isinstance(cfg.eval, str):
-        rows = sources.read(path or cfg.eval, cfg.split)
-        _fill_missing_answers(rows.records)
-        return _convert(rows, cfg, keep_unanswered=True)
-    return _split(_convert(sources.read(cfg.train, cfg.split, cfg.limit), cfg), cfg.eval, cfg.seed)[1]
+    if path is None and not isinstance(cfg.eval, str):  # a seeded fraction of train
+        return _split(_convert(sources.read(source, cfg.split, cfg.limit), cfg), cfg.eval, cfg.seed)[1]
+    rows = sources.read(source, cfg.split)
+    _fill_missing_answers(rows.records)
+    return _convert(rows, cfg, keep_unanswered=True)
 
 
 def _fill_missing_answers(records: list[dict]) -> None:

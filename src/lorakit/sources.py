@@ -37,20 +37,17 @@ class Rows:
 def read(source: str, split: str = "train", limit: int | None = None) -> Rows:
     """Load every row of `source`: a file, a folder of supported files, or a dataset id."""
     path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
-        if not files:
-            raise LorakitError(f"{path}: folder has no data files; expected files ending in {', '.join(EXTENSIONS)}")
-    elif path.is_file():
-        files = [path]
-    elif _is_local_looking(source):
+    files = local_files(source)
+    if files is None and not _is_local_looking(source):
+        return _read_hub(source, split, limit)
+    if files is None:
         raise LorakitError(
             f"data file not found: {source}. Check the path (relative paths are taken "
             f"from the current directory: {Path.cwd()}); a Hugging Face dataset is named "
             "as org/name." + _how_to_make(path)
         )
-    else:
-        return _read_hub(source, split, limit)
+    if not files:
+        raise LorakitError(f"{path}: folder has no data files; expected files ending in {', '.join(EXTENSIONS)}")
 
     records: list[dict] = []
     where: list[str] = []
@@ -69,6 +66,15 @@ def read(source: str, split: str = "train", limit: int | None = None) -> Rows:
         records, where = records[:limit], where[:limit]
     digest.update(f"limit={limit}".encode())
     return Rows(records, where, digest.hexdigest(), source, [str(f) for f in files])
+
+
+def local_files(source: str) -> list[Path] | None:
+    """The files `read` reads for a local `source`: the file itself, or a folder's data files; None when no such
+    file or folder is here (`read` then takes an org/name for a Hugging Face dataset id)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    return [path] if path.is_file() else None
 
 
 def _is_local_looking(source: str) -> bool:

@@ -323,6 +323,33 @@ def test_open_eval_html_says_why_there_is_no_report(world, page, tmp_path):
         assert not page.locator("#report-dialog").evaluate("d => d.open") and len(page.context.pages) == 1
 
 
+def test_a_run_that_cannot_be_described_is_shown_with_its_error_beside_the_others(world, page, tmp_path):
+    adapters = tmp_path / "adapters"
+    run_copy(world, adapters, "good")
+    odd, broken = run_copy(world, adapters, "odd"), run_copy(world, adapters, "broken")
+    (odd / "eval" / "eval.json").write_text("[1, 2]")
+    with open(odd / "metrics.jsonl", "a") as f:
+        f.write("5\n")
+    with serving(world, adapters_dir=adapters) as (url, _):
+        (broken / "config.yaml").write_text("- rewritten while served\n")  # loaded at start, unreadable now
+        page.goto(url)
+        page.click("#tab-runs")
+        page.locator('.run[data-run="good"] table.eval').wait_for()
+        card = page.locator('.run[data-run="broken"]')
+        assert card.locator(".failure").inner_text().startswith("config.yaml: not a run config")
+        assert card.locator("svg").count() == 0 and card.locator("dl").count() == 0
+        card, good = page.locator('.run[data-run="odd"]'), page.locator('.run[data-run="good"]')
+        notes = card.locator(".failure").all_inner_texts()
+        assert any(n.startswith("eval/eval.json: not an object") for n in notes), notes
+        assert any(n.startswith("metrics.jsonl: 1 line(s)") for n in notes), notes
+        curve = "polyline.train-loss"
+        assert card.locator(curve).get_attribute("points") == good.locator(curve).get_attribute("points")
+        assert card.locator("table.eval").count() == 0
+        page.click("#tab-compare")
+        labels = page.locator("#example optgroup").evaluate_all("groups => groups.map((g) => g.label)")
+        assert "held out by good" in labels and "held out by broken" not in labels
+
+
 def test_open_eval_html_of_an_adapter_named_with_a_slash(world, page):
     tmp, _ = world
     with serving(world, adapters={"team/sql": str(tmp / "adapters" / "tinyrun")}) as (url, _):

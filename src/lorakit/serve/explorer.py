@@ -40,10 +40,12 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
             raise APIError(404, f"no {name} here", "not_found_error")
         return Response((ui / name).read_text(encoding="utf-8"), media_type=UI_FILES[name])
 
+    described = runs.Runs()  # each run's description, kept while its files are unchanged
+
     @app.get("/v1/lorakit/runs")
     async def served_runs() -> dict:
         # Reading run folders is file work: off the event loop, which is decoding for other clients.
-        return {"runs": await asyncio.to_thread(_runs, serving)}
+        return {"runs": await asyncio.to_thread(described.describe, _served(serving))}
 
     @app.get("/v1/lorakit/runs/{name:path}/eval.html")  # a path: adapter names may hold "/" (team/sql)
     async def eval_page(name: str) -> HTMLResponse:
@@ -82,11 +84,7 @@ def _adapter(serving: Serving, name: str) -> Path | None:
     return known[0] if known is not None else None
 
 
-def _runs(serving: Serving) -> list[dict]:
-    out = []
-    for name in list(serving.registry.known):
-        path = _adapter(serving, name)
-        described = runs.describe(name, path) if path is not None else None
-        if described is not None:
-            out.append(described)
-    return out
+def _served(serving: Serving) -> dict[str, Path]:
+    """Each served adapter's folder (an adapter forgotten meanwhile is left out)."""
+    paths = {name: _adapter(serving, name) for name in list(serving.registry.known)}
+    return {name: path for name, path in paths.items() if path is not None}

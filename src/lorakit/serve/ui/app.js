@@ -111,7 +111,7 @@ function renderExamples() {
   ui.examples = [];
   select.replaceChildren(new Option("(type your own prompt)", ""));
   for (const run of ui.runs) {
-    if (!run.examples.length) continue;
+    if (!(run.examples || []).length) continue;  // a run listed with its error has none
     const group = Object.assign(document.createElement("optgroup"), { label: `held out by ${run.name}` });
     for (const ex of run.examples) {
       const user = [...ex.prompt].reverse().find((m) => m.role === "user");
@@ -138,8 +138,13 @@ function renderRuns() {
   $("#run-list").replaceChildren(...ui.runs.map((run) => {
     const card = Object.assign(document.createElement("article"), { className: "run" });
     card.dataset.run = run.name;
-    const c = run.config, t = c.train || {}, a = c.adapter || {}, d = c.data || {};
     card.append(Object.assign(document.createElement("h2"), { textContent: `${run.name} — ${run.folder}` }));
+    // A run that could not be described, and the parts of one that were left out, say why.
+    for (const why of [run.error, ...(run.notes || [])].filter(Boolean)) {
+      card.append(Object.assign(document.createElement("p"), { className: "failure", textContent: why }));
+    }
+    if (run.error) return card;
+    const c = run.config, t = c.train || {}, a = c.adapter || {}, d = c.data || {};
     card.append(definitions({
       model: c.model, method: c.method, adapter: c.method === "full" ? "—" : `r ${a.r}, alpha ${a.alpha}`,
       data: `${d.train}${d.eval ? ` (eval: ${d.eval})` : ""}`, steps: t.max_steps || `${t.epochs} epoch(s)`,
