@@ -22,7 +22,8 @@ def attach(model: Any, cfg: RunConfig) -> Any:
     """Return the model to train: a peft `PeftModel` for lora/qlora, the model itself for full.
 
     Dtypes: the base keeps the dtype it was loaded in (train.build_model: the run's compute dtype; fp32 masters
-    for full), 4-bit weights stay 4-bit, and a QLoRA run's trained weights take `qlora_dtype`.
+    for full), 4-bit weights stay 4-bit, and a QLoRA run's trained weights take `qlora_dtype`. Under fp16 every
+    trained weight is fp32 (LoRA A/B, DoRA magnitudes, modules_to_save; full's masters), as the loss scaler needs.
     """
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing computes the gradients of the weights inside a checkpointed layer even when
@@ -73,6 +74,10 @@ def attach(model: Any, cfg: RunConfig) -> Any:
         ) from None
     if cfg.method == "qlora":
         train_in(net, qlora_dtype(model.dtype, model.device))
+    elif model.dtype == torch.float16:
+        # fp32 master weights under fp16, where the loss scaler unscales fp32 gradients only ("Attempting to unscale
+        # FP16 gradients"): peft makes LoRA's A/B fp32 but copies modules_to_save in the base's fp16.
+        train_in(net, torch.float32)
     dropout.use_on(net)  # the same dropout, sampled ~3x faster on the CPU
     return net
 

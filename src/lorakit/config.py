@@ -183,14 +183,17 @@ class TrainConfig(_Strict):
         "adamw", description="AdamW (fused where the device has it) or bitsandbytes 8-bit variants."
     )
     precision: Dtype = Field(
-        "auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it, else fp16 with loss scaling."
+        "auto",
+        description="'auto': fp32 on CPU, bf16 on GPUs with native bf16 (compute capability 8.0+: A100, A10, L4, "
+        "H100), else fp16 with loss scaling (T4, V100).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto",
         description="Fused GPU kernels: 'auto' patches Liger-Kernel's RMSNorm, RoPE and SwiGLU (GeGLU for Gemma) "
-        "into llama, mistral, qwen2 and gemma 1-3 models on CUDA when liger-kernel is installed (pip install "
-        "'lorakit[gpu]'), else nothing; 'liger' requires them (an error where they cannot run); 'none' never.",
+        "into every architecture the installed liger-kernel has them for (llama, mistral, mixtral, qwen2/3, phi3, "
+        "gemma 1-3...) on CUDA when it is installed (pip install 'lorakit[gpu]'), else nothing, saying why; "
+        "'liger' requires them (an error where they cannot run); 'none' never.",
     )
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",

@@ -72,8 +72,11 @@ def linear_cross_entropy(
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None):
-        ctx.weight_dtype = weight.dtype
-        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        # Under fp16 the gradient is kept in fp32 until backward scales it (by the loss scale / trained tokens,
+        # which may pass fp16's 65,504); a 16-bit copy would also round off what the loss scaler is there to keep.
+        kept = torch.float32 if _runs_in_fp16(hidden, weight) else hidden.dtype
+        grad_hidden = torch.empty_like(hidden, dtype=kept) if hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         total = _chunks(hidden, weight, targets, softcap, grad_hidden, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -83,7 +86,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+            None if grad_hidden is None else (grad_hidden * grad_total).to(ctx.hidden_dtype),
             None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
             None,
             None,
@@ -101,7 +104,11 @@ def _chunks(
     """The loss sum; fills grad_hidden / grad_weight (d loss / d input) where given."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    back = None if grad_hidden is None else weight.to(hidden.dtype)  # for d loss / d hidden: once, not per chunk
+    fp16 = _runs_in_fp16(hidden, weight)
+    # For d loss / d hidden, once, not per chunk: the weight in the dtype its matmul runs in, and under fp16 a bound on
+    # that matmul's entries (a row of softmax - one-hot sums to at most 2 in absolute value).
+    back = None if grad_hidden is None else weight.to(torch.float16 if fp16 else hidden.dtype)
+    back_bound = 2 * _largest(back) if fp16 and back is not None else None
     for i in range(0, hidden.shape[0], rows):
         h, t = hidden[i : i + rows], targets[i : i + rows]
         logits = (h @ weight.t()).float()  # under autocast the matmul runs in 16 bits, the softmax in fp32
@@ -116,12 +123,48 @@ def _chunks(
         grad[torch.arange(len(t), device=t.device), t] -= 1.0
         if softcap:
             grad *= 1.0 - capped * capped
+        if fp16:  # fp32 values through fp16 matmuls, scaled into fp16's range (_fp16_matmul)
+            if back is not None:
+                grad_hidden[i : i + rows] = _fp16_matmul(grad, back, back_bound)
+            if grad_weight is not None:
+                bound = torch.linalg.vector_norm(grad, 1, dim=0).amax() * _largest(h)
+                grad_weight += _fp16_matmul(grad.t(), h, bound)
+            continue
         grad = grad.to(h.dtype)
         if back is not None:
             grad_hidden[i : i + rows] = grad @ back
         if grad_weight is not None:
             grad_weight += (grad.t() @ h).float()
     return total
+
+
+FP16_ROOM = 2.0**14  # where _fp16_matmul puts the largest entry of a product: 4x below fp16's largest value (65,504)
+
+
+def _runs_in_fp16(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the head's matmuls run in fp16: under fp16 autocast (accelerate's, for train.precision fp16), or on
+    fp16 tensors."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device) == torch.float16
+    return torch.promote_types(hidden.dtype, weight.dtype) == torch.float16
+
+
+def _largest(x: torch.Tensor) -> torch.Tensor:
+    """max |x| in fp32, as a tensor (no sync with the GPU), without an |x| copy of a weight-sized tensor."""
+    low, high = x.aminmax()
+    return torch.maximum(-low, high).float()
+
+
+def _fp16_matmul(a: torch.Tensor, b: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp16 with an fp32 result, for `a` in fp32 whose products' entries are at most `bound` in size.
+
+    `a` (softmax - one-hot: entries of at most 1) is scaled by the power of two that brings the largest entry of the
+    product near FP16_ROOM (at most 2^14): probabilities far below fp16's smallest (6e-8) keep their share, and no
+    entry overflows; the result is scaled back in fp32. Powers of two scale exactly.
+    """
+    scale = torch.exp2(torch.floor(torch.log2(FP16_ROOM / bound.clamp(min=1e-30)))).clamp(max=FP16_ROOM)
+    return ((a * scale).to(torch.float16) @ b.to(torch.float16)).float() / scale
 
 
 def _fusable(head: Any) -> bool:

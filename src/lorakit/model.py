@@ -337,14 +337,20 @@ def base_quantization(precision: str, methods: Iterable[str | None] = ()) -> str
 
 
 def pick_dtype(precision: str, device: str | torch.device) -> torch.dtype:
-    """Weights/autocast dtype for `train.precision`: 'auto' is fp32 on CPU, bf16 on CUDA that has it, else fp16."""
+    """Weights/autocast dtype for `train.precision` (and the dtype `lorakit plan` measures a GPU in): 'auto' is
+    fp32 on a CPU, bf16 on a GPU with native bf16 (compute capability 8.0+: A100, A10, L4, H100...), else fp16,
+    which training pairs with a loss scaler (T4, V100).
+
+    Not torch.cuda.is_bf16_supported(): it also says True where bf16 is only emulated (a T4, sm75), and a T4
+    trained in emulated bf16 without tensor cores, several times slower than in fp16.
+    """
     if precision in DTYPES:
         return DTYPES[precision]
     if precision != "auto":
         raise LorakitError(f"train.precision must be one of auto, {', '.join(DTYPES)}; got {precision!r}")
     if torch.device(device).type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.get_device_capability(torch.device(device)) >= (8, 0) else torch.float16
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -398,11 +398,14 @@ def _largest_batch(shape: Shape, s: Setup, size: int) -> int:
 
 
 def matmul_flops(device: str = "cpu", seconds: float = 0.3) -> float:
-    """This device's matmul throughput, measured now (FLOP/s): fp32 on a CPU, bf16 on a GPU."""
+    """This device's matmul throughput, measured now (FLOP/s), in the dtype `train.precision: auto` computes in there
+    (model.pick_dtype): fp32 on a CPU, bf16 on a GPU that has it natively, fp16 on one that does not (a T4)."""
     import torch
 
+    from lorakit.model import pick_dtype  # imports transformers: so not at the top
+
     # On a GPU a 2048-square product lasts ~20 us, about what the sync after it costs: it measured half the peak.
-    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+    n, dtype = 2048 if device == "cpu" else 8192, pick_dtype("auto", device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
 

@@ -114,7 +114,9 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
     dtype = model.pick_dtype(cfg.train.precision, device)
     if "LOCAL_RANK" in os.environ:  # one rank of a launch: a plain single-process run has nothing to shard
         launch.check_strategy(cfg, device == "cuda", resume)
-    # cpu=True: several CPU processes (torchrun on a machine without a GPU) then join over gloo.
+    # cpu=True: several CPU processes (torchrun on a machine without a GPU) then join over gloo. mixed_precision is
+    # always given, so pick_dtype alone decides it: accelerate would otherwise read ACCELERATE_MIXED_PRECISION or its
+    # config, and its own bf16 check (torch.cuda.is_bf16_supported) says yes on a T4, where bf16 is only emulated.
     accelerator = Accelerator(
         mixed_precision=MIXED[dtype],
         log_with=cfg.track or None,

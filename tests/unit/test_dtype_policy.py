@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import prepare_model_for_kbit_training
 
-from lorakit import adapter, config, loss
+from lorakit import adapter, config, loss, train
 from lorakit import model as lkmodel
 
 pytest.importorskip("bitsandbytes")
@@ -138,3 +138,46 @@ def test_first_losses_match_the_old_kbit_path(tiny_llama_dir):
     old, new = first_losses(tiny_llama_dir, torch.bfloat16, True), first_losses(tiny_llama_dir, torch.bfloat16, False)
     assert new == pytest.approx(old, rel=1e-2), (old, new)
     assert new[-1] < 0.8 * new[0]
+
+
+# ---- under fp16 (GPUs without bf16: T4, V100) every trained weight is an fp32 master ----
+def fp16_run(model_dir, method: str, **adapter_keys) -> config.RunConfig:
+    cfg = run_config(model_dir, method, kernels="none")
+    return cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update=adapter_keys)})
+
+
+@pytest.mark.parametrize(
+    "method, adapter_keys",
+    [("lora", {"modules_to_save": ["lm_head"]}), ("lora", {"use_dora": True}),
+     ("qlora", {"modules_to_save": ["lm_head"]}), ("full", {})],
+)  # fmt: skip
+def test_under_fp16_every_trained_weight_is_fp32(tiny_llama_dir, method, adapter_keys):
+    net = train.build_model(fp16_run(tiny_llama_dir, method, **adapter_keys), torch.float16, "cpu")
+    trained = {n: p.dtype for n, p in net.named_parameters() if p.requires_grad}
+    assert set(trained.values()) == {torch.float32}, trained
+    if "modules_to_save" in adapter_keys:
+        assert any("modules_to_save" in n for n in trained)
+    frozen = {p.dtype for p in net.parameters() if not p.requires_grad and p.dtype != torch.uint8}
+    assert frozen <= {torch.float16}  # the frozen base stays in 16 bits (a full fine-tune has none)
+
+
+@pytest.mark.parametrize("method, adapter_keys", [("lora", {"modules_to_save": ["lm_head"]}), ("full", {})])
+def test_the_fp16_loss_scaler_steps_a_run_with_trained_modules(tiny_llama_dir, method, adapter_keys):
+    # What accelerate does under fp16 on a GPU, on the CPU: fp16 autocast, a GradScaler that unscales the gradients
+    # (refusing fp16 ones: "Attempting to unscale FP16 gradients") before clipping and stepping.
+    cfg = fp16_run(tiny_llama_dir, method, **adapter_keys)
+    net = train.build_model(cfg, torch.float16, "cpu")
+    net.train()
+    optimizer = train.build_optimizer(net, cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad and "lora_A" not in n}
+    ids = torch.randint(3, 600, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.float16):
+        total, count = loss.loss_sum(net, {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    scaler.scale(total / count).backward()
+    scaler.unscale_(optimizer)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**8  # no overflow: the step was taken
+    assert all(not torch.equal(p, before[n]) for n, p in net.named_parameters() if n in before)

@@ -35,6 +35,60 @@ def test_chunked_head_matches_logits_and_cross_entropy(softcap, head_trains, mon
         assert loss.linear_cross_entropy(hidden, weight, targets, softcap).item() == pytest.approx(want.item())
 
 
+def fp16_head_gradients(hidden, weight, targets, scale):
+    """d (scale x loss) / d (hidden, weight where it trains) of the chunked head under fp16 autocast (accelerate's
+    under train.precision fp16), and of PyTorch's cross-entropy in fp64 on the same values; and both losses."""
+    wrt = [hidden, weight] if weight.requires_grad else [hidden]
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = loss.linear_cross_entropy(hidden, weight, targets)
+    got_grads = torch.autograd.grad(got * scale, wrt)  # backward runs outside autocast, as accelerate's does
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in (hidden, weight)]
+    want = F.cross_entropy(exact[0] @ exact[1].t(), targets, reduction="sum")
+    want_grads = torch.autograd.grad(want * scale, [t for t in exact if t.requires_grad])
+    return got_grads, want_grads, got.item(), want.item()
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_fp16_head_gradient_under_a_loss_scale_past_fp16s_largest(head_trains):
+    # The loss scaler's first scale (2^16) over one trained token: the gradient's factor is 65,536, beyond fp16's
+    # 65,504, while the scaled gradient itself fits in fp16. A LoRA run's frozen fp16 head and fp16 hidden states;
+    # a full fine-tune's fp32 head (trained) and fp32 residual stream, autocast running the matmuls in fp16.
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if head_trains else torch.float16
+    hidden = torch.randn(40, 64, generator=gen).to(dtype).requires_grad_()
+    weight = (0.01 * torch.randn(500, 64, generator=gen)).to(dtype).requires_grad_(head_trains)
+    targets = torch.randint(0, 500, (40,), generator=gen)
+    got, want, got_loss, want_loss = fp16_head_gradients(hidden, weight, targets, scale=2.0**16)
+    assert got_loss == pytest.approx(want_loss, rel=1e-3)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        assert relative_error(g, w) < 1e-2
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_fp16_head_keeps_the_gradient_of_confident_predictions(head_trains):
+    # Tokens the model predicts confidently: the target's logit 18 above the others, whose probabilities (1.5e-8)
+    # are below fp16's smallest (6e-8). Off the target's direction their gradient is all the gradient there is; as
+    # fp16 probabilities it flushed to zero. (The target's own term, 1 - p, is as exact as fp32 makes it: left out.)
+    gen = torch.Generator().manual_seed(0)
+    vocab, width, target = 256, 16, 7
+    weight = torch.randn(vocab, width, generator=gen)
+    weight[:, 0] = 0.0
+    weight[target] = torch.nn.functional.one_hot(torch.tensor(0), width)  # only along the hidden states
+    hidden = torch.zeros(4, width)
+    hidden[:, 0] = 18.0
+    weight, hidden = weight.half().requires_grad_(head_trains), hidden.half().requires_grad_()
+    got, want, _, _ = fp16_head_gradients(hidden, weight, torch.full((4,), target), scale=2.0**12)
+    assert relative_error(got[0][:, 1:], want[0][:, 1:]) < 1e-2  # d / d hidden, off the target's direction
+    if head_trains:  # d / d weight, the rows of the other tokens
+        others = torch.arange(vocab) != target
+        assert relative_error(got[1][others], want[1][others]) < 1e-2
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_training_loss_and_gradients_equal_the_models_own(arch):
     # loss_sum takes the chunked path on these heads (gemma2: softcapped logits, tied embeddings); the
