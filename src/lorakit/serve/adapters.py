@@ -5,7 +5,8 @@ folder scan, or on demand when a request names it after `--max-adapters` evicted
 LoRA cache does). Each load gets a fresh internal name (`name@N`); the public name switches to it in
 one assignment, so a request sees either the old version or the new one. A version leaves the model
 only when no in-flight request still uses it. A broken or half-written adapter never replaces a
-working one: its error is recorded and shown in /v1/models.
+working one: its error is recorded and shown in /v1/models, whatever the error (a folder scan goes on with the
+others). An evicted adapter whose folder was deleted is forgotten when a request names it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from lorakit import adapter, render
 from lorakit.errors import LorakitError
-from lorakit.run_folder import ADAPTER_CONFIG, find_adapter
+from lorakit.run_folder import ADAPTER_CONFIG, find_adapter, locate
 
 log = logging.getLogger("lorakit.serve")
 FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
@@ -45,12 +46,28 @@ class Chat:
         return cls(tokenizer, render.template_name(tokenizer, base_template), stops)
 
 
-def adapter_chat(path: Path, base: Chat, generation_config: Any) -> Chat:
-    """An adapter's Chat: the tokenizer saved in its folder, else the base's."""
+def adapter_chat(path: Path, base: Chat, generation_config: Any, rows: int) -> Chat:
+    """An adapter's Chat: the tokenizer saved in its folder, else the base's; a ValueError if it cannot be read.
+
+    rows: the base's embedding rows. A saved tokenizer with ids beyond them (tokens added for another
+    vocabulary) is a ValueError too: its template or a prompt would render them, and each such request would fail.
+    """
     from lorakit import model
 
-    tokenizer = model.saved_tokenizer(path)
-    if tokenizer is None or tokenizer.chat_template == base.tokenizer.chat_template:
+    try:
+        tokenizer = model.saved_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - any broken tokenizer file is the upload's error, not the server's
+        raise ValueError(f"its tokenizer in {path} cannot be read: {e}") from None
+    if tokenizer is None:
+        return base
+    ids = max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=-1))  # the ids it can produce
+    if ids > rows:
+        raise ValueError(
+            f"the tokenizer saved in {path} has {ids} token ids, but the base has only {rows} token embeddings: "
+            "it belongs to another vocabulary (tokens added?). Save the adapter with the base's tokenizer, or serve "
+            "it on the base it was trained with"
+        )
+    if tokenizer.chat_template == base.tokenizer.chat_template:
         return base  # the same prompts and stops: one tokenizer in memory, not one per adapter
     return Chat.of(tokenizer, generation_config, base.tokenizer.chat_template)
 
@@ -67,20 +84,27 @@ class Version:
 
 
 def fingerprint(path: Path) -> str:
-    """Changes whenever the adapter's files change (size and mtime of its config and weights)."""
+    """Changes whenever the adapter's files change (size and mtime of its config and weights), or the config.yaml
+    of its run (which its load reads): a broken one fixed is tried again."""
+    found = locate(path)
+    run_config = [found.run.config] if found is not None and found.run is not None else []
     parts = []
-    for name in FILES:
-        f = path / name
+    for f in (*(path / name for name in FILES), *run_config):
         st = f.stat() if f.exists() else None
-        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}" if st else f"{name}:-")
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}" if st else f"{f.name}:-")
     return "|".join(parts)
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The subfolders of an --adapters-dir that may hold an adapter; dot-folders (an upload or a write in
+    progress, hidden ones) are not adapters."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def adapters_in(folder: Path) -> dict[str, Path]:
     """The adapters an --adapters-dir holds, by name: each subfolder that is an adapter or a `lorakit train` run
-    folder holding one; dot-folders (an upload or a write in progress, hidden ones) are not adapters."""
-    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return {sub.name: found for sub in subs if (found := find_adapter(sub)) is not None}
+    folder holding one."""
+    return {sub.name: found for sub in subfolders(folder) if (found := find_adapter(sub)) is not None}
 
 
 class NameTaken(ValueError):
@@ -105,17 +129,19 @@ class Admission:
             meta = adapter.read_adapter(path)
             if self.base:
                 adapter.check_base(meta, self.base, force=self.force, where=f"adapter {name} ({path})")
-        except LorakitError as e:
+            why = adapter.base_mismatch(name, path, self.quantization)  # reads its run's config.yaml, if any
+        except LorakitError as e:  # a malformed adapter_config.json or config.yaml, another base
             raise ValueError(str(e)) from None
-        if why := adapter.base_mismatch(name, path, self.quantization):
+        if why:
             log.warning(why)  # served all the same: the operator chose this base
         # peft refuses adapter_names with DoRA, and a modules_to_save copy (lm_head, say) looks up every
-        # adapter of the batch in its own table: a KeyError for all the other adapters' rows.
+        # adapter of the batch in its own table: a KeyError for all the other adapters' rows. A config that is
+        # no LoRA one has neither field: peft's load says what it is.
         unmixable = (
             "it is a DoRA adapter"
-            if meta.use_dora
+            if getattr(meta, "use_dora", False)
             else f"it trains whole modules ({sorted(meta.modules_to_save)}, modules_to_save)"
-            if meta.modules_to_save
+            if getattr(meta, "modules_to_save", None)
             else None
         )
         if self.per_row and unmixable:
@@ -138,6 +164,7 @@ class Registry:
     ):
         self.net = base_model  # a PeftModel while at least one adapter is loaded
         self.generation_config = base_model.generation_config  # the base's EOS ids end every model's answers
+        self.vocab_rows = base_model.get_input_embeddings().weight.shape[0]  # no adapter's tokenizer may go past
         self.chat = chat  # the base's; each adapter version has its own (`adapter_chat`)
         self.model_lock = model_lock
         self.admission = admission or Admission()
@@ -155,7 +182,8 @@ class Registry:
     # ---- loading ----
     def check_path(self, path: str | Path, confined: bool = True) -> Path:
         """The adapter folder to read. Confined: inside the allowed folder (no `..`, no symlink out, for
-        the folder and its files). Always: safetensors weights, since a pickle (.bin) runs code on load."""
+        the folder and its files; a ValueError for its run's config.yaml linking out, a broken upload).
+        Always: safetensors weights, since a pickle (.bin) runs code on load."""
         p = Path(path)
         if confined:
             if self.allowed_dir is None:
@@ -163,15 +191,27 @@ class Registry:
             p = p if p.is_absolute() else self.allowed_dir / p
             p = find_adapter(p) or p  # a run folder stands for its adapter/
             for f in (p, *(p / name for name in FILES)):
-                resolved = f.resolve()
-                if resolved != self.allowed_dir and self.allowed_dir not in resolved.parents:
+                if not self._inside(f):
                     raise PermissionError(f"adapter path {path} is outside the allowed adapters folder")
+            run = found.run if (found := locate(p)) is not None else None
+            # Its config.yaml is read for its method (adapter.base_mismatch). A run folder around the allowed one
+            # (--adapters-dir RUN/checkpoints) is the operator's; one inside may not link out.
+            if run is not None and self._inside(run.root) and not self._inside(run.config):
+                raise ValueError(
+                    f"{run.config} links out of the adapters folder, where run-time loads read nothing: copy the "
+                    "file itself in"
+                )
         p = p.resolve()
         if not (p / FILES[0]).is_file():
             raise FileNotFoundError(f"no adapter_config.json in {path}")
         if not (p / FILES[1]).is_file():
             raise ValueError(f"{path} has no adapter_model.safetensors (pickle .bin adapters are refused)")
         return p
+
+    def _inside(self, f: Path) -> bool:
+        """Whether `f`, links followed, lies in the allowed folder (or is it)."""
+        resolved = f.resolve()
+        return resolved == self.allowed_dir or self.allowed_dir in resolved.parents
 
     def load(self, name: str, path: str | Path, confined: bool = True, pin: bool = False) -> Version:
         """Load (or reload) `name` from `path`; the previous version keeps serving until this succeeds.
@@ -183,9 +223,9 @@ class Registry:
             self.admission.check(name, p)
             fp = fingerprint(p)
             try:  # read before the model lock: tokenizers take a while to load
-                chat = adapter_chat(p, self.chat, self.generation_config)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"adapter {name}: its tokenizer in {path} cannot be read: {e}") from None
+                chat = adapter_chat(p, self.chat, self.generation_config, self.vocab_rows)
+            except ValueError as e:  # unreadable, or it does not fit the base
+                raise ValueError(f"adapter {name}: {e}") from None
             with self._meta:
                 self._counter += 1
                 # peft names modules after adapters: no "." there (a public name like sql-v1.5 is fine).
@@ -262,12 +302,18 @@ class Registry:
         with self._meta:
             if (version := self._pin_loaded(name)) is not None:
                 return version
-            path, confined, _ = self.known[name]
+            if name not in self.known:  # before a lock is made for a name nobody served
+                raise KeyError(name)
         with self._lock_for(name):
             with self._meta:  # requests that waited for this lock find the version the first one loaded
                 if (version := self._pin_loaded(name)) is not None:
                     return version
-            return self.load(name, path, confined, pin=True)
+                path, confined, _ = self.known[name]
+            try:
+                return self.load(name, path, confined, pin=True)
+            except FileNotFoundError:  # its folder was deleted while it was unloaded: forget it, as unload does
+                self.unload(name)
+                raise
 
     def _pin_loaded(self, name: str) -> Version | None:
         """The loaded version of `name`, counted as used by one more request (the caller holds _meta)."""
@@ -297,19 +343,25 @@ class Registry:
         atomically: `--adapters-dir runs/` serves what training writes. Evicted adapters whose files did
         not change stay unloaded until a request names them.
         """
+        folder = folder.absolute()  # a relative --adapters-dir is the working directory's, not the allowed folder's
         changed = []
-        for name, found in adapters_in(folder).items():
-            fp = fingerprint(found)
-            with self._meta:
-                known = self.known.get(name)
-            unchanged = known is not None and known[0] == found.resolve() and known[2] == fp
-            if unchanged or self._failed.get(name) == fp:
-                continue  # unchanged (loaded, or evicted until a request names it), or the same broken files
-            try:
-                self.load(name, found)
-                changed.append(name)
-            except (ValueError, OSError) as e:  # PermissionError is an OSError
-                self.errors[name], self._failed[name] = str(e), fp
+        for sub in subfolders(folder):
+            fp = None
+            try:  # any error of one folder (a broken config.yaml, unreadable files) is that adapter's alone
+                if (found := find_adapter(sub)) is None:
+                    continue
+                fp = fingerprint(found)
+                with self._meta:
+                    known = self.known.get(sub.name)
+                unchanged = known is not None and known[0] == found.resolve() and known[2] == fp
+                if unchanged or self._failed.get(sub.name) == fp:
+                    continue  # unchanged (loaded, or evicted until a request names it), or the same broken files
+                self.load(sub.name, found)
+                changed.append(sub.name)
+            except Exception as e:  # noqa: BLE001 - shown in /v1/models; the other folders still load
+                log.error("adapter %s not loaded: %s", sub.name, e)
+                with self._meta:
+                    self.errors[sub.name], self._failed[sub.name] = str(e), fp
         return changed
 
     def describe(self) -> dict[str, dict]:

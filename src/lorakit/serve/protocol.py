@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -36,6 +37,27 @@ UNSUPPORTED = (
 SEED_MAX = 2**63 - 1 - 8  # torch seeds are signed 64-bit; n <= 8 rows use seed, seed + 1, ...
 
 
+def _unicode(v: Any) -> Any:
+    """`v` (a text, or a list of texts or TextParts) if its texts are Unicode a tokenizer can encode.
+
+    JSON's escapes let a body carry a lone surrogate ("\\ud800"), which no UTF-8 text holds: tokenizers refuse it
+    with a TypeError, and an error message echoing it cannot be sent. A 400 here instead, for every text field.
+    """
+    for s in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
+        s = s.text if isinstance(s, TextPart) else s  # checked here: a TextPart's own error would read "not a str"
+        if isinstance(s, str):
+            try:
+                s.encode()
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"not valid Unicode text: a lone surrogate ({s[e.start]!a}) at character {e.start}"
+                ) from None
+    return v
+
+
+Unicode = AfterValidator(_unicode)
+
+
 class _Req(BaseModel):
     # Clients send fields we do not use (user, metadata, ...): accept and ignore them, as OpenAI does.
     model_config = ConfigDict(extra="allow")
@@ -48,7 +70,7 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Annotated[str | list[TextPart] | None, Unicode] = None
 
     def for_template(self) -> dict[str, str]:
         """The message as chat templates expect it; `developer` is OpenAI's newer name for `system`."""
@@ -61,12 +83,12 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(_Req):
-    model: str
+    model: Annotated[str, Unicode]
     max_tokens: int | None = Field(None, description="new tokens at most")
     # OpenAI's API takes null for these, meaning the default.
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, Unicode] = None
     seed: int | None = Field(None, ge=-SEED_MAX, le=SEED_MAX)
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
@@ -116,16 +138,16 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: Annotated[str | list[str], Unicode]
 
 
 class LoadLoraRequest(_Req):
-    lora_name: str = Field(min_length=1, max_length=200)
-    lora_path: str
+    lora_name: Annotated[str, Unicode] = Field(min_length=1, max_length=200)
+    lora_path: Annotated[str, Unicode]
 
 
 class UnloadLoraRequest(_Req):
-    lora_name: str
+    lora_name: Annotated[str, Unicode]
 
 
 # ---- responses ----

@@ -46,7 +46,7 @@ def resolve_model(opts: ServeOptions) -> ServeOptions:
 
 def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
     """Load the base, the --adapter ones and those of --adapters-dir; the app and its Serving."""
-    from lorakit import adapter, model
+    from lorakit import model
     from lorakit.serve.adapters import adapters_in
     from lorakit.serve.app import create_app
     from lorakit.serve.serving import Serving
@@ -60,7 +60,7 @@ def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
     tokenizer = model.load_tokenizer(opts.model)
     # auto: the 4-bit base when the adapters at hand are all QLoRA ones, as eval does (each load warns otherwise).
     starting = [*opts.adapters.values(), *(adapters_in(adapters_dir).values() if adapters_dir else [])]
-    quantization = model.base_quantization(opts.base_precision, map(adapter.trained_with, starting))
+    quantization = model.base_quantization(opts.base_precision, map(method_of, starting))
     base = model.load_model(opts.model, dtype=dtype, device=device, quantization=quantization)
     batching = opts.batching == "on"
     serving = Serving(
@@ -85,10 +85,19 @@ def build(opts: ServeOptions):  # -> (FastAPI app, Serving)
         except (ValueError, OSError) as e:
             raise LorakitError(f"--adapter {name}={path}: {e}") from None
     if adapters_dir is not None:
-        serving.registry.scan(adapters_dir)
-        for name, err in serving.registry.errors.items():
-            log.error("adapter %s not loaded: %s", name, err)
+        serving.registry.scan(adapters_dir)  # logs each adapter that does not load; its error shows in /v1/models
     return create_app(serving, opts.api_key, opts.max_body_bytes, ui=not opts.no_ui), serving
+
+
+def method_of(path: str | Path) -> str | None:
+    """The method of the run an adapter at start came from, for the base's precision; None when its run's
+    config.yaml cannot be read: its load then says why (--adapter: at start; --adapters-dir: in /v1/models)."""
+    from lorakit import adapter
+
+    try:
+        return adapter.trained_with(path)
+    except LorakitError:
+        return None
 
 
 @dataclass
@@ -109,8 +118,8 @@ def watch(serving, folder: Path, interval_s: float | None) -> Watcher:
             try:
                 for name in serving.registry.scan(folder):
                     log.info("loaded a new version of adapter %s", name)
-            except OSError as e:  # the folder itself vanished or is unreadable: try again next time
-                log.error("scanning %s failed: %s", folder, e)
+            except Exception:  # the folder vanished, or a bug: this thread must outlive it
+                log.exception("scanning %s failed; trying again at the next scan", folder)
             w.scanned.set()
 
     threading.Thread(target=loop, name="lorakit-watch", daemon=True).start()

@@ -234,6 +234,8 @@ class Serving:
                 "not_found_error",
                 "model",
             ) from None
+        except FileNotFoundError as e:  # evicted, then deleted: the registry forgot it
+            raise APIError(404, f"adapter {model} was removed: {e}", "not_found_error", "model") from None
         except (ValueError, OSError) as e:  # evicted, and its files have changed into something unloadable
             raise APIError(500, f"adapter {model} could not be loaded again: {e}", "server_error", "model") from None
 
