@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, PeftType, get_peft_model
 
 from lorakit import dropout
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.model import base_from_adapter, linear_module_names, same_base_names
-from lorakit.run_folder import ADAPTER_CONFIG, Found, locate
+from lorakit.run_folder import ADAPTER_CONFIG, Found, adapter_source, locate
 
 
 def attach(model: Any, cfg: RunConfig) -> Any:
@@ -230,13 +230,21 @@ def read_adapter(folder: str | Path) -> PeftConfig:
         ) from None
 
 
-def check_base(adapter: Any, base: str, *, force: bool, where: str | Path) -> None:
+def check_base(
+    adapter: Any,
+    base: str,
+    *,
+    force: bool,
+    where: str | Path,
+    fix: str = "Use the matching base model, or --force if they are the same weights under another name.",
+) -> None:
     """Refuse an adapter trained on another base: its weights would be meaningless on this one.
 
     `adapter` is its `PeftConfig`. The bases match when the adapter's `base_model_name_or_path` is the
     name given, the folder that name resolves to (the built-in alias, a local folder), or for the alias
     its hub id (model.same_base_names). An adapter
-    that names no base is accepted; `force` accepts any (the same weights under another name).
+    that names no base is accepted; `force` accepts any (the same weights under another name). `fix`: what the
+    message tells the user to do.
     """
     declared = getattr(adapter, "base_model_name_or_path", None)
     if not declared or force:
@@ -246,9 +254,33 @@ def check_base(adapter: Any, base: str, *, force: bool, where: str | Path) -> No
     if declared not in same and Path(declared).resolve() not in on_disk:
         raise LorakitError(
             f"{where} was trained on '{declared}', not on the base '{base}'; its answers would be "
-            "meaningless on another base. Use the matching base model, or --force if they are the "
-            "same weights under another name."
+            f"meaningless on another base. {fix}"
         )
+
+
+def init_adapter(path: str | Path, base: str) -> Path:
+    """The adapter folder that `adapter.init: path` starts a run from (an adapter folder, or a run folder holding
+    adapter/), checked to be a LoRA adapter trained on `base` (the run's model); LorakitError saying why not."""
+    found = adapter_source(path)
+    where = f"adapter.init: {path}"
+    declared = read_adapter(found.path)
+    if declared.peft_type != PeftType.LORA:
+        raise LorakitError(
+            f"{where} is a {getattr(declared.peft_type, 'value', declared.peft_type)} adapter; lorakit trains LoRA "
+            "adapters only: start from a LoRA adapter, or remove adapter.init to train a new one"
+        )
+    # A run folder's own config names its base even where the adapter's config does not.
+    run = found.run_config()
+    if run is not None and not declared.base_model_name_or_path:
+        declared.base_model_name_or_path = run.model
+    check_base(
+        declared,
+        base,
+        force=False,
+        where=where,
+        fix="Set model: to the base it was trained on, or adapter.init to an adapter trained on this base.",
+    )
+    return found.path
 
 
 def base_of(found: Found, base: str | None = None) -> str:

@@ -58,7 +58,7 @@ def cmd_data_preview(cfg: Any, opts: o.PreviewOptions) -> int:
     from lorakit import data, model, preview
 
     tokenizer = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    prepared = data.prepare(cfg.data, tokenizer)
+    prepared = data.prepare(cfg.data, tokenizer, objective=cfg.objective, preference=cfg.preference)
     preview.print_preview(
         tokenizer,
         prepared.train,
@@ -349,7 +349,8 @@ COMMANDS = [
         "show rendered examples with trained spans marked, and a summary",
         "Load, convert, tokenize and mask the run's data exactly as training will (cached), print N examples "
         "with the trained tokens marked (green on a terminal, [[...]] otherwise) and a summary: rows, tokens, "
-        "trained share, truncated and dropped rows, with warnings.",
+        "trained share, truncated and dropped rows, with warnings. For objective dpo or orpo, each pair's prompt "
+        "and its chosen and rejected answers.",
         takes_config=True,
     ),
 ]

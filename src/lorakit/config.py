@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from lorakit import files
 from lorakit.errors import LorakitError
@@ -22,6 +31,9 @@ Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "chat_text", "template")
+# The formats of preference data (preference.py): any form of pairs, and unpaired good/bad rows (KTO).
+PREFERENCE_FORMATS = ("preference", "kto")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto")
 
 
 class KeyProblem(ValueError):
@@ -54,6 +66,21 @@ class AdapterConfig(_Strict):
     modules_to_save: list[str] | None = Field(
         None, description="Modules trained in full and saved with the adapter (e.g. [lm_head])."
     )
+    init: str | None = Field(
+        None,
+        description="Start from this adapter's weights instead of a new adapter: an adapter folder or a run folder "
+        "of `lorakit train` (its adapter/), trained on this run's base (checked before training). Its own shape "
+        "(rank, alpha, targets) is used. For dpo and kto it is also the reference model. lora and qlora only.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_init(self, handler: Any) -> dict[str, Any]:
+        # A run without adapter.init writes the config.yaml it wrote before the key existed, so older runs
+        # still --resume (checkpoint compares the saved config with this one key by key).
+        out = handler(self)
+        if self.init is None:
+            out.pop("init", None)
+        return out
 
 
 class TemplateConfig(_Strict):
@@ -73,12 +100,20 @@ class DataConfig(_Strict):
     eval: str | float | None = Field(
         None, description="Held-out examples: a path/dataset id, or a fraction in (0, 1) of `train`."
     )
-    format: Literal[FORMATS] = Field("auto", description="Row format; 'auto' detects it from the columns.")  # type: ignore[valid-type]
+    format: Literal[FORMATS + PREFERENCE_FORMATS] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="Row format; 'auto' detects it from the columns. For objective dpo/orpo: 'preference' (pairs "
+        "in any form), for kto: 'kto' (prompt/completion/label or messages/label).",
+    )
     template: TemplateConfig | None = Field(None, description="Column mapping for format 'template'.")
     split: str = Field("train", description="Split to read from a Hugging Face dataset id.")
     limit: int | None = Field(None, ge=1, description="Use only the first N rows (after shuffling off).")
     max_length: int = Field(1024, ge=8, description="Tokens per packed row; longer examples are truncated.")
-    packing: bool = Field(True, description="Pack several examples into one row (padding-free).")
+    packing: bool = Field(
+        True,
+        description="Pack several examples into one row of up to max_length; off: one example a row. Either way a "
+        "micro-batch trains as one padding-free row where the model's attention keeps examples apart (Bloom's pads).",
+    )
     train_on: Literal["completions", "all"] = Field(
         "completions",
         description="'completions': only assistant turns (and their end token) are trained; 'all': every token.",
@@ -108,6 +143,38 @@ class DataConfig(_Strict):
                 "use e.g. 0.1 for 10% of the train rows, or a file path"
             )
         return v
+
+
+class PreferenceConfig(_Strict):
+    """Settings of the preference objectives (objective: dpo, orpo or kto); each key applies to some of them only."""
+
+    beta: float = Field(
+        0.1, gt=0, description="dpo, kto: temperature of the implicit reward (how far from the reference it may go)."
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="dpo: 'sigmoid' (the DPO paper's loss) or 'ipo' (squared, IPO paper)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo with loss sigmoid: the share of pairs assumed mislabelled (cDPO)."
+    )
+    orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight of the odds-ratio term beside the answers' NLL.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: loss weight of the rows labelled true.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: loss weight of the rows labelled false.")
+    max_prompt_length: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens a prompt keeps at least when prompt + answer exceed data.max_length: the answers lose "
+        "their end only as far as needed to leave the prompt this many (or all of a shorter one), then the prompt "
+        "loses its start (its end is kept). Default: half of data.max_length.",
+    )
+
+
+# Which preference keys each objective reads; the others must stay at their defaults.
+PREFERENCE_KEYS = {
+    "dpo": {"beta", "loss", "label_smoothing", "max_prompt_length"},
+    "orpo": {"orpo_lambda", "max_prompt_length"},
+    "kto": {"beta", "desirable_weight", "undesirable_weight", "max_prompt_length"},
+}
 
 
 class TrainConfig(_Strict):
@@ -233,6 +300,14 @@ class RunConfig(_Strict):
         DEFAULT_MODEL, description=f"Hugging Face id, local folder, .gguf file, or the alias '{DEFAULT_MODEL}'."
     )
     method: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base) or full.")
+    objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
+        "sft",
+        description="What training optimizes: 'sft' (next-token loss on the answers), 'dpo' or 'orpo' (pairs of a "
+        "chosen and a rejected answer), 'kto' (answers labelled good or bad). Settings in `preference:`.",
+    )
+    preference: PreferenceConfig | None = Field(
+        None, description="Settings of objective dpo, orpo or kto (defaults filled in for those; unset for sft)."
+    )
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -241,6 +316,92 @@ class RunConfig(_Strict):
         default_factory=list, description="Experiment trackers (through accelerate), besides metrics.jsonl."
     )
     trust_remote_code: bool = Field(False, description="Run a hub model's own Python code (off by default).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preference_defaults(cls, raw: Any) -> Any:
+        # A preference run always has its settings (the training code reads cfg.preference.beta...), written out in
+        # its config.yaml; an sft run has none.
+        if isinstance(raw, dict) and raw.get("objective") in PREFERENCE_KEYS and raw.get("preference") is None:
+            return {**raw, "preference": {}}
+        return raw
+
+    @model_serializer(mode="wrap")
+    def _sft_as_before(self, handler: Any) -> dict[str, Any]:
+        # An sft run writes the config.yaml it wrote before objectives existed: older runs still --resume.
+        out = handler(self)
+        if self.objective == "sft":
+            out.pop("objective", None)
+            out.pop("preference", None)
+        return out
+
+    @model_validator(mode="after")
+    def _preference_fits_objective(self) -> RunConfig:
+        if self.objective == "sft":
+            if self.preference is not None:
+                raise KeyProblem(
+                    "preference",
+                    "these settings are for preference training; set objective: dpo, orpo or kto, or remove "
+                    "the preference: block",
+                )
+            if self.data.format in PREFERENCE_FORMATS:
+                raise KeyProblem(
+                    "data.format",
+                    f"{self.data.format} data trains with a preference objective: set objective: "
+                    f"{'kto' if self.data.format == 'kto' else 'dpo or orpo'}, or pick an sft format",
+                )
+            return self
+        assert self.preference is not None  # _preference_defaults
+        default = PreferenceConfig()
+        for key in PreferenceConfig.model_fields.keys() - PREFERENCE_KEYS[self.objective]:
+            if getattr(self.preference, key) != getattr(default, key):
+                users = sorted(o for o, keys in PREFERENCE_KEYS.items() if key in keys)
+                raise KeyProblem(
+                    f"preference.{key}",
+                    f"applies to objective {' and '.join(users)}, not {self.objective}: remove it (or set "
+                    f"objective: {' or '.join(users)})",
+                )
+        if self.preference.label_smoothing and self.preference.loss != "sigmoid":
+            raise KeyProblem(
+                "preference.label_smoothing",
+                f"applies to loss: sigmoid, not {self.preference.loss}: remove it, or set preference.loss: sigmoid",
+            )
+        prompt = self.preference.max_prompt_length
+        if prompt is not None and prompt >= self.data.max_length:
+            raise KeyProblem(
+                "preference.max_prompt_length",
+                f"must be below data.max_length ({self.data.max_length}), which holds the prompt and the answer: "
+                "lower it, or raise data.max_length",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _preference_data(self) -> RunConfig:
+        if self.objective == "sft":
+            return self
+        wanted = "kto" if self.objective == "kto" else "preference"
+        if self.data.format not in ("auto", wanted):
+            raise KeyProblem(
+                "data.format",
+                f"objective {self.objective} reads {'rows labelled good or bad' if wanted == 'kto' else 'pairs'}: "
+                f"use auto (detected from the columns) or {wanted}",
+            )
+        if self.data.train_on != "completions":
+            raise KeyProblem(
+                "data.train_on",
+                f"objective {self.objective} compares the answers only; remove data.train_on (or set completions)",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _init_fits_method(self) -> RunConfig:
+        if self.adapter.init is not None and self.method == "full":
+            raise KeyProblem(
+                "adapter.init",
+                "full fine-tuning trains the model itself, not an adapter: merge the adapter into its base first "
+                "(lorakit merge ADAPTER OUT) and set model: OUT, or use method lora or qlora",
+            )
+        return self
 
     @model_validator(mode="after")
     def _strategy_fits_method(self) -> RunConfig:

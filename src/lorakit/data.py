@@ -2,7 +2,8 @@
 
 read rows (sources.py) → convert to chats/text (formats.py) → split off eval → render + tokenize +
 mask (render.py) with `datasets.map` → save under a key of (file contents, tokenizer, settings), so a
-second run with the same inputs loads the result instead of tokenizing again.
+second run with the same inputs loads the result instead of tokenizing again. A preference objective (dpo,
+orpo, kto) takes the same path with preference.py's reading and tokenizing of pairs (or labelled rows).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 import datasets
 
 from lorakit import files, formats, model, render, sources
-from lorakit.config import DataConfig
+from lorakit import preference as preference_data
+from lorakit.config import DataConfig, PreferenceConfig
 from lorakit.errors import LorakitError
 
 CACHE_VERSION = "1"  # bump when tokenization output changes, to invalidate old caches
@@ -27,7 +29,8 @@ CACHE_VERSION = "1"  # bump when tokenization output changes, to invalidate old 
 
 @dataclass
 class Prepared:
-    """Tokenized sets with columns input_ids, labels, truncated, eos_added, where."""
+    """Tokenized sets with columns input_ids, labels, truncated, eos_added, where; for a preference objective the
+    columns of preference.tokenize (chosen_/rejected_ input_ids and labels, prompt_len... or KTO's)."""
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
@@ -36,18 +39,32 @@ class Prepared:
     cache_path: Path | None = None
 
 
-def prepare(cfg: DataConfig, tokenizer: Any) -> Prepared:
-    """Load, convert, split, tokenize and mask the data set of one run (cached)."""
+def prepare(
+    cfg: DataConfig, tokenizer: Any, objective: str = "sft", preference: PreferenceConfig | None = None
+) -> Prepared:
+    """Load, convert, split, tokenize and mask the data set of one run (cached).
+
+    objective: sft, or dpo/orpo (pairs) or kto (labelled rows), tokenized with `preference`'s max_prompt_length.
+    """
     template_name = render.setup_template(tokenizer, cfg.chat_template)
     train_rows = sources.read(cfg.train, cfg.split, cfg.limit)
     eval_rows = sources.read(cfg.eval, cfg.split) if isinstance(cfg.eval, str) else None
-    key = _cache_key(cfg, tokenizer, train_rows, eval_rows)
+    prompt_keeps = None if objective == "sft" else preference_data.max_prompt_length(preference, cfg.max_length)
+    # Only what changes the tokens: dpo and orpo share a cache; sft's key is the one it had before objectives.
+    pairs = None if objective == "sft" else {"pairs": preference_data.is_pairs(objective), "prompt": prompt_keeps}
+    key = _cache_key(cfg, tokenizer, train_rows, eval_rows, pairs)
     folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else model.lorakit_home() / "tokenized"
     path = folder / key
     if (path / "stats.json").is_file():
         stats = json.loads((path / "stats.json").read_text())
         ev = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
         return Prepared(datasets.load_from_disk(str(path / "train")), ev, stats, True, path)
+    if prompt_keeps is not None:
+        train_ds, eval_ds, stats = _prepare_preference(
+            train_rows, eval_rows, tokenizer, cfg, objective, prompt_keeps, template_name
+        )
+        _save(path, train_ds, eval_ds, stats)
+        return Prepared(train_ds, eval_ds, stats, False, path)
 
     train = _convert(train_rows, cfg)
     ev = _convert(eval_rows, cfg) if eval_rows else None
@@ -63,6 +80,41 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> Prepared:
     return Prepared(train_ds, eval_ds, stats, False, path)
 
 
+def _prepare_preference(
+    train_rows: sources.Rows,
+    eval_rows: sources.Rows | None,
+    tokenizer: Any,
+    cfg: DataConfig,
+    objective: str,
+    prompt_keeps: int,
+    template_name: str,
+) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+    train = _convert_preference(train_rows, cfg, objective)
+    ev = _convert_preference(eval_rows, cfg, objective) if eval_rows else None
+    if isinstance(cfg.eval, float):
+        train, ev = _split(train, cfg.eval, cfg.seed)
+    train_ds, cut = _tokenize_preference(train, tokenizer, cfg, prompt_keeps)
+    eval_ds = _tokenize_preference(ev, tokenizer, cfg, prompt_keeps)[0] if ev else None
+    stats = preference_data.summarize(
+        train_ds, train.dropped + cut, train.format, template_name, cfg.max_length, prompt_keeps, objective
+    )
+    if eval_ds is not None:
+        stats["eval_rows"] = len(eval_ds)
+    if not len(train_ds):
+        raise LorakitError(
+            f"{cfg.train}: no {'pair' if preference_data.is_pairs(objective) else 'row'} is left to train on "
+            f"({', '.join(f'{n} {why}' for why, n in stats['dropped'].items())}); raise data.max_length "
+            f"({cfg.max_length}), or lower preference.max_prompt_length ({prompt_keeps})"
+        )
+    return train_ds, eval_ds, stats
+
+
+def _tokenize_preference(
+    conv: formats.Converted, tokenizer: Any, cfg: DataConfig, prompt_keeps: int
+) -> tuple[datasets.Dataset, Counter]:
+    return preference_data.tokenize(conv, tokenizer, cfg.max_length, prompt_keeps, _num_proc(cfg, len(conv.examples)))
+
+
 def held_out_source(cfg: DataConfig, path: str | None = None) -> str | None:
     """The data `held_out` reads: `path`, else data.eval when it names data, else data.train when data.eval is a
     fraction of it; None when there is no held-out data."""
@@ -71,9 +123,14 @@ def held_out_source(cfg: DataConfig, path: str | None = None) -> str | None:
     return cfg.train if cfg.eval is not None else None
 
 
-def held_out(cfg: DataConfig, path: str | None = None) -> formats.Converted:
+def held_out(cfg: DataConfig, path: str | None = None, objective: str = "sft") -> formats.Converted:
     """Held-out examples as chats, for generation: `path`, else data.eval (a file, or the same
-    seeded fraction of train that `prepare` holds out). Rows without an answer are kept."""
+    seeded fraction of train that `prepare` holds out). Rows without an answer are kept.
+
+    For a preference objective each pair is its prompt with the chosen answer as the reference (KTO: the rows
+    labelled true; the others are counted in `dropped`)."""
+    if objective != "sft":
+        return _chats(_held_out_preference(cfg, path, objective))
     source = held_out_source(cfg, path)
     if source is None:
         raise LorakitError("no held-out data: set data.eval (a file or a fraction) or pass --data FILE")
@@ -82,6 +139,37 @@ def held_out(cfg: DataConfig, path: str | None = None) -> formats.Converted:
     rows = sources.read(source, cfg.split)
     _fill_missing_answers(rows.records)
     return _convert(rows, cfg, keep_unanswered=True)
+
+
+def held_out_preference(
+    cfg: DataConfig, tokenizer: Any, objective: str, preference: PreferenceConfig | None, path: str | None = None
+) -> datasets.Dataset:
+    """Held-out pairs (or KTO rows) tokenized as `prepare` tokenizes them, from `path` or data.eval (a file or the
+    seeded fraction of train), for their preference metrics (e.g. reward accuracy)."""
+    render.setup_template(tokenizer, cfg.chat_template)
+    conv = _held_out_preference(cfg, path, objective)
+    return _tokenize_preference(conv, tokenizer, cfg, preference_data.max_prompt_length(preference, cfg.max_length))[0]
+
+
+def _held_out_preference(cfg: DataConfig, path: str | None, objective: str) -> formats.Converted:
+    source = held_out_source(cfg, path)
+    if source is None:
+        raise LorakitError("no held-out data: set data.eval (a file or a fraction) or pass --data FILE")
+    if path is None and not isinstance(cfg.eval, str):  # a seeded fraction of train
+        rows = sources.read(source, cfg.split, cfg.limit)
+        return _split(_convert_preference(rows, cfg, objective), cfg.eval, cfg.seed)[1]
+    return _convert_preference(sources.read(source, cfg.split), cfg, objective)
+
+
+def _chats(conv: formats.Converted) -> formats.Converted:
+    out = formats.Converted([], [], conv.format, Counter(conv.dropped))
+    for ex, where in zip(conv.examples, conv.where):
+        if ex.get("label") is False:
+            out.dropped["answer labelled false (not a reference)"] += 1
+            continue
+        out.examples.append({"messages": ex["prompt"] + ex.get("chosen", ex.get("completion")), "tools": ex["tools"]})
+        out.where.append(where)
+    return out
 
 
 def _fill_missing_answers(records: list[dict]) -> None:
@@ -102,7 +190,24 @@ def _fill_missing_answers(records: list[dict]) -> None:
 
 
 def _convert(rows: sources.Rows, cfg: DataConfig, keep_unanswered: bool = False) -> formats.Converted:
-    conv = formats.convert(rows.records, rows.where, cfg.format, cfg.template, cfg.system_prompt, keep_unanswered)
+    try:
+        conv = formats.convert(rows.records, rows.where, cfg.format, cfg.template, cfg.system_prompt, keep_unanswered)
+        return _usable(conv, rows)
+    except LorakitError as e:
+        form = preference_data.detect(rows.records[0]) if rows.records else None
+        if form is None:
+            raise
+        objective = "dpo or orpo" if form in preference_data.PAIR_FORMS else "kto"
+        raise LorakitError(
+            f"{e}\nThis data holds preference data: to train on it, set objective: {objective}."
+        ) from None
+
+
+def _convert_preference(rows: sources.Rows, cfg: DataConfig, objective: str) -> formats.Converted:
+    return _usable(preference_data.convert(rows.records, rows.where, objective, cfg.format, cfg.system_prompt), rows)
+
+
+def _usable(conv: formats.Converted, rows: sources.Rows) -> formats.Converted:
     if not conv.examples:
         reasons = ", ".join(f"{n} {why}" for why, n in conv.dropped.items())
         raise LorakitError(
@@ -149,17 +254,20 @@ def _tokenize(conv: formats.Converted, tokenizer: Any, cfg: DataConfig) -> datas
     raw = datasets.Dataset.from_dict(
         {"example": [json.dumps(e, ensure_ascii=False) for e in conv.examples], "where": conv.where}
     )
-    # Extra processes pay off only on large sets: each one has to start and unpickle the tokenizer.
-    num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if len(raw) >= 20_000 else None)
     return raw.map(
         encode_batch,
         batched=True,
         batch_size=256,
-        num_proc=num_proc,
+        num_proc=_num_proc(cfg, len(raw)),
         remove_columns=["example"],
         desc="Tokenizing",
         load_from_cache_file=False,
     )
+
+
+def _num_proc(cfg: DataConfig, rows: int) -> int | None:
+    # Extra processes pay off only on large sets: each one has to start and unpickle the tokenizer.
+    return cfg.num_proc or (min(os.cpu_count() or 1, 8) if rows >= 20_000 else None)
 
 
 def summarize(ds: datasets.Dataset, dropped: Counter, fmt: str, template: str, cfg: DataConfig) -> dict[str, Any]:
@@ -195,14 +303,13 @@ def _check_trainable(stats: dict, cfg: DataConfig) -> None:
         )
 
 
-def _cache_key(cfg: DataConfig, tokenizer: Any, train: sources.Rows, ev: sources.Rows | None) -> str:
+def _cache_key(
+    cfg: DataConfig, tokenizer: Any, train: sources.Rows, ev: sources.Rows | None, preference: dict | None = None
+) -> str:
     h = hashlib.sha256()
     settings = cfg.model_dump(mode="json", exclude={"train", "cache_dir", "num_proc"})
-    h.update(
-        json.dumps(
-            [CACHE_VERSION, settings, train.fingerprint, ev.fingerprint if ev else None], sort_keys=True
-        ).encode()
-    )
+    parts = [CACHE_VERSION, settings, train.fingerprint, ev.fingerprint if ev else None]
+    h.update(json.dumps([*parts, preference] if preference is not None else parts, sort_keys=True).encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:24]
 

@@ -76,11 +76,19 @@ _LLAMA2_TURN = re.compile(
 # mlx-lm's WikiSQL text: a preamble (table, columns), then lines that open with "Q:" and "A:". Parsed only when
 # data.format is chat_text: `auto` keeps such rows plain text, as mlx-lm trains them.
 _QA_LINE = re.compile(r"^(Q|A):[ \t]*", re.M)
+# Anthropic HH's transcripts: "\n\nHuman: …\n\nAssistant: …". Parsed only when asked (preference pairs in HH's text
+# form): `auto` has always kept other text of this shape plain.
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 
-def parse_transcript(text: str, qa: bool = False) -> list[dict] | None:
+def parse_transcript(text: str, qa: bool = False, hh: bool = False) -> list[dict] | None:
     """Messages from a `### Human: … ### Assistant: …` or Llama-2 `<s>[INST] … [/INST] … </s>` text; with `qa`,
-    also from a `Q: … A: …` one (its preamble opens the first question)."""
+    also from a `Q: … A: …` one (its preamble opens the first question); with `hh`, also from Anthropic HH's
+    `\n\nHuman: … \n\nAssistant: …`."""
+    if hh and _HH_TURN.match(text.lstrip("\n")):
+        parts = _HH_TURN.split(text.lstrip("\n"))[1:]
+        roles = {"Human": "user", "Assistant": "assistant"}
+        return [{"role": roles[who], "content": said.strip()} for who, said in zip(parts[::2], parts[1::2])]
     if _HUMAN_ASSISTANT.match(text.lstrip()):
         parts = _HUMAN_ASSISTANT.split(text.strip())[1:]
         roles = {"Human": "user", "Assistant": "assistant"}
@@ -207,19 +215,22 @@ def _chat(messages: list[dict], tools: Any = None) -> dict:
 
 def _from_messages(rec: dict, loc: str) -> dict:
     raw = _field(rec, "messages", loc, list, "messages")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise LorakitError(f"{loc}: messages[{i}] must be an object with 'role' and 'content', got {str(m)[:80]!r}")
-        if m["role"] not in OPENAI_ROLES:
-            raise LorakitError(f"{loc}: messages[{i}].role '{m['role']}' is not one of {', '.join(OPENAI_ROLES)}")
-        content = m["content"]
-        if content is None and m.get("tool_calls"):
-            content = "\n".join(_tool_call_text(c.get("function", c)) for c in m["tool_calls"])
-        if not isinstance(content, str):
-            raise LorakitError(f"{loc}: messages[{i}].content must be a string, got {type(content).__name__}")
-        messages.append({"role": m["role"], "content": content})
-    return _chat(messages, _tools(rec.get("tools"), loc))
+    messages = [openai_message(m, loc, f"messages[{i}]") for i, m in enumerate(raw)]
+    return _chat(messages, tools_of(rec.get("tools"), loc))
+
+
+def openai_message(m: Any, loc: str, key: str) -> dict:
+    """One `{role, content}` message (OpenAI form) as `{"role", "content"}`; `key` names it in errors."""
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise LorakitError(f"{loc}: {key} must be an object with 'role' and 'content', got {str(m)[:80]!r}")
+    if m["role"] not in OPENAI_ROLES:
+        raise LorakitError(f"{loc}: {key}.role '{m['role']}' is not one of {', '.join(OPENAI_ROLES)}")
+    content = m["content"]
+    if content is None and m.get("tool_calls"):
+        content = "\n".join(_tool_call_text(c.get("function", c)) for c in m["tool_calls"])
+    if not isinstance(content, str):
+        raise LorakitError(f"{loc}: {key}.content must be a string, got {type(content).__name__}")
+    return {"role": m["role"], "content": content}
 
 
 def _from_sharegpt(rec: dict, loc: str) -> dict:
@@ -227,26 +238,27 @@ def _from_sharegpt(rec: dict, loc: str) -> dict:
     messages = []
     if isinstance(rec.get("system"), str) and rec["system"].strip():
         messages.append({"role": "system", "content": rec["system"]})
-    for i, turn in enumerate(raw):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise LorakitError(
-                f"{loc}: conversations[{i}] must be an object with 'from' and 'value', got {str(turn)[:80]!r}"
-            )
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
-        if role is None:
-            raise LorakitError(
-                f"{loc}: conversations[{i}].from '{turn['from']}' is unknown; expected one of "
-                f"{', '.join(sorted(SHAREGPT_ROLES))}"
-            )
-        if not isinstance(turn["value"], str):
-            raise LorakitError(f"{loc}: conversations[{i}].value must be a string")
-        content = turn["value"]
-        if turn["from"] == "function_call":
-            # Tool calls are trained as assistant text in the Hermes/Qwen convention, so that the model
-            # learns one unambiguous call syntax that a server can parse back.
-            content = _tool_call_text(content)
-        messages.append({"role": role, "content": content})
-    return _chat(messages, _tools(rec.get("tools"), loc))
+    messages += [sharegpt_turn(turn, loc, f"conversations[{i}]") for i, turn in enumerate(raw)]
+    return _chat(messages, tools_of(rec.get("tools"), loc))
+
+
+def sharegpt_turn(turn: Any, loc: str, key: str) -> dict:
+    """One ShareGPT `{from, value}` turn as `{"role", "content"}`; `key` names it in errors."""
+    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+        raise LorakitError(f"{loc}: {key} must be an object with 'from' and 'value', got {str(turn)[:80]!r}")
+    role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+    if role is None:
+        raise LorakitError(
+            f"{loc}: {key}.from '{turn['from']}' is unknown; expected one of {', '.join(sorted(SHAREGPT_ROLES))}"
+        )
+    if not isinstance(turn["value"], str):
+        raise LorakitError(f"{loc}: {key}.value must be a string")
+    content = turn["value"]
+    if turn["from"] == "function_call":
+        # Tool calls are trained as assistant text in the Hermes/Qwen convention, so that the model
+        # learns one unambiguous call syntax that a server can parse back.
+        content = _tool_call_text(content)
+    return {"role": role, "content": content}
 
 
 def _tool_call_text(call: Any) -> str:
@@ -258,7 +270,8 @@ def _tool_call_text(call: Any) -> str:
     return f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
 
 
-def _tools(raw: Any, loc: str) -> list | None:
+def tools_of(raw: Any, loc: str) -> list | None:
+    """A row's `tools` field (a list, or its JSON text) as a list of tool definitions; None when it has none."""
     if raw in (None, "", []):
         return None
     if isinstance(raw, str):

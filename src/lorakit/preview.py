@@ -1,4 +1,6 @@
-"""`lorakit data preview`: show exactly which tokens will be trained, and whether the data is healthy."""
+"""`lorakit data preview`: show exactly which tokens will be trained, and whether the data is healthy.
+
+Preference data (stats name an objective) shows each pair's prompt once, then its chosen and rejected answers."""
 
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ def _mark(text: str, trained: bool, color: bool) -> str:
     return f"[[{text}]]" if trained else text
 
 
+def _noun(stats: dict) -> str:
+    return "pairs" if stats.get("objective") in ("dpo", "orpo") else "rows"
+
+
 def warnings(stats: dict) -> list[str]:
     """The data problems that silently ruin fine-tunes, in words."""
     out = []
@@ -48,7 +54,7 @@ def warnings(stats: dict) -> list[str]:
         )
     if stats["truncated_rows"]:
         out.append(
-            f"{stats['truncated_rows']} rows are longer than max_length={stats['max_length']} and were "
+            f"{stats['truncated_rows']} {_noun(stats)} are longer than max_length={stats['max_length']} and were "
             "truncated; raise data.max_length to keep them whole."
         )
     if stats["rows_without_trained_token"]:
@@ -63,20 +69,50 @@ def print_preview(
     color = stream.isatty() if color is None else color
     for i in range(min(n, len(ds))):
         row = ds[i]
-        print(f"──── example {i + 1} ({row['where']}, {len(row['input_ids'])} tokens) ────", file=stream)
+        if "chosen_input_ids" in row:
+            _print_pair(tokenizer, row, i, stream, color)
+            continue
+        label = f", label {str(row['label']).lower()}" if "label" in row else ""
+        print(f"──── example {i + 1} ({row['where']}, {len(row['input_ids'])} tokens{label}) ────", file=stream)
         print(show_example(tokenizer, row["input_ids"], row["labels"], color), file=stream)
     legend = "green = trained" if color else "[[...]] = trained"
     print(f"──── summary ({legend}) ────", file=stream)
-    dropped = ", ".join(f"{v} {k}" for k, v in stats["dropped"].items()) or "none"
-    lines = [
-        ("format", f"{stats['format']}  (chat template: {stats['chat_template']}, train_on: {stats['train_on']})"),
-        ("rows", f"{stats['rows']}" + (f"  (+{stats['eval_rows']} eval)" if "eval_rows" in stats else "")),
-        ("tokens", f"{stats['tokens']:,}  (mean {stats['mean_length']:.0f}, longest {stats['max_seen_length']})"),
-        ("trained tokens", f"{stats['trained_tokens']:,}  ({stats['trained_share']:.1%})"),
-        ("truncated rows", f"{stats['truncated_rows']}  (max_length {stats['max_length']})"),
-        ("rows dropped", dropped),
-    ]
-    for name, value in lines:
+    for name, value in _summary(stats):
         print(f"  {name:<15} {value}", file=stream)
     for w in warnings(stats):
         print(f"{YELLOW if color else ''}WARNING: {w}{RESET if color else ''}", file=stream)
+
+
+def _print_pair(tokenizer: Any, row: dict, i: int, stream: TextIO, color: bool) -> None:
+    # Both sequences start with the same prompt: shown once, then each answer with its trained tokens marked.
+    start = row["prompt_len"]
+    sizes = f"prompt {start}, chosen {len(row['chosen_input_ids']) - start}, rejected "
+    sizes += f"{len(row['rejected_input_ids']) - start} tokens"
+    print(f"──── pair {i + 1} ({row['where']}, {sizes}) ────", file=stream)
+    print(show_example(tokenizer, row["chosen_input_ids"][:start], row["chosen_labels"][:start], color), file=stream)
+    for side in ("chosen", "rejected"):
+        print(f"── {side} ──", file=stream)
+        ids, labels = row[f"{side}_input_ids"][start:], row[f"{side}_labels"][start:]
+        print(show_example(tokenizer, ids, labels, color), file=stream)
+
+
+def _summary(stats: dict) -> list[tuple[str, str]]:
+    noun = _noun(stats)
+    rows = f"{stats['rows']}" + (f"  (+{stats['eval_rows']} eval)" if "eval_rows" in stats else "")
+    if "desirable" in stats:
+        rows += f"  ({stats['desirable']} labelled true, {stats['undesirable']} false)"
+    truncated = f"{stats['truncated_rows']}  (max_length {stats['max_length']}"
+    if "max_prompt_length" in stats:  # preference data: prompts lose their start, answers their end
+        truncated += f"; a cut prompt keeps its end, at least {stats['max_prompt_length']} tokens"
+    lines = [
+        ("format", f"{stats['format']}  (chat template: {stats['chat_template']}, train_on: {stats['train_on']})"),
+        (noun, rows),
+        ("tokens", f"{stats['tokens']:,}  (mean {stats['mean_length']:.0f}, longest {stats['max_seen_length']})"),
+        ("trained tokens", f"{stats['trained_tokens']:,}  ({stats['trained_share']:.1%})"),
+        (f"truncated {noun}", truncated + ")"),
+        (f"{noun} dropped", ", ".join(f"{v} {k}" for k, v in stats["dropped"].items()) or "none"),
+    ]
+    if "objective" in stats:
+        lines.insert(0, ("objective", stats["objective"]))
+        lines[3] = ("tokens", lines[3][1] + f", over {stats['sequences']} sequences")
+    return lines

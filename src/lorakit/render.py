@@ -81,12 +81,14 @@ def encode(
     train_on: str = "completions",
     max_length: int | None = None,
     end_ids: set[int] | None = None,
+    answer_turns: int | None = None,
 ) -> Encoded:
     """Tokenize one example (chat or text) and build its labels.
 
     `end_ids` are the tokens accepted as the end of an assistant turn (EOS and the template's turn
     terminator). When a turn's last trained token is none of them, EOS is inserted after it: without
-    it the fine-tuned model never learns to stop.
+    it the fine-tuned model never learns to stop. `answer_turns`: train only the chat's last N assistant
+    turns (a preference answer; the prompt's earlier answers are context), default all of them.
     """
     if "text" in example:
         enc = _encode_text(tokenizer, example["text"])
@@ -97,6 +99,7 @@ def encode(
             example.get("tools"),
             train_on,
             end_ids if end_ids is not None else default_end_ids(tokenizer),
+            answer_turns,
         )
     if max_length and len(enc.input_ids) > max_length:
         enc.input_ids, enc.labels, enc.truncated = enc.input_ids[:max_length], enc.labels[:max_length], True
@@ -205,13 +208,15 @@ def render(tokenizer: Any, messages: list[dict], tools: list | None = None, add_
     )
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict], tools: list | None) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered text and the [start, end) character span of every assistant turn (content + end token)."""
+def assistant_spans(
+    tokenizer: Any, messages: list[dict], tools: list | None, last: int | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered text and the [start, end) character span of every assistant turn (content + end token); with
+    `last`, of the last `last` assistant turns only (each span costs two renders of the chat up to it)."""
     full = render(tokenizer, messages, tools)
     spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i in turns[len(turns) - last :] if last is not None else turns:
         before = render(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
         through = render(tokenizer, messages[: i + 1], tools)
         if not (full.startswith(through) and through.startswith(before)):
@@ -225,9 +230,16 @@ def assistant_spans(tokenizer: Any, messages: list[dict], tools: list | None) ->
     return full, spans
 
 
-def _encode_chat(tokenizer: Any, messages: list[dict], tools: list | None, train_on: str, end_ids: set[int]) -> Encoded:
+def _encode_chat(
+    tokenizer: Any,
+    messages: list[dict],
+    tools: list | None,
+    train_on: str,
+    end_ids: set[int],
+    answer_turns: int | None = None,
+) -> Encoded:
     try:
-        full, spans = assistant_spans(tokenizer, messages, tools)
+        full, spans = assistant_spans(tokenizer, messages, tools, answer_turns)
     except TemplateError as e:
         raise LorakitError(
             f"the chat template refused this conversation: {e}. Roles found: "

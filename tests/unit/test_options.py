@@ -102,13 +102,13 @@ def test_overrides_and_options_in_any_order(argv, monkeypatch):
     from lorakit import config, data, model, preview, train
 
     seen = {}
-    cfg = SimpleNamespace(model="m", trust_remote_code=False, data=None)
+    cfg = SimpleNamespace(model="m", trust_remote_code=False, data=None, objective="sft", preference=None)
     monkeypatch.setattr(
         config, "load", lambda path, overrides, local: seen.update(path=path, overrides=overrides) or cfg
     )
     monkeypatch.setattr(train, "run", lambda cfg, **kw: seen.update(kw) or SimpleNamespace(summary={}))
     monkeypatch.setattr(model, "load_tokenizer", lambda *a, **kw: None)
-    monkeypatch.setattr(data, "prepare", lambda *a: SimpleNamespace(train=None, stats={}))
+    monkeypatch.setattr(data, "prepare", lambda *a, **kw: SimpleNamespace(train=None, stats={}))
     monkeypatch.setattr(preview, "print_preview", lambda *a, n, color: seen.update(n=n))
     assert cli.main(argv) == 0
     assert seen["path"] == "run.yaml" and seen["overrides"] == ["train.max_steps=5", "train.lr=1e-3"]
