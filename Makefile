@@ -61,7 +61,7 @@ bench-quality: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/quality_vs_trl.py --time-budget --out runs/bench-quality
 
-# One CUDA GPU, offline, under 8 minutes (bench/gpu_suite.py): lorakit against TRL + PEFT on the 7B QLoRA recipe,
+# One CUDA GPU, offline, under 9 minutes (bench/gpu_suite.py): lorakit against TRL + PEFT on the 7B QLoRA recipe,
 # the Gemma-2-2B recipe as LoRA, LoRA and full fine-tuning of a 1B; serving 8 adapters; pytest -m gpu. One markdown
 # table, and its JSON and logs in GPU_OUT. It runs on the machine's own Python, which has torch (no $(STAMP): that
 # would install the CPU build); where the rest is missing, WHEELS=DIR installs it from a bundle made on a connected

@@ -9,9 +9,12 @@ clipping at 1.0, seed 0, loss on completions only:
   packed    guanaco 1k (OpenAI messages), max length 1024, packed, batch 1 x grad-accum 2, default 4 steps
 
 Both systems train on lorakit's tokenization and rows (TRL gets input_ids and labels, -100 where untrained;
-packed rows padding-free, with their examples' lengths, as TRL's own "bfd" packing hands them to its collator)
-in lorakit's order (train.DataOrder) through a sequential sampler, so every step sees the same rows and the
-per-step losses must agree within 2%, or the speed comparison does not count.
+packed rows with their examples' lengths, as TRL's own "bfd" packing hands them to its collator) in lorakit's
+order (train.DataOrder) through a sequential sampler, so every step sees the same rows and the per-step losses
+must agree within 2%, or the speed comparison does not count. TRL runs them at its best for the attention the
+machine has (trl_setting: padding-free only with flash-attention, as its docs require; else padded rows, and
+packed rows one per micro-batch), with its chunked NLL loss, and liger-kernel's kernels where lorakit gets them;
+the table names the setting.
 
 Runs alternate lorakit, TRL, lorakit, TRL..., each in its own process: peak RSS (ru_maxrss) is per run, and
 TRL's imports cannot slow lorakit. Timing leaves out the first optimizer step (lazy initialization), from
@@ -84,10 +87,39 @@ def one_lorakit(cfg) -> dict:
     records = [r for r in tracking.read(RunFolder.of(cfg).metrics) if "loss" in r]
     return {"losses": [r["loss"] for r in records], "step_end_s": [r["train_s"] for r in records],
             "recorded_tokens": [r["tokens"] for r in records], "loop_s": summary["wall_time_s"],
-            "own_tokens_per_s": summary["tokens_per_s"]}  # fmt: skip
+            "own_tokens_per_s": summary["tokens_per_s"], "padding_share": summary["padding_share"],
+            "attention": summary["attention"]}  # fmt: skip
 
 
-def one_trl(cfg) -> dict:
+def trl_setting(packed: bool, batch: int, accum: int, flash: bool, liger: bool) -> dict:
+    """How TRL 1.16 trains these rows at its best, as its documentation recommends for the attention this machine has.
+
+    Padding-free batches (every row of a micro-batch concatenated into one, positions restarting at each example)
+    only with flash-attention: SFTConfig.padding_free "is only supported with the FlashAttention 2 or 3", whose varlen
+    kernel keeps the examples apart. On sdpa the same batch is one row of all its tokens under a dense block mask:
+    B x the attention work and a (B L)^2 mask, the mode that made GPU.md's packed 1B ratio 4.95x. Without flash, then,
+    unpacked rows go padded, TRL's default, and packed rows one per micro-batch (padding-free within the row, which is
+    then one mask of one row, as lorakit's own; the accumulation takes the rest, so a step holds the same examples and
+    its loss is the same mean). The loss is always TRL's chunked NLL (loss_type "nll": the head in tiles over the
+    labelled positions, no logits tensor); liger-kernel's layer kernels when `liger` (TRL keeps its own loss there).
+
+    Returns SFTConfig's keys, the attention implementation the model runs, and the words the tables print.
+    """
+    if flash:
+        how, attention = "padding-free (flash-attention 2)", "flash_attention_2"
+        keys = {"padding_free": True, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum}
+    elif packed:
+        how, attention = "one packed row per micro-batch (sdpa: no flash-attention)", "sdpa"
+        keys = {"padding_free": True, "per_device_train_batch_size": 1, "gradient_accumulation_steps": batch * accum}
+    else:
+        how, attention = "padded rows (sdpa: no flash-attention)", "sdpa"
+        keys = {"padding_free": False, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum}
+    keys |= {"loss_type": "nll", "use_liger_kernel": liger}
+    return {"config": keys, "attention": attention, "words": f"{how}, chunked NLL" + (", liger" if liger else "")}
+
+
+def one_trl(cfg, setting: dict | None = None) -> dict:
+    """TRL's run of `cfg`'s rows, as `setting` (trl_setting's) says; by default as on this CPU: no flash, no liger."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -100,6 +132,8 @@ def one_trl(cfg) -> dict:
     prepared = data.prepare(cfg.data, tok)  # lorakit's tokens, from the cache the parent filled
     ds = prepared.train.select_columns(["input_ids", "labels"])
     t, packed = cfg.train, cfg.data.packing
+    setting = setting or trl_setting(packed, t.batch_size, t.grad_accum, flash=False, liger=False)
+    keys = setting["config"]
     plan_rows = [row for step in step_plan(cfg, prepared, t.max_steps) for row in step]
     if packed:  # lorakit's packed rows, each with its examples' lengths: TRL restarts positions at each one
         ids, labels = ds["input_ids"], ds["labels"]
@@ -110,23 +144,23 @@ def one_trl(cfg) -> dict:
         ds = ds.select([i for row in plan_rows for i in row])
     net = model.load_model(cfg.model, dtype=torch.float32)
     net.config.use_cache = False
+    if setting["attention"] != "sdpa":
+        net.set_attn_implementation(setting["attention"])
     args = SFTConfig(
-        output_dir=cfg.output_dir, max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.scheduler,
+        output_dir=cfg.output_dir, max_steps=t.max_steps, learning_rate=t.lr, lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
         # TRL's defaults differ from lorakit's here: it checkpoints activations and trains in bf16 unless told.
         gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
         logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0, disable_tqdm=True,
-        # Packed rows go in padding-free (TRL's packing="bfd" mode, with lorakit's packer's rows).
-        # (TRL refuses max_length without its own packer there: lorakit's rows already fit it.)
-        max_length=None if packed else cfg.data.max_length, padding_free=packed, train_sampling_strategy="sequential",
+        # TRL refuses max_length when padding-free without its own packer: lorakit's rows already fit it.
+        max_length=None if keys["padding_free"] else cfg.data.max_length, train_sampling_strategy="sequential",
         # The rows are already tokenized, truncated, packed and ordered: TRL's preparation would only drop rows
         # without a trained token, which would shift every later step by a row.
-        dataset_kwargs={"skip_prepare_dataset": True},
+        dataset_kwargs={"skip_prepare_dataset": True}, **keys,
     )  # fmt: skip
     lora = LoraConfig(r=cfg.adapter.r, lora_alpha=cfg.adapter.alpha, lora_dropout=cfg.adapter.dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
-    seen: list[tuple[int, int]] = []  # (input tokens, trained tokens) per micro-batch, in order
+    seen: list[tuple[int, int, int]] = []  # (input tokens, trained tokens, positions) per micro-batch, in order
     out: dict = {"losses": [], "step_end_s": []}
 
     class Clock(TrainerCallback):
@@ -144,16 +178,17 @@ def one_trl(cfg) -> dict:
         def training_step(self, model, inputs, *rest, **kw):
             mask = inputs.get("attention_mask")
             n = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()  # padding-free: no padding
-            seen.append((n, int((inputs["labels"][:, 1:] != -100).sum())))
+            seen.append((n, int((inputs["labels"][:, 1:] != -100).sum()), inputs["input_ids"].numel()))
             return super().training_step(model, inputs, *rest, **kw)
 
     trainer = Counting(model=net, args=args, train_dataset=ds, processing_class=tok, peft_config=lora,
                        callbacks=[Clock()])  # fmt: skip
     metrics = trainer.train().metrics
-    g = t.grad_accum
+    g = keys["gradient_accumulation_steps"]  # micro-batches a step
     steps = [[sum(x) for x in zip(*seen[k : k + g])] for k in range(0, len(seen), g)]
     return {"losses": out["losses"], "step_end_s": out["step_end_s"], "loop_s": metrics["train_runtime"],
-            "step_tokens": [s[0] for s in steps], "step_trained": [s[1] for s in steps]}  # fmt: skip
+            "step_tokens": [s[0] for s in steps], "step_trained": [s[1] for s in steps],
+            "step_positions": [s[2] for s in steps], "setting": setting["words"]}  # fmt: skip
 
 
 def child(system: str, body_path: str) -> int:
@@ -240,6 +275,12 @@ def compare(cfg, prepared, runs: dict[str, list[dict]], peak_flops: float) -> di
         lk_tokens == runs["trl"][0]["step_tokens"] and lk_trained == runs["trl"][0]["step_trained"]
     )
     out["agreement"] = agreement(lk["losses"], trl["losses"])
+    out["trl_setting"] = runs["trl"][0]["setting"]
+    # Of the positions each system's micro-batches held, the padding (lorakit's as its summary.json counts it).
+    trl_run = runs["trl"][0]
+    trl_padding = round(1 - sum(trl_run["step_tokens"]) / sum(trl_run["step_positions"]), 4)
+    out["padding_share"] = {"lorakit": runs["lorakit"][0]["padding_share"], "trl": trl_padding}
+    out["lorakit_attention"] = runs["lorakit"][0]["attention"]
     return out
 
 
@@ -261,10 +302,15 @@ def table(results: dict, peak_flops: float) -> str:
             losses = " ".join(f"{x:.3f}" for x in s["losses"])
             lines.append(f"{setting:<10}{system:<9}{s['trained_tokens_per_s']:>14.1f}{s['tokens_per_s']:>8.1f}"
                          f"{s['peak_rss_gb']:>9.2f}{s['mfu']:>7.1%}  {losses}")  # fmt: skip
+            if system == "trl":
+                lines.append(f"{'':<10}TRL as: {r['trl_setting']}")
         q = r["ratios"]
         lines.append(f"{'':<10}lorakit/trl speed {q['speed_lorakit_over_trl']:.2f}x (trained tokens "
                      f"{q['trained_speed_lorakit_over_trl']:.2f}x), trl/lorakit memory "
                      f"{q['memory_trl_over_lorakit']:.2f}x; {r['agreement']['verdict']}")  # fmt: skip
+        pad = r["padding_share"]
+        lines.append(f"{'':<10}padding share of the positions: lorakit {pad['lorakit']:.1%} (attention "
+                     f"{r['lorakit_attention']}), TRL {pad['trl']:.1%}")  # fmt: skip
         lines.append(f"{'':<10}MFU = tokens/s x FLOPs per token / peak; FLOPs {r['flops_formula']}")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import packing
+from lorakit import attention, packing
 from lorakit.render import IGNORE
 
 # Configs whose models post-process logits in ways the direct path below would skip.
@@ -198,16 +198,18 @@ def eval_sums(
     """Summed loss and trained-token count over held-out rows: no gradients, dropout off.
 
     rows: lists of indices into `examples` (packed rows, or one example per row). Training calls it on
-    its rank's share of the eval rows and sums over ranks; `lorakit eval` calls it per model.
+    its rank's share of the eval rows and sums over ranks; `lorakit eval` calls it per model. Where the model's
+    attention is padding-free (attention.use set it, as training does), each batch is one padding-free row.
     """
     was_training = net.training
+    flat = attention.padding_free(attention.name(net))
     net.eval()
     total, count = 0.0, 0
     try:
         with torch.no_grad():
             for j in range(0, len(rows), batch_size):
                 batch = packing.collate(
-                    [[examples[i] for i in r] for r in rows[j : j + batch_size]], pad_id, use_positions
+                    [[examples[i] for i in r] for r in rows[j : j + batch_size]], pad_id, use_positions, flat
                 )
                 with autocast():
                     s, n = loss_sum(net, {k: v.to(device) for k, v in batch.items()})

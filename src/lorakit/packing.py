@@ -3,6 +3,8 @@
 A packed row holds several examples back to back. `position_ids` restart at 0 at each example and no
 `attention_mask` is passed, which is how transformers recognizes packed rows: its mask builders
 (sdpa, eager, flex) and flash-attention's varlen kernels then keep attention inside each example.
+A flat micro-batch is all its rows' examples in one such row, with no padding at all: attention.py keeps
+each example to itself there at the cost of its own length.
 """
 
 from __future__ import annotations
@@ -46,14 +48,20 @@ def unpacked(n: int) -> list[list[int]]:
     return [[i] for i in range(n)]
 
 
-def collate(rows: Sequence[Sequence[dict]], pad_id: int, use_position_ids: bool = True) -> dict[str, torch.Tensor]:
+def collate(
+    rows: Sequence[Sequence[dict]], pad_id: int, use_position_ids: bool = True, flat: bool = False
+) -> dict[str, torch.Tensor]:
     """Build a batch from rows of examples (each a dict with input_ids and labels).
 
     Returns input_ids, labels (B, L) and either position_ids (B, L) (packed, padding-free) or
     attention_mask (B, L) for models that cannot read packed rows from position ids (e.g. ALiBi in
     Bloom). The first label of each example is IGNORE so that no example learns to predict the next
     one across the boundary. Padding at a row's end is its own segment with labels IGNORE.
+    flat: every example of every row back to back in one row (1, T), position ids restarting at each;
+    no padding (attention.padding_free says which attentions keep its examples apart at their own cost).
     """
+    if flat:
+        rows, use_position_ids = [[ex for row in rows for ex in row]], True
     ids_rows, label_rows, pos_rows = [], [], []
     for row in rows:
         ids, labels, pos = [], [], []

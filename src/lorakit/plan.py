@@ -26,19 +26,21 @@ from lorakit import launch
 from lorakit.errors import LorakitError
 
 GIB, MIB = 2**30, 2**20
-# Common GPUs: memory as nvidia-smi reports its total, and the dense bf16 (fp16 on a T4) matmul peak of its data sheet
-# in FLOP/s.
+# Common GPUs: memory as nvidia-smi reports its total, the dense bf16 (fp16 on a T4) matmul peak of its data sheet in
+# FLOP/s, and its data sheet's memory bandwidth in bytes/s (H100: the SXM card's).
 GPUS = {
-    "T4 16GB": (15360 * MIB, 65e12),
-    "L4 24GB": (23034 * MIB, 121e12),
-    "A10 24GB": (23028 * MIB, 125e12),
-    "A10G 24GB": (23028 * MIB, 70e12),
-    "RTX 4090 24GB": (24564 * MIB, 165e12),
-    "A100 40GB": (40960 * MIB, 312e12),
-    "A100 80GB": (81920 * MIB, 312e12),
-    "H100 80GB": (81559 * MIB, 989e12),
-    "H200 141GB": (143771 * MIB, 989e12),
+    "T4 16GB": (15360 * MIB, 65e12, 320e9),
+    "L4 24GB": (23034 * MIB, 121e12, 300e9),
+    "A10 24GB": (23028 * MIB, 125e12, 600e9),
+    "A10G 24GB": (23028 * MIB, 70e12, 600e9),
+    "RTX 4090 24GB": (24564 * MIB, 165e12, 1008e9),
+    "A100 40GB": (40960 * MIB, 312e12, 1555e9),
+    "A100 80GB": (81920 * MIB, 312e12, 2039e9),
+    "H100 80GB": (81559 * MIB, 989e12, 3350e9),
+    "H200 141GB": (143771 * MIB, 989e12, 4800e9),
 }
+# A GPU whose bandwidth is not known here (this GPU): the reference H200's bytes/s per measured matmul FLOP/s.
+BYTES_PER_FLOP = 4800e9 / 790e12
 # Of a data sheet's peak, what a bf16 matmul measures: 790 of the H200's 989 TFLOP/s (the reference H200, 2026-12-04).
 # The GPU costs below are in units of the measured peak, so a common GPU is priced at this share of its data sheet.
 REACHED = 0.80
@@ -46,11 +48,13 @@ AUTO_BATCH_MAX = 64  # train.batch_size: auto never goes past it
 # The CPU values are fitted (least worst relative error) to bench/plan_accuracy.py's 48 measured points
 # (2-core AMD EPYC, fp32, SmolLM2-135M and a 4-layer model, LoRA/QLoRA/full x 256/1024 x batch 1/4 x
 # checkpointing, the chunked head), 2026-11-29. The GPU values are fitted to two runs on the reference H200 (bf16,
-# 2026-12-04; tests/unit/test_plan.py holds them and checks the fit): a Llama-3.2-1B-shaped LoRA r16 on packed
-# 8 x 2048 rows, and the Llama-2-7B QLoRA recipe (r64, unpacked rows of <= 1024, checkpointing, paged_adamw_8bit)
-# with bf16 LoRA weights and no kbit preparation, as adapter.attach now trains it. Two runs fit two speed constants
-# (LoRA's cost per FLOP, QLoRA's per 4-bit weight and use) and one memory factor; full fine-tuning's and attention's
-# GPU costs keep their ratios to LoRA's from the first guesses, unmeasured.
+# 2026-12-04; tests/unit/test_plan.py holds them): a Llama-3.2-1B-shaped LoRA r16 on packed 8 x 2048 rows, and the
+# Llama-2-7B QLoRA recipe (r64, unpacked rows of <= 1024, checkpointing, paged_adamw_8bit) with bf16 LoRA weights
+# and no kbit preparation, as adapter.attach now trains it; both with the alias's vocabulary (49,152), as they ran,
+# and memory as the allocator's peak. Two runs fit two speed constants (LoRA's cost per FLOP, QLoRA's bytes per
+# 4-bit weight and use) and one memory factor: three constants, two points, so no validation; the 7B's memory is the
+# one number the fit did not make. Full fine-tuning's and attention's GPU costs keep their ratios to LoRA's from the
+# first guesses, unmeasured.
 #
 # Speed. Seconds per FLOP, in units of 1 / (the device's measured matmul peak), by kind of work: the linear
 # layers by method (QLoRA's are the same 16-bit matmuls as LoRA's once its weights are dequantized; full fine-tuning's
@@ -60,16 +64,16 @@ AUTO_BATCH_MAX = 64  # train.batch_size: auto never goes past it
 # the peak than a 4096-wide Llama. Then QLoRA's dequantization, the optimizer's step over the trained parameters, and
 # Python, hooks and kernel launches per layer and micro-batch.
 FLOP_COST = {("cpu", "lora"): 0.896, ("cpu", "qlora"): 0.896, ("cpu", "full"): 0.558, ("cpu", "recompute"): 1.30,
-             ("cpu", "attention"): 4.61, ("cuda", "lora"): 3.50, ("cuda", "qlora"): 3.50, ("cuda", "full"): 3.08,
-             ("cuda", "recompute"): 3.50, ("cuda", "attention"): 4.62}  # fmt: skip
+             ("cpu", "attention"): 4.61, ("cuda", "lora"): 3.89, ("cuda", "qlora"): 3.89, ("cuda", "full"): 3.43,
+             ("cuda", "recompute"): 3.89, ("cuda", "attention"): 5.14}  # fmt: skip
 NARROW = {"cpu": 255.0, "cuda": 0.0}
 # QLoRA on a GPU: bitsandbytes dequantizes every 4-bit weight to 16 bits at each use (the forward, the backward's
-# input gradient, checkpointing's second forward), once per micro-batch whatever its tokens: in matmul FLOPs per
-# weight and use. bitsandbytes' kernel alone takes ~1,500 (its own timings, ~2 ps a weight on H100-class GPUs); the
-# fitted value is all a QLoRA micro-batch costs beyond LoRA's matmuls, measured as one lump on one run, so whether
-# the rest grows with the micro-batch's tokens is not known yet. With peft's kbit preparation and fp32 LoRA weights
-# (lorakit before issue 23) the same run measured 45,000. On a CPU a QLoRA step measures as fast as LoRA's.
-DEQUANT_FLOPS = {"cpu": 0.0, "cuda": 13_700.0}
+# input gradient, checkpointing's second forward), once per micro-batch whatever its tokens. That is memory-bound
+# work, priced in bytes moved per weight and use at the device's memory bandwidth: the kernel itself reads half a
+# byte and its constants and writes 2 bytes, which the matmul reads back (~4.5 bytes); the fitted value is all a
+# QLoRA micro-batch costs beyond LoRA's matmuls, measured as one lump on one run, so whether the rest is memory-bound
+# too, or grows with the micro-batch's tokens, is not known yet. On a CPU a QLoRA step measures as fast as LoRA's.
+DEQUANT_BYTES = {"cpu": 0.0, "cuda": 67.0}
 # On a CPU the optimizer's step measures inside the per-layer cost (a full fine-tune steps every weight of a
 # layer: 4x LoRA's); the fit leaves nothing to a per-parameter term.
 OPTIMIZER_SECONDS_PER_PARAM = {"cpu": 0.0, "cuda": 2e-11}
@@ -90,7 +94,7 @@ CPU_LOADING = 0.68  # x the fp32 weights
 ACTIVATIONS_HELD = {  # (device, method, checkpointing) -> factor
     ("cpu", "lora", False): 1.32, ("cpu", "lora", True): 12.7, ("cpu", "qlora", False): 1.43,
     ("cpu", "qlora", True): 16.3, ("cpu", "full", False): 0.90, ("cpu", "full", True): 6.52,
-    **{("cuda", m, c): 1.057 for m in ("lora", "qlora", "full") for c in (False, True)},
+    **{("cuda", m, c): 1.067 for m in ("lora", "qlora", "full") for c in (False, True)},
 }  # fmt: skip
 # Under checkpointing: each layer's input is held (ACTIVATIONS_HELD) and one layer is recomputed in full at a
 # time, whose temporaries the allocator keeps by this factor.
@@ -112,6 +116,9 @@ class Shape:
     linears: dict[str, tuple[int, int]]  # module name -> (in_features, out_features)
     eager_attention: bool  # keeps the (heads x seq x seq) attention matrix (Gemma 2's soft-capping)
     context: int | None = None  # the longest row its positions cover (max_position_embeddings); None: no limit
+    # Its rows are padded, with a dense (B, 1, L, L) attention mask: it cannot attend row by row (attention.supports:
+    # ALiBi's Bloom), so training cannot make its micro-batches padding-free.
+    dense_mask: bool = False
 
     @property
     def layer_params(self) -> int:
@@ -139,6 +146,10 @@ class Setup:
     trained_share: float = 0.5  # of the tokens, the ones with a label (completions only trains answers)
     device: str = "cuda"  # "cuda" (bf16) or "cpu" (fp32)
     grad_accum: int = 1  # micro-batches per optimizer step
+    # sft; dpo and orpo train on pairs (a row of the micro-batch is a pair: two sequences of up to seq_len); kto on
+    # rows, with a forward without gradients over each row's KL sequence; dpo and kto score every item once with
+    # the reference before the first step (reference_seconds)
+    objective: str = "sft"
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,7 @@ class Device:
     kind: str  # "cuda" (bf16) or "cpu" (fp32)
     memory_bytes: int  # what one process may hold: a GPU's memory; on a CPU, its share of the RAM
     flops: float  # the matmul FLOP/s it measures
+    bandwidth: float = 0.0  # its memory's bytes/s (a GPU's data sheet); 0: unknown (step_seconds estimates it)
 
 
 @dataclass
@@ -165,6 +177,8 @@ class Estimate:
 
 def shape_of(config: dict[str, Any]) -> Shape:
     """The Shape of a transformers config.json (llama, mistral, qwen2, gemma 1-3, bloom layouts)."""
+    from lorakit.attention import supports_config  # imports transformers: so not at the top
+
     kind = config.get("model_type", "")
     name = config.get("_name_or_path") or kind
     if kind == "bloom":
@@ -174,7 +188,8 @@ def shape_of(config: dict[str, Any]) -> Shape:
                    "dense_4h_to_h": (4 * h, h)}  # fmt: skip
         # BLOOM's ALiBi positions have no table to run past: no context to check a row against.
         return Shape(name, h, config.get("n_layer") or config["num_hidden_layers"], heads, h // heads,
-                     config["vocab_size"], config.get("tie_word_embeddings", True), linears, False)  # fmt: skip
+                     config["vocab_size"], config.get("tie_word_embeddings", True), linears, False,
+                     dense_mask=not supports_config(config))  # fmt: skip
     if "intermediate_size" not in config or "num_attention_heads" not in config:
         raise LorakitError(f"plan: {name} ({kind or 'no model_type'}) is not a layout plan knows (llama, mistral, "
                            "qwen2, gemma, gemma2, gemma3, bloom)")  # fmt: skip
@@ -185,7 +200,8 @@ def shape_of(config: dict[str, Any]) -> Shape:
                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
     tied = config.get("tie_word_embeddings", kind.startswith("gemma"))
     return Shape(name, h, config["num_hidden_layers"], heads, hd, config["vocab_size"], tied, linears,
-                 kind == "gemma2", config.get("max_position_embeddings"))  # fmt: skip
+                 kind == "gemma2", config.get("max_position_embeddings"),
+                 dense_mask=not supports_config(config))  # fmt: skip
 
 
 def load_shape(model: str) -> Shape:
@@ -249,7 +265,7 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
         weights, trained = compute * shape.params, _lora_params(shape, s)
     # AdamW keeps two moments in the trained weights' dtype; the 8-bit ones a byte each.
     state_bytes = 2 if s.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 2 * trained_bytes
-    tokens = s.batch * s.seq_len
+    tokens = s.batch * s.seq_len * sequences(s)
     act = compute * tokens * _saved_per_token_layer(shape, s)
     if s.checkpointing:  # each layer's input, plus one layer recomputed in full during the backward pass
         act = compute * tokens * shape.hidden * shape.layers + int(act // shape.layers * RECOMPUTED_HELD[kind])
@@ -269,6 +285,10 @@ def memory(shape: Shape, s: Setup) -> dict[str, int]:
         "activations": int(act * ACTIVATIONS_HELD[kind, s.method, s.checkpointing]),
         "logits": int(logits * LOGITS_HELD[kind]),
     }
+    if shape.dense_mask:
+        # Rows padded to the longest, and a (B, 1, L, L) mask built once per forward for every layer, additive in the
+        # compute dtype (eager attention, as Bloom's); padding-free attention (attention.py) builds none.
+        parts["attention_mask"] = compute * s.batch * sequences(s) * s.seq_len * s.seq_len
     if not gpu:
         # Loading reads the fp32 checkpoint into a state dict beside the model it fills: close to twice the
         # weights in RAM for a moment, which for a small adapter run is the peak of the whole process.
@@ -328,7 +348,7 @@ def flops_parts(shape: Shape, s: Setup) -> dict[str, float]:
 
 def common_gpus() -> dict[str, Device]:
     """The GPUs of GPUS as devices, each at the share of its data sheet's peak that a matmul reaches."""
-    return {name: Device("cuda", size, peak * REACHED) for name, (size, peak) in GPUS.items()}
+    return {name: Device("cuda", size, peak * REACHED, bandwidth) for name, (size, peak, bandwidth) in GPUS.items()}
 
 
 def estimate(shape: Shape, s: Setup, devices: dict[str, Device] | None = None) -> Estimate:
@@ -356,15 +376,18 @@ def fit(shape: Shape, s: Setup, device: Device) -> dict[str, Any]:
     peak = sum(memory(shape, run).values())
     return {"memory_bytes": device.memory_bytes, "batch": batch, "peak_bytes": peak,
             "fits": batch > 0 and peak <= device.memory_bytes, "largest_batch": largest,
-            "tokens_per_s": round(tokens_per_s(shape, run, device.flops), 1), "refused": None}  # fmt: skip
+            "tokens_per_s": round(tokens_per_s(shape, run, device.flops, device.bandwidth), 1),
+            "reference_s_per_1000": round(reference_seconds(shape, run, 1000, device.flops, device.bandwidth), 1),
+            "refused": None}  # fmt: skip
 
 
-def step_seconds(shape: Shape, s: Setup, flops: float) -> float:
-    """Seconds of one optimizer step of one process, on a device of `flops` matmul FLOP/s: the matmuls at the cost
-    per FLOP lorakit measures, QLoRA's dequantization of each 4-bit weight at each use, the optimizer's step and
-    the per-layer costs of each micro-batch."""
+def step_seconds(shape: Shape, s: Setup, flops: float, bandwidth: float = 0.0) -> float:
+    """Seconds of one optimizer step of one process, on a device of `flops` matmul FLOP/s and `bandwidth` bytes/s of
+    memory (0: unknown, BYTES_PER_FLOP x flops): the matmuls at the cost per FLOP lorakit measures, QLoRA's
+    dequantization of each 4-bit weight at each use (memory-bound), the optimizer's step and the per-layer costs of
+    each micro-batch. Every row counts as `s.seq_len` tokens: for padded rows, give the padded length."""
     kind = _kind(s)
-    tokens = s.batch * s.seq_len * s.grad_accum
+    tokens = s.batch * s.seq_len * s.grad_accum * sequences(s)
     trained = shape.params if s.method == "full" else _lora_params(shape, s)
     f = flops_parts(shape, s)
     narrow = NARROW[kind] / shape.hidden
@@ -373,15 +396,42 @@ def step_seconds(shape: Shape, s: Setup, flops: float) -> float:
                                 + f["attention"] * FLOP_COST[kind, "attention"])  # fmt: skip
     uses = 2 + s.checkpointing  # the forward, the backward's input gradient, checkpointing's second forward
     quantized = shape.layers * shape.layer_params if s.method == "qlora" else 0
-    dequant = DEQUANT_FLOPS[kind] * quantized * uses * s.grad_accum / flops
+    dequant = DEQUANT_BYTES[kind] * quantized * uses * s.grad_accum / (bandwidth or flops * BYTES_PER_FLOP)
     overhead = OPTIMIZER_SECONDS_PER_PARAM[kind] * trained + LAYER_SECONDS[kind, s.method] * shape.layers * s.grad_accum
-    return matmuls + dequant + overhead
+    kl = forward_seconds(shape, s, s.batch * s.grad_accum, flops, bandwidth) if s.objective == "kto" else 0.0
+    return matmuls + dequant + overhead + kl
 
 
-def tokens_per_s(shape: Shape, s: Setup, flops: float) -> float:
+def sequences(s: Setup) -> int:
+    """Sequences of up to s.seq_len tokens that a row of the micro-batch holds: a preference pair's two."""
+    return 2 if s.objective in ("dpo", "orpo") else 1
+
+
+def forward_seconds(shape: Shape, s: Setup, rows: int, flops: float, bandwidth: float = 0.0) -> float:
+    """Seconds of a forward pass without gradients over `rows` sequences of s.seq_len tokens, in micro-batches of
+    s.batch items (the reference pass, KTO's KL sequences): the forward's share of a step's matmuls and per-layer
+    costs, and QLoRA's dequantization once per micro-batch."""
+    kind, tokens = _kind(s), rows * s.seq_len
+    narrow = NARROW[kind] / shape.hidden
+    matmul = 2 * shape.layers * shape.layer_params + 2 * shape.vocab * shape.hidden * s.trained_share
+    attention = 2 * shape.layers * shape.heads * shape.head_dim * s.seq_len
+    batches = max(1, -(-rows // max(int(s.batch) if s.batch != "auto" else 1, 1)))
+    quantized = shape.layers * shape.layer_params if s.method == "qlora" else 0
+    dequant = DEQUANT_BYTES[kind] * quantized * batches / (bandwidth or flops * BYTES_PER_FLOP)
+    return (tokens / flops * (matmul * (FLOP_COST[kind, s.method] + narrow) + attention * FLOP_COST[kind, "attention"])
+            + dequant + LAYER_SECONDS[kind, s.method] * shape.layers * batches)  # fmt: skip
+
+
+def reference_seconds(shape: Shape, s: Setup, items: int, flops: float, bandwidth: float = 0.0) -> float:
+    """The reference pass of a dpo or kto run over `items` pairs (KTO rows): each one's two sequences scored without
+    gradients (a pair's chosen and rejected; a KTO row's answer and its KL sequence); 0 for the other objectives."""
+    return forward_seconds(shape, s, 2 * items, flops, bandwidth) if s.objective in ("dpo", "kto") else 0.0
+
+
+def tokens_per_s(shape: Shape, s: Setup, flops: float, bandwidth: float = 0.0) -> float:
     """Training tokens a second over all processes: each GPU process on its own GPU; CPU processes share the cores
     whose throughput `flops` measured, so more of them do not add speed."""
-    per_process = s.batch * s.seq_len * s.grad_accum / step_seconds(shape, s, flops)
+    per_process = s.batch * s.seq_len * s.grad_accum * sequences(s) / step_seconds(shape, s, flops, bandwidth)
     return per_process * (s.nproc if _kind(s) == "cuda" else 1)
 
 
@@ -449,7 +499,7 @@ def setup_of(cfg: Any, device: str, nproc: int = 1) -> Setup:
     t, a = cfg.train, cfg.adapter
     share = 1.0 if cfg.data.train_on == "all" else 0.5
     return Setup(cfg.method, cfg.data.max_length, t.batch_size, a.r, a.target_modules, t.gradient_checkpointing,
-                 nproc, t.strategy, t.optimizer, share, device, t.grad_accum)  # fmt: skip
+                 nproc, t.strategy, t.optimizer, share, device, t.grad_accum, cfg.objective)  # fmt: skip
 
 
 def check_run(cfg: Any, device: str, nproc: int, force: bool = False) -> tuple[int, str | None]:
@@ -541,13 +591,37 @@ def plan(cfg: Any, opts: Any) -> tuple[Shape, Setup, Estimate]:
             est.notes.append(f"{name}: {why}")
         if run.train.max_steps and row["tokens_per_s"] and row["batch"]:
             tokens = run.train.max_steps * row["batch"] * setup.grad_accum * opts.nproc * setup.seq_len
-            row["run_s"] = round(tokens / row["tokens_per_s"], 1)
+            row["run_s"] = round(tokens * sequences(setup) / row["tokens_per_s"], 1)
     if all(row["refused"] for row in est.fits.values()):
         raise LorakitError(next(iter(est.fits.values()))["refused"])
+    if (note := _objective_note(setup, est)) is not None:
+        est.notes.append(note)
     if not run.data.packing:
         est.notes.append(f"data.packing is off: the speed is for full rows of {setup.seq_len} tokens; shorter rows, "
                          "and each micro-batch's padding to its longest, give fewer tokens/s")  # fmt: skip
     return shape, setup, est
+
+
+def _objective_note(setup: Setup, est: Estimate) -> str | None:
+    """What a preference objective adds to the run: two sequences a pair, and the reference pass before step 1."""
+    if setup.objective == "sft":
+        return None
+    first = next(iter(est.fits.items()), None)
+    if setup.objective == "kto":
+        line = (f"objective kto: the micro-batch is {est.batch} rows of up to {setup.seq_len} tokens, and each step "
+                "also runs a forward without gradients over each row's KL sequence (in the speed)")  # fmt: skip
+    else:
+        line = (f"objective {setup.objective}: the micro-batch is {est.batch} pairs, each two sequences (chosen, "
+                f"rejected) of up to {setup.seq_len} tokens, trained in one forward and backward; tokens/s counts "
+                "both")  # fmt: skip
+    if setup.objective == "orpo":
+        return line + "; no reference pass (ORPO needs none)"
+    if first is None:
+        return line
+    name, row = first
+    return (line + f"; before step 1 the reference pass scores every {'row' if setup.objective == 'kto' else 'pair'}"
+            f" once without gradients: ~{row['reference_s_per_1000']:.0f} s per 1,000 on {name}, then never again "
+            "(cached with the tokenized data)")  # fmt: skip
 
 
 def check_context(shape: Shape, seq_len: int) -> None:

@@ -11,7 +11,6 @@ so that a resumed run finishes the same steps.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -34,7 +33,21 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lorakit import adapter, card, checkpoint, data, files, kernels, launch, loss, model, packing, plan, tracking
+from lorakit import (
+    adapter,
+    attention,
+    card,
+    checkpoint,
+    data,
+    files,
+    kernels,
+    launch,
+    loss,
+    model,
+    packing,
+    plan,
+    tracking,
+)
 from lorakit import budget as time_budget
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
@@ -93,6 +106,7 @@ class Training:
     eval_examples: list[dict]
     eval_rows: list[list[int]]
     use_positions: bool  # packed rows kept apart by restarting position ids
+    attention: str  # how the model attends (attention.choose); padding-free ones take each micro-batch as one row
     per_step: int  # rows per optimizer step, all ranks
     total_steps: int
     start: int  # the last step done (a resumed run's checkpoint)
@@ -139,7 +153,7 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
     with accelerator.main_process_first():  # tokenize once; the other ranks then read the cache
         prepared = data.prepare(cfg.data, tokenizer)
     net = build_model(cfg, dtype, accelerator.device)
-    use_positions = cfg.data.packing and reads_packed_rows(net)
+    use_positions = cfg.data.packing and attention.reads_packed_rows(net)
     if cfg.data.packing and not use_positions and accelerator.is_main_process:
         print(f"note: {type(net).__name__} cannot keep packed examples apart; training without packing")
     rows = _rows(prepared.train, cfg.data.max_length, use_positions)
@@ -188,8 +202,8 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
     return Training(
         cfg, accelerator, run, tokenizer, net, step_fn, optimizer, scheduler, dtype, params,
         examples=examples, rows=rows, eval_examples=eval_examples, eval_rows=eval_rows, use_positions=use_positions,
-        per_step=per_step, total_steps=total_steps, start=state.get("step", 0), state=state, row_tokens=row_tokens,
-        budget=budget, best=best,
+        attention=attention.name(net), per_step=per_step, total_steps=total_steps, start=state.get("step", 0),
+        state=state, row_tokens=row_tokens, budget=budget, best=best,
     )  # fmt: skip
 
 
@@ -197,10 +211,11 @@ def resume_state(accelerator: Accelerator, run: RunFolder, net: Any, optimizer: 
                  resume: bool) -> dict[str, Any]:  # fmt: skip
     """The loop's counters: from the newest checkpoint on --resume (weights, optimizer, schedule and RNGs restored
     with them, metrics after its step dropped), else from zero (and no metrics of an earlier run)."""
-    state = {"tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0, "train_s": 0.0}
+    state = {"tokens": 0, "positions": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0, "train_s": 0.0}
     if resume and (ckpt := latest(run.checkpoints)):
         state = checkpoint.load(ckpt, net, optimizer, scheduler, accelerator.process_index)
         state.setdefault("train_s", state["elapsed"] - state["eval_s"])  # checkpoints written before train_s was kept
+        state.setdefault("positions", state["tokens"])  # written before padding was counted: none counted then
         tracking.truncate_after(run.metrics, state["step"])
         accelerator.print(f"resumed from {ckpt} (step {state['step']})")
     else:
@@ -228,8 +243,9 @@ def train(t: Training, progress: bool) -> float | None:
             replan(t, step, bar)
         tic = time.perf_counter()
         step_rows = order.rows(step - 1, t.per_step)[accelerator.process_index :: accelerator.num_processes]
+        flat = attention.padding_free(t.attention)
         micro = [
-            packing.collate([[t.examples[i] for i in t.rows[r]] for r in group], pad, t.use_positions)
+            packing.collate([[t.examples[i] for i in t.rows[r]] for r in group], pad, t.use_positions, flat)
             for group in micro_batches(step_rows, t.row_tokens, cfg.train.batch_size)
         ]
         record = train_step(t, step, micro)
@@ -334,6 +350,7 @@ def train_step(t: Training, step: int, micro: list[dict]) -> dict[str, Any]:
     accelerator = t.accelerator
     step_loss, n_target, n_tokens = accumulate(t.step_fn, micro, accelerator, t.tokenizer.pad_token_id)
     t.state["tokens"] += n_tokens
+    t.state["positions"] += sum(b["input_ids"].numel() for b in micro)  # what the linear layers ran on, padding too
     max_norm = t.cfg.train.max_grad_norm
     grad_norm = accelerator.clip_grad_norm_(t.step_fn.parameters(), max_norm) if max_norm else None
     lr = t.scheduler.get_last_lr()[0]  # the rate this step uses; stepping the scheduler sets the next one
@@ -383,6 +400,9 @@ def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
             "strategy": "fsdp" if accelerator.is_fsdp2 else "ddp" if accelerator.num_processes > 1 else "single",
             "dtype": str(t.dtype).removeprefix("torch."),
             "packing": t.use_positions,
+            "attention": t.attention,  # attention.choose's: sdpa-per-row, flash_attention_2, ... or the model's own
+            # of the positions this rank's micro-batches held, the padding: 0 where the attention is padding-free
+            "padding_share": round(1 - state["tokens"] / max(state["positions"], 1), 4),
             "kernels": kernels.applied(t.net),  # liger's, as train.kernels chose: [] for none
             "examples": len(t.examples),
             "rows": len(t.rows),
@@ -501,6 +521,7 @@ def build_model(cfg: RunConfig, dtype: torch.dtype, device: Any) -> Any:
         )
     base.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     kernels.apply(base, cfg.train.kernels, device)  # before peft wraps the modules liger patches
+    attention.use(base, device, dtype)  # how a micro-batch's rows attend, each to itself (attention.py)
     return adapter.attach(base, cfg)
 
 
@@ -518,19 +539,14 @@ def build_optimizer(net: Any, cfg: RunConfig) -> torch.optim.Optimizer:
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def reads_packed_rows(net: Any) -> bool:
-    """Whether the model keeps packed examples apart given restarting position_ids (not ALiBi models)."""
-    base = net.get_base_model() if hasattr(net, "get_base_model") else net
-    return "position_ids" in inspect.signature(base.forward).parameters
-
-
 def micro_batches(step_rows: list[int], row_tokens: list[int], batch_size: int) -> list[list[int]]:
     """A step's rows split into micro-batches of similar length, longest first.
 
-    Each micro-batch pads to its longest row, so grouping rows of like length skips padding (4-row batches of
-    Alpaca-GPT4 answers: 43% padding at random, 30% grouped within 8-row steps). The step's loss and gradient
-    are unchanged (tests/unit/test_loss.py): they sum over all its rows and divide by the step's trained
-    tokens (see accumulate). Longest first: a step that does not fit in memory fails at its first micro-batch.
+    Where each micro-batch pads to its longest row (an attention that is not padding-free), grouping rows of like
+    length skips padding (4-row batches of Alpaca-GPT4 answers: 43% padding at random, 30% grouped within 8-row
+    steps). The step's loss and gradient are unchanged (tests/unit/test_loss.py): they sum over all its rows and
+    divide by the step's trained tokens (see accumulate). Longest first: a step that does not fit in memory fails
+    at its first micro-batch.
     """
     ordered = sorted(step_rows, key=lambda r: -row_tokens[r])
     return [ordered[j : j + batch_size] for j in range(0, len(ordered), batch_size)]
@@ -630,6 +646,8 @@ def _examples(ds: Any) -> list[dict]:
 def _padding(batch: dict, pad: int) -> int:
     if "attention_mask" in batch:
         return int((batch["attention_mask"] == 0).sum())
+    if batch["input_ids"].shape[0] == 1:  # collate pads rows to the longest: one row has none (an end pad id is eos)
+        return 0
     # Padding is the trailing segment; count trailing pad ids per row.
     ids = batch["input_ids"]
     pads = 0

@@ -130,3 +130,25 @@ def test_bloom_unpacked_loss_matches_plain_forward():
         keep = target != IGNORE
         ref_total = torch.nn.functional.cross_entropy(ref[keep], target[keep], reduction="sum")
     assert count == int(keep.sum()) and torch.allclose(total, ref_total, atol=1e-4)
+
+
+def test_flat_collate_is_one_padding_free_row_of_every_example():
+    a = {"input_ids": [1, 2, 3], "labels": [1, 2, 3]}
+    b = {"input_ids": [4, 5], "labels": [IGNORE, 5]}
+    c = {"input_ids": [6], "labels": [6]}
+    batch = packing.collate([[a, b], [c]], pad_id=0, use_position_ids=False, flat=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, 5, IGNORE]]
+    assert "attention_mask" not in batch
+
+
+def test_a_one_row_batch_counts_no_padding_even_when_it_ends_in_the_pad_id():
+    from lorakit import train
+
+    # eos is the pad token where a tokenizer has none (model.with_pad): a flat micro-batch often ends in it.
+    eos = 0
+    batch = packing.collate([[{"input_ids": [5, 6, eos], "labels": [5, 6, eos]}]], pad_id=eos)
+    assert train._padding(batch, eos) == 0
+    padded = packing.collate([[{"input_ids": [5, eos], "labels": [5, eos]}], [{"input_ids": [7], "labels": [7]}]], eos)
+    assert train._padding(padded, eos) == 2  # rows of several: the trailing pad ids (its eos counted with them)

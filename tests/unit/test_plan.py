@@ -301,46 +301,64 @@ def test_huge_numbers_keep_the_table_in_columns(tmp_path, capsys, no_gpu):
 
 
 # ---- the GPU constants against the runs they were fitted to ----
-# The reference H200 (../shared/GPU.md, 2026-12-04): bf16 matmuls measure 790 TFLOP/s. Random weights of the bundled
-# shapes; rows as lorakit's data and order (seed 42) make them from ../shared/data/guanaco with the alias's tokenizer
-# (the reference models carry it), steps 2..8 timed. `speed_seq` is the mean length the micro-batches were padded
-# to, `tokens` the real tokens of a step: tokens/s counts those. Memory: nvidia-smi's, or the allocator's peak
-# (torch.cuda.max_memory_allocated), which leaves out the CUDA context, the allocator's cache and bitsandbytes'
-# paged optimizer states.
-H200 = 790e12
+# The reference H200 (../shared/GPU.md, 2026-12-04): bf16 matmuls measure 790 TFLOP/s; 4.8 TB/s of memory (its data
+# sheet). Random weights of the bundled shapes with the alias's tokenizer, so its vocabulary (49,152), not the shapes'
+# own (128,256 and 32,000); rows as lorakit's data and order (seed 42) make them from ../shared/data/guanaco, steps 2..8
+# timed. Unpacked rows are padded: `speed_seq` is the mean length the micro-batches were padded to, the length every
+# row of a step computes at, and `tokens` the real tokens of a step, which tokens/s counts. Memory is one quantity for
+# both runs, the allocator's peak (torch.cuda.max_memory_allocated), which leaves out the CUDA context, the
+# allocator's cache and bitsandbytes' paged optimizer states. Three constants (LoRA's cost per FLOP, QLoRA's bytes
+# per weight and use, the activations' factor) fitted to these two runs: the 7B's memory is the only check the fit
+# did not make, so this holds the fit in place and validates nothing; `make bench-gpu`'s rows will.
+H200, H200_BANDWIDTH, VOCAB = 790e12, 4.8e12, 49_152
 GPU_RUNS = [
     {"run": "1B LoRA r16, packed 8 x 2048", "model": "meta-llama/Llama-3.2-1B-Instruct",
      "setup": plan.Setup(method="lora", seq_len=2048, batch=8, r=16, trained_share=0.82),
-     "speed_seq": 2048, "tokens": 16364, "tokens_per_s": 41882, "mib": 36073, "memory": "nvidia-smi"},
+     "speed_seq": 2048, "tokens": 16364, "tokens_per_s": 41882, "allocated_mib": 35221},
     # The QLoRA recipe as adapter.attach trains it now: bf16 LoRA weights, no kbit preparation ("LoRA weights cast
-    # to bf16" in GPU.md). Before, with both: 1,006 tokens/s and 11,543 MiB (9,482 allocated).
+    # to bf16" in GPU.md). Before, with both: 1,006 tokens/s and 9,482 MiB allocated. 777 padded, ~426 real a row.
     {"run": "7B QLoRA recipe, r64, <= 1024 unpacked", "model": "meta-llama/Llama-2-7b-hf",
      "setup": plan.Setup(method="qlora", seq_len=1024, batch=4, r=64, checkpointing=True,
                          optimizer="paged_adamw_8bit", trained_share=0.854),
-     "speed_seq": 777, "tokens": 11918 / 7, "tokens_per_s": 1870, "mib": 6560, "memory": "allocated"},
+     "speed_seq": 777, "tokens": 11918 / 7, "tokens_per_s": 1870, "allocated_mib": 6560},
 ]  # fmt: skip
 
 
 def predicted(point: dict) -> tuple[float, float]:
-    """(MiB as the point measured it, tokens/s) the planner predicts for one recorded run."""
-    shape, setup = plan.load_shape(point["model"]), point["setup"]
+    """(allocated MiB, tokens/s) the planner predicts for one recorded run, with the vocabulary it ran with."""
+    shape, setup = replace(plan.load_shape(point["model"]), vocab=VOCAB), point["setup"]
     parts = plan.memory(shape, setup)
-    mib = sum(parts.values())
-    if point["memory"] == "allocated":
-        paged = parts["optimizer_states"] if setup.optimizer == "paged_adamw_8bit" else 0
-        mib -= parts["framework"] + paged
-    seconds = plan.step_seconds(shape, replace(setup, seq_len=point["speed_seq"]), H200)
-    return mib / plan.MIB, point["tokens"] / seconds
+    paged = parts["optimizer_states"] if setup.optimizer == "paged_adamw_8bit" else 0  # outside the allocator
+    mib = (sum(parts.values()) - parts["framework"] - paged) / plan.MIB
+    seconds = plan.step_seconds(shape, replace(setup, seq_len=point["speed_seq"]), H200, H200_BANDWIDTH)
+    return mib, point["tokens"] / seconds
 
 
 def test_the_gpu_constants_meet_the_recorded_h200_runs(capsys):
-    """Targets: memory within 15%, speed within 25% (arithmetic on recorded numbers: nothing is timed here)."""
+    """The fitted numbers within 1% (both speeds, the 1B's memory), the 7B's memory, which the fit did not make,
+    within plan's target of 15% (arithmetic on recorded numbers: nothing is timed here)."""
     lines = [f"{'run':<40}{'MiB':>9}{'plan':>9}{'error':>8}{'tokens/s':>10}{'plan':>9}{'error':>8}"]
-    for point in GPU_RUNS:
+    for point, memory_target in zip(GPU_RUNS, (0.01, 0.15)):
         mib, speed = predicted(point)
-        memory_error, speed_error = mib / point["mib"] - 1, speed / point["tokens_per_s"] - 1
-        lines.append(f"{point['run']:<40}{point['mib']:>9}{mib:>9.0f}{memory_error:>8.1%}"
+        memory_error, speed_error = mib / point["allocated_mib"] - 1, speed / point["tokens_per_s"] - 1
+        lines.append(f"{point['run']:<40}{point['allocated_mib']:>9}{mib:>9.0f}{memory_error:>8.1%}"
                      f"{point['tokens_per_s']:>10}{speed:>9.0f}{speed_error:>8.1%}")  # fmt: skip
-        assert abs(memory_error) <= 0.15 and abs(speed_error) <= 0.25, lines[-1]
+        assert abs(memory_error) <= memory_target and abs(speed_error) <= 0.01, lines[-1]
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_dequantization_is_priced_at_the_memory_bandwidth():
+    """QLoRA's dequantization moves bytes: a GPU with the same matmul peak and less memory bandwidth (an H100 beside
+    an H200) takes longer over it, and only over it: LoRA's step is the same on both."""
+    seven = replace(plan.load_shape("meta-llama/Llama-2-7b-hf"), vocab=VOCAB)
+    qlora = replace(GPU_RUNS[1]["setup"], seq_len=777)
+    h100, h200 = (plan.step_seconds(seven, qlora, H200, bandwidth) for bandwidth in (3.35e12, H200_BANDWIDTH))
+    quantized = seven.layers * seven.layer_params * 3  # weights x uses: forward, input gradient, recompute
+    assert h100 - h200 == pytest.approx(plan.DEQUANT_BYTES["cuda"] * quantized * (1 / 3.35e12 - 1 / H200_BANDWIDTH))
+    lora = replace(qlora, method="lora")
+    assert plan.step_seconds(seven, lora, H200, 3.35e12) == plan.step_seconds(seven, lora, H200, H200_BANDWIDTH)
+    gpus = plan.common_gpus()
+    assert (gpus["H100 80GB"].flops, gpus["H100 80GB"].bandwidth) == (gpus["H200 141GB"].flops, 3.35e12)
+    fits = plan.estimate(seven, qlora, gpus).fits
+    assert fits["H100 80GB"]["tokens_per_s"] < fits["H200 141GB"]["tokens_per_s"]
