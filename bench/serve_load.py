@@ -4,6 +4,7 @@
         --adapter sql2=runs/qs2 --requests 16 --concurrency 4 --max-tokens 32 --batching on
     python bench/serve_load.py --distinct-adapters 8 --requests 32 --concurrency 8 --repeats 3  # the table
     python bench/serve_load.py --overhead  # the engine's decode step against the bare forward, batch 1-16
+    python bench/serve_load.py --neighbour 1 --repeats 3  # alone vs beside a CPU-bound process
 
 --distinct-adapters K makes K LoRA adapters of random weights (ranks 8 and 16 alternating, all linear
 layers) on the base, and runs four servers on the same requests, each request to the next adapter in turn:
@@ -19,15 +20,23 @@ The app runs in this process behind httpx's ASGI transport (no network in the wa
 the serving stack and the model: requests/s, completion tokens/s, p50/p99 latency, errors. Compare
 `--batching on` (mixed-adapter continuous batching) with `--batching off` (one request at a time, the
 active adapter switched per request), and checks that both modes give the same greedy answers.
+
+--neighbour N serves the same load alone and beside N CPU-bound processes (`--neighbour-kind`: a torch
+matmul loop on torch's default threads, as a training process runs, or a pure Python loop, one core each),
+`--repeats` times in alternating order, with the server's threads as `lorakit serve --threads` chooses them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from typing import get_args
@@ -36,7 +45,7 @@ import httpx
 
 from lorakit.config import Dtype
 from lorakit.errors import LorakitError
-from lorakit.serve import server
+from lorakit.serve import server, threads
 
 QUESTIONS = [
     "Who works in Lisbon?",
@@ -91,6 +100,7 @@ async def load(app, models: list[str], n: int, concurrency: int, max_tokens: int
         "requests_per_s": round(n / wall, 3),
         "tokens_per_s": round(tokens / wall, 1),
         "p50_latency_s": round(statistics.median(latencies), 3),
+        "p95_latency_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
         "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
         "errors": sum(r[2] is None for r in results),
         "completion_tokens": tokens,
@@ -165,6 +175,67 @@ def distinct(args: argparse.Namespace) -> dict:
         "batched_vs_one_at_a_time": round(rate / out["one_at_a_time"]["requests_per_s"], 2),
         "batched_vs_peft_per_row": round(rate / out["peft_per_row"]["requests_per_s"], 2),
         "batched_vs_base_only": round(rate / out["base_only"]["requests_per_s"], 2),
+    }
+
+
+NEIGHBOURS = {
+    # A training process's shape of work: every core (torch's default threads), matmuls back to back.
+    "torch": "import torch\na = torch.randn(512, 512)\nb = a @ a\nprint('ready', flush=True)\nwhile True:\n"
+    "    b = a @ a",
+    "python": "print('ready', flush=True)\nwhile True:\n    pass",  # one core, nothing shared
+}
+
+
+@contextlib.contextmanager
+def neighbours(n: int, kind: str):
+    """N CPU-bound processes running for the block; each has started its loop when the block starts.
+
+    Each in a session of its own, as a job started from another shell or by a scheduler: Linux's autogroup
+    (on by default on desktops and here) shares the CPU between sessions first, then between their threads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}  # not the server's threads
+    procs = [subprocess.Popen([sys.executable, "-c", NEIGHBOURS[kind]], stdout=subprocess.PIPE, env=env,
+                              start_new_session=True) for _ in range(n)]  # fmt: skip
+    try:
+        for p in procs:
+            p.stdout.readline()
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def contention(args: argparse.Namespace, adapters: dict[str, str]) -> dict:
+    """--neighbour N: the same load on one server alone and beside N CPU-bound processes, `--repeats` times in
+    alternating order (a machine that slows down or speeds up during the run favours neither); the medians, each
+    run's requests/s, and the ratio of the medians (the target: no less than the cores the neighbours leave)."""
+    opts = server.ServeOptions(model=args.model, served_model_name="base", adapters=adapters, threads=args.threads,
+                               max_batch=args.max_batch, dtype=args.dtype)  # fmt: skip
+    app, serving = server.build(opts)
+    models = list(adapters) or ["base"]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`'s signal: stop the neighbours too
+    runs: dict[str, list[dict]] = {"alone": [], "neighbours": []}
+    for rep in range(args.repeats):
+        for which in ("alone", "neighbours") if rep % 2 == 0 else ("neighbours", "alone"):
+            with neighbours(args.neighbour if which == "neighbours" else 0, args.neighbour_kind):
+                run = asyncio.run(load(app, models, args.requests, args.concurrency, args.max_tokens))
+            run.pop("answers")
+            follower = serving.engine.threads  # what auto last measured and chose
+            runs[which].append(run | {"engine_threads": follower.threads, "others_busy_cores": follower.others})
+            print(f"{which}: {run['requests_per_s']} requests/s", file=sys.stderr, flush=True)  # a slow run's progress
+    serving.close()
+    out = {}
+    for which, rs in runs.items():
+        rates = [r["requests_per_s"] for r in rs]
+        out[which] = sorted(rs, key=lambda r: r["requests_per_s"])[len(rs) // 2] | {"requests_per_s_each": rates}
+    return {
+        **out,
+        "neighbour": args.neighbour,
+        "neighbour_kind": args.neighbour_kind,
+        "cores": threads.usable_cores(),
+        "threads": args.threads or "auto",
+        "repeats": args.repeats,
+        "neighbours_vs_alone": round(out["neighbours"]["requests_per_s"] / out["alone"]["requests_per_s"], 3),
     }
 
 
@@ -334,6 +405,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="the four servers of --distinct-adapters, or --overhead's engine and bare forward, N times "
                         "in alternating order; medians")  # fmt: skip
+    p.add_argument("--neighbour", type=int, default=0, metavar="N",
+                   help="serve alone and beside N CPU-bound processes, --repeats times alternating")  # fmt: skip
+    p.add_argument("--neighbour-kind", choices=sorted(NEIGHBOURS), default="torch",
+                   help="with --neighbour: a torch matmul loop on all cores (as training), or Python")  # fmt: skip
+    threads_opt = next(f for f in dataclasses.fields(server.ServeOptions) if f.name == "threads")
+    p.add_argument("--threads", type=int, default=None, help=threads_opt.metadata["help"])
     dtype = next(f for f in dataclasses.fields(server.ServeOptions) if f.name == "dtype")  # serve's own option
     p.add_argument("--dtype", choices=get_args(Dtype), default=dtype.default, help=dtype.metadata["help"])
     p.add_argument("--overhead", action="store_true",
@@ -341,6 +418,7 @@ def main() -> int:
     p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 8, 16],
                    metavar="N,N,...", help="with --overhead: the batch sizes")  # fmt: skip
     args = p.parse_args()
+    threads.apply(args.threads)  # before torch loads, as `lorakit serve` does
     if args.overhead:
         print(json.dumps(overhead(args)))
         return 0
@@ -359,6 +437,9 @@ def main() -> int:
             return 1
         return 0
     adapters = dict(a.split("=", 1) for a in args.adapter)
+    if args.neighbour:
+        print(json.dumps(contention(args, adapters), indent=1))
+        return 0
     out = {}
     try:
         for mode in ["on", "off"] if args.batching == "both" else [args.batching]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from lorakit import files
+from lorakit.errors import LorakitError
 from lorakit.run_folder import RunFolder
 
 Kind = Literal["adapter", "model", "merged", "gguf"]
@@ -146,8 +147,7 @@ def _usage(kind: Kind, base: str, lorakit_base: str, name: str, shown: str, fold
             "peft (the base is named in adapter_config.json):", "```python",
             "from peft import AutoPeftModelForCausalLM",
             f"model = AutoPeftModelForCausalLM.from_pretrained({json.dumps(shown)})", "```",
-            "vLLM:", "```bash",
-            shlex.join(["vllm", "serve", base, "--enable-lora", "--lora-modules", f"{name}={here}"]), "```",
+            *_vllm(base, {name: here}, {name: folder}),
             "lorakit (OpenAI-compatible server):", "```bash",
             shlex.join(["lorakit", "serve", "--model", lorakit_base, "--adapter", f"{name}={here}"]), "```",
             "Ollama / llama.cpp (merged into the base first):", "```bash",
@@ -157,7 +157,7 @@ def _usage(kind: Kind, base: str, lorakit_base: str, name: str, shown: str, fold
         return [f"Run these from the folder that holds `{shown}/`.", "",
                 "transformers:", "```python", "from transformers import AutoModelForCausalLM",
                 f"model = AutoModelForCausalLM.from_pretrained({json.dumps(shown)})", "```",
-                "vLLM:", "```bash", shlex.join(["vllm", "serve", here]), "```",
+                *_vllm(here, {}, {}),
                 "lorakit (OpenAI-compatible server):", "```bash", shlex.join(["lorakit", "serve", "--model", here]),
                 "```"]  # fmt: skip
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
@@ -169,6 +169,19 @@ def _usage(kind: Kind, base: str, lorakit_base: str, name: str, shown: str, fold
             "llama-cpp-python:", "```python", "from llama_cpp import Llama",
             f"llm = Llama({json.dumps(first)})",
             'llm.create_chat_completion(messages=[{"role": "user", "content": "Hello"}])', "```"]  # fmt: skip
+
+
+def _vllm(model: str, shown: dict[str, str], folders: dict[str, Path]) -> list[str]:
+    """vLLM's server on `model` with the adapters (shown by their paths relative to the card's reader), built as
+    `lorakit serve --engine vllm` builds it; or why vLLM cannot serve the adapter as it is."""
+    from lorakit.export import vllm
+
+    try:
+        ranks = vllm.check(model, folders, force=True)  # the card names the adapter's own base
+    except LorakitError as e:
+        return [f"vLLM: {e}", ""]
+    return ["vLLM (`python`: the one vLLM is installed for):", "```bash",
+            shlex.join(vllm.command("python", model, shown, ranks)), "```"]  # fmt: skip
 
 
 def _eval_table(evals: dict) -> list[str]:

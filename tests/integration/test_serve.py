@@ -5,11 +5,14 @@ on a socket bound beforehand, so the client can connect before the server loop s
 """
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
@@ -27,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import cli
 from lorakit.errors import LorakitError
+from lorakit.export import vllm
 from lorakit.generate import generate
 from lorakit.serve import multi_lora, server
 from lorakit.serve import protocol as p
@@ -592,28 +596,65 @@ def test_vllm_engine_command_and_missing_vllm(world, capsys, monkeypatch):
         dtype="bf16",
         max_adapters=3,
     )
-    cmd, env = server.vllm_command(opts)
+    monkeypatch.setattr(vllm, "python", lambda given: "/envs/vllm/bin/python")
+    launch, secret = server.vllm_command(opts)
+    cmd = launch.argv
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16" and cmd[cmd.index("--max-cpu-loras") + 1] == "3"
     assert cmd[cmd.index("--max-loras") + 1] == "1", "one adapter here"
-    assert cmd[:3] == ["vllm", "serve", str(Path(base).resolve())] and "--enable-lora" in cmd
-    assert f"b={(tmp / 'adapters' / 'b').resolve()}" in cmd and "9000" in cmd
+    assert cmd[:5] == ["/envs/vllm/bin/python", "-m", vllm.SERVER, "--model", str(Path(base).resolve())]
+    assert f"b={(tmp / 'adapters' / 'b').resolve()}" in cmd and "--enable-lora" in cmd and "9000" in cmd
     assert cmd[cmd.index("--served-model-name") + 1] == "tiny" and cmd[cmd.index("--max-model-len") + 1] == "512"
-    assert env == {"VLLM_API_KEY": "k"} and "k" not in cmd, "the key stays out of the process list"
+    assert secret == {"VLLM_API_KEY": "k"} and "k" not in cmd, "the key stays out of the process list"
+    assert "k" not in launch.env.values() and "VLLM_CPU_KVCACHE_SPACE" in launch.env
     # Adapter "a" has rank 4, which vLLM serves under --max-lora-rank 8 (issue 30: it was refused).
-    cmd, _ = server.vllm_command(server.ServeOptions(model=str(base), adapters_dir=str(tmp / "adapters")))
-    assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
-    monkeypatch.setattr(server.shutil, "which", lambda name: None)
-    monkeypatch.setattr(server.importlib.util, "find_spec", lambda name: None)
+    launch, _ = server.vllm_command(server.ServeOptions(model=str(base), adapters_dir=str(tmp / "adapters")))
+    assert launch.argv[launch.argv.index("--max-lora-rank") + 1] == "8"
+    monkeypatch.undo()
+    monkeypatch.setenv("PATH", str(tmp / "adapters"))  # no `vllm` program there
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     assert (
         cli.main(["serve", "--model", str(base), "--adapter", f"b={tmp / 'adapters' / 'b'}", "--engine", "vllm"]) == 2
     )
     err = capsys.readouterr().err
-    assert "needs vLLM" in err and "vllm serve" in err
+    assert "vLLM is not installed for this Python" in err and "--vllm-python PATH or $LORAKIT_VLLM_PYTHON" in err
 
 
-def test_vllm_engine_takes_force_and_the_adapters_folder_as_lorakits_engine_does(world, tmp_path):
+class Execed(Exception):
+    pass
+
+
+def test_vllm_engine_execs_vllms_server_with_the_python_that_has_it(world, tmp_path, monkeypatch, capsys):
+    """--engine vllm ran a `vllm` program, which vllm-cpu's fails at start, and which outside an activated venv is
+    not on PATH though the python has vllm (issue 31, items 1 and 2): it execs vLLM's server module with that
+    python, in the environment it printed, where the caller's own setting of vLLM's variables wins."""
+    tmp, base = world
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))  # this python has vllm
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # and no `vllm` program is on PATH
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    execs = []
+
+    def exec_(path, argv, env):
+        execs.append((path, argv, env))
+        raise Execed
+
+    monkeypatch.setattr(os, "execve", exec_)
+    monkeypatch.setattr(os, "execvpe", exec_)
+    with pytest.raises(Execed):
+        cli.main(["serve", "--model", str(base), "--adapter", f"b={tmp / 'adapters' / 'b'}", "--engine", "vllm"])
+    [(path, argv, env)] = execs
+    assert path == argv[0] == sys.executable and argv[1:5] == ["-m", vllm.SERVER, "--model", str(base.resolve())]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "7" and env["PATH"] == str(tmp_path / "bin")
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert shlex.split(printed)[1:] == argv and shlex.split(printed)[0].startswith("VLLM_CPU_KVCACHE_SPACE=")
+
+
+def test_vllm_engine_takes_force_and_the_adapters_folder_as_lorakits_engine_does(world, tmp_path, monkeypatch):
     """--force reaches vLLM's checks, and a dot-folder of --adapters-dir (an upload in progress) is no adapter."""
     tmp, base = world
+    monkeypatch.setattr(vllm, "python", lambda given: "python")
     folder = tmp_path / "adapters"
     shutil.copytree(tmp / "adapters" / "b", folder / "renamed")
     meta = folder / "renamed" / "adapter_config.json"
@@ -622,7 +663,8 @@ def test_vllm_engine_takes_force_and_the_adapters_folder_as_lorakits_engine_does
     opts = server.ServeOptions(model=str(base), adapters_dir=str(folder))
     with pytest.raises(LorakitError, match="was trained on 'someone/else'"):
         server.vllm_command(opts)
-    cmd, _ = server.vllm_command(server.ServeOptions(model=str(base), adapters_dir=str(folder), force=True))
+    launch, _ = server.vllm_command(server.ServeOptions(model=str(base), adapters_dir=str(folder), force=True))
+    cmd = launch.argv
     assert cmd[cmd.index("--lora-modules") + 1] == f"renamed={(folder / 'renamed').resolve()}"
     assert not any(".upload-tmp" in arg for arg in cmd)
 

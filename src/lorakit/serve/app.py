@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -22,18 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.serve import explorer
 from lorakit.serve import protocol as p
-from lorakit.serve.metrics import Stats
+from lorakit.serve.guard import Guard, error_response
 from lorakit.serve.serving import APIError, Serving
 
 log = logging.getLogger("lorakit.serve")
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    500: "server_error",
-}
 
 
 def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int = 1 << 20, ui: bool = True) -> FastAPI:
@@ -52,10 +42,10 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
         serving.stats.error(status)
         if status >= 500:  # the client sees the message; the operator must see it too
             log.error("answered %d: %s", status, message)
-        return _error(status, message, type_, param)
+        return error_response(status, message, type_, param)
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
+    async def apierror_response(_: Request, e: APIError) -> JSONResponse:
         return error(e.status, e.message, e.type, e.param)
 
     @app.exception_handler(RequestValidationError)
@@ -70,7 +60,7 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
         return error(400, f"{where}: {message}" if where else message, param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def httperror_response(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return error(e.status_code, str(e.detail))
 
     @app.exception_handler(Exception)
@@ -113,46 +103,6 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
     return app
 
 
-class Guard:
-    """ASGI middleware: the API key on all but /health and the page, and the body size, before any route parses a
-    request.
-
-    The size is counted as the body arrives, so a chunked upload without Content-Length is stopped too.
-    """
-
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, stats: Stats):
-        self.app, self.api_key, self.max_body_bytes, self.stats = app, api_key, max_body_bytes, stats
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"")
-        if (
-            self.api_key
-            and scope["path"] != "/health"
-            and not explorer.is_public(scope["path"])
-            and not secrets.compare_digest(given, f"Bearer {self.api_key}".encode())
-        ):
-            self.stats.error(401)
-            return await _error(401, "invalid or missing API key (Authorization: Bearer KEY)")(scope, receive, send)
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            self.stats.error(413)
-            return await _error(413, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
-        seen = 0
-
-        async def counted() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_body_bytes:
-                raise StarletteHTTPException(413, f"request body over {self.max_body_bytes} bytes")
-            return message
-
-        return await self.app(scope, counted, send)
-
-
 async def _disconnected(request: Request) -> None:
     """Return once the client has closed its connection (the server's ASGI http.disconnect message).
 
@@ -160,13 +110,6 @@ async def _disconnected(request: Request) -> None:
     """
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _error(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
-    info = p.ErrorInfo(
-        message=message, type=type_ or ERROR_TYPES.get(status, "invalid_request_error"), param=param, code=status
-    )
-    return JSONResponse(p.ErrorResponse(error=info).model_dump(), status_code=status)
 
 
 def _respond(result: BaseModel | AsyncIterator[BaseModel]) -> JSONResponse | StreamingResponse:

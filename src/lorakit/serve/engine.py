@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lorakit.serve import multi_lora
+from lorakit.serve import multi_lora, threads
 
 log = logging.getLogger("lorakit.serve")
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -49,7 +49,8 @@ class Job:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    # Token ids that end this row (its adapter's end-of-turn and EOS); None: the engine's eos_ids.
+    # Token ids that end this row (its adapter's end-of-turn and EOS); None: the engine's eos_ids; empty: none
+    # (a request's ignore_eos).
     stop_ids: frozenset[int] | None = None
     emit: Callable[[str, bool, str | None], None] = lambda text, done, reason: None
     release: Callable[[], None] = lambda: None  # called once the job no longer uses its adapter
@@ -143,6 +144,9 @@ class Engine:
         self.joined = 0  # jobs admitted into rows already decoding
         self.running = 0  # rows decoding now
         self.step_times: list[tuple[int, float]] | None = None  # a list: (rows, seconds) of each step
+        # Every forward runs in the worker thread below, which sets torch's threads (--threads, or auto: the
+        # cores that other processes leave free) before its steps: see threads.py.
+        self.threads = threads.follower()
         self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
         self._thread.start()
 
@@ -162,6 +166,7 @@ class Engine:
             new = self._take(rows)
             if new is None:
                 return
+            self.threads()
             fresh = None
             try:
                 fresh = self._prefill(new) if new else None
@@ -329,11 +334,13 @@ class Engine:
 
     def _advance(self, job: Job, text: Text, token: int) -> bool:
         """Record one token; emit the new text; return whether the row goes on."""
+        # usage.completion_tokens counts every generated token, the end-of-turn or EOS that ends the answer too:
+        # OpenAI's rule, and vLLM's (its usage is len(output.token_ids), which holds the stop token).
+        job.completion_tokens += 1
         if token in (self.eos_ids if job.stop_ids is None else job.stop_ids):
             return _end(job, text, "stop")
         seen = len(text.text)  # stop strings were looked for in this much
         text.add(token, self.decode, self.open_ids)
-        job.completion_tokens += 1
         cut = _stop_at(text.text, job.stop, seen)
         if cut >= 0:
             delta, job.text = text.text[len(job.text) : cut], text.text[:cut]

@@ -22,11 +22,6 @@ UI_FILES = {"app.js": "text/javascript", "style.css": "text/css", "favicon.svg":
 REPORT_HEADERS = {"Content-Security-Policy": "sandbox allow-scripts", "X-Content-Type-Options": "nosniff"}
 
 
-def is_public(path: str) -> bool:
-    """The page and its files load without the API key; the page then asks for it, for the API calls."""
-    return path == "/" or path.startswith("/ui/")
-
-
 def add_routes(app: FastAPI, serving: Serving) -> None:
     ui = resources.files("lorakit.serve") / "ui"
 

@@ -7,6 +7,7 @@ the engine's and registry's gauges, read when scraped. Every metric name lives i
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,7 +52,7 @@ class Stats:
 
     def prometheus(self, engine: Engine, registry: Registry) -> str:
         """Prometheus text exposition: the engine's queue, rows and batches and the adapters loaded (read now),
-        then request errors, per-model requests, tokens and latency."""
+        then `requests()`."""
         lines = [
             "# TYPE lorakit_queue_depth gauge",
             f"lorakit_queue_depth {engine.depth()}",
@@ -63,8 +64,12 @@ class Stats:
             f"lorakit_batches_total {engine.batches}",
             "# TYPE lorakit_joined_rows_total counter",
             f"lorakit_joined_rows_total {engine.joined}",
-            "# TYPE lorakit_request_errors_total counter",
         ]
+        return "\n".join(lines) + "\n" + self.requests()
+
+    def requests(self) -> str:
+        """Prometheus text of the counters kept here: request errors, per-model requests, tokens and latency."""
+        lines = ["# TYPE lorakit_request_errors_total counter"]
         lines += [f'lorakit_request_errors_total{{status="{k}"}} {v}' for k, v in sorted(self.errors.items())]
         models = sorted(self.models.items())
         for key in ("requests", "prompt_tokens", "completion_tokens"):
@@ -88,3 +93,48 @@ def _label(v: str) -> str:
 def _seconds(v: float) -> str:
     """A sum in full (":g" would round it to 6 digits); a whole number without a trailing ".0"."""
     return str(int(v)) if v.is_integer() else repr(v)
+
+
+# ---- replicated serving (serve/replicas.py): one /metrics for all replicas ----
+def summed(texts: Iterable[str], replicas: int) -> str:
+    """The expositions of several replicas (`Stats.prometheus`) as one: each sample added up over them (same name,
+    same labels), so gauges read as the whole fleet's (its queue depth, the adapter copies loaded), and the
+    number of live replicas first."""
+    kinds: dict[str, str] = {}
+    sums: dict[str, dict[str, float]] = {}  # family -> "name{labels}" -> value, in the order first seen
+    for text in texts:
+        for family, kind, samples in _families(text):
+            kinds.setdefault(family, kind)
+            got = sums.setdefault(family, {})
+            for key, value in samples:
+                got[key] = got.get(key, 0.0) + value
+    lines = ["# TYPE lorakit_replicas gauge", f"lorakit_replicas {replicas}"]
+    for family, kind in kinds.items():
+        lines.append(f"# TYPE {family} {kind}")
+        lines += [f"{key} {_seconds(value)}" for key, value in sums[family].items()]
+    return "\n".join(lines) + "\n"
+
+
+def counters(text: str) -> str:
+    """`text` without its gauges: what a replica that is gone still adds to the totals (it served those requests;
+    it holds no queue any more)."""
+    lines = []
+    for family, kind, samples in _families(text):
+        if kind != "gauge":
+            lines.append(f"# TYPE {family} {kind}")
+            lines += [f"{key} {_seconds(value)}" for key, value in samples]
+    return "\n".join(lines) + "\n"
+
+
+def _families(text: str) -> list[tuple[str, str, list[tuple[str, float]]]]:
+    """(family, its type, its samples as ("name{labels}", value)) of a lorakit exposition, where every sample follows
+    the `# TYPE` line of its family (a histogram's _bucket, _sum and _count samples follow the histogram's)."""
+    out: list[tuple[str, str, list[tuple[str, float]]]] = []
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            family, kind = line.split(" ")[2:4]
+            out.append((family, kind, []))
+        elif line and not line.startswith("#") and out:
+            key, _, value = line.rpartition(" ")
+            out[-1][2].append((key, float(value)))
+    return out

@@ -93,6 +93,9 @@ class SamplingFields(_Req):
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(
+        False, description="vLLM's: the end-of-turn and EOS tokens do not end the answer (max_tokens, stop strings do)"
+    )
 
     @model_validator(mode="before")
     @classmethod

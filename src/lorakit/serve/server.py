@@ -6,11 +6,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import shlex
-import shutil
 import signal
 import socket
 import sys
@@ -21,6 +18,7 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 from lorakit.options import ServeOptions
 from lorakit.run_folder import RunFolder, adapter_dir, check_finished, find_adapter
+from lorakit.serve import threads
 
 log = logging.getLogger("lorakit.serve")
 
@@ -126,13 +124,11 @@ def watch(serving, folder: Path, interval_s: float | None) -> Watcher:
     return w
 
 
-def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
-    """vLLM's OpenAI server with the same base, adapters, name, host, port, limits and key.
-
-    Returns the argv and the environment to add: the key travels as VLLM_API_KEY, not in argv,
-    where any local user could read it in the process list.
+def vllm_command(opts: ServeOptions):  # -> (vllm.Launch, secret environment)
+    """vLLM's OpenAI server with the same base, adapters, name, host, port, limits and precision (export/vllm.py),
+    run by the Python that has vLLM; and the environment to add for the key: it travels as VLLM_API_KEY, not in
+    argv, where any local user could read it in the process list.
     """
-    from lorakit import adapter, model
     from lorakit.export import vllm
 
     opts = resolve_model(opts)
@@ -143,39 +139,25 @@ def vllm_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         from lorakit.serve.adapters import adapters_in
 
         adapters |= {n: p for n, p in adapters_in(Path(opts.adapters_dir)).items() if n not in adapters}
-    for why in vllm.template_warnings(opts.model, adapters):
-        print(f"warning: {why}", file=sys.stderr)
-    cmd = vllm.command(
-        opts.model,
-        adapters,
-        port=opts.port,
-        host=opts.host,
-        served_name=opts.served_model_name or opts.model,
-        max_seqs=opts.max_batch if opts.batching == "on" else 1,
-        max_model_len=opts.max_model_len,
-        dtype=opts.dtype,
-        max_adapters=opts.max_adapters,
-        quantization=model.base_quantization(opts.base_precision, map(adapter.trained_with, adapters.values())),
-        force=opts.force,
-    )
-    return cmd, {"VLLM_API_KEY": opts.api_key} if opts.api_key else {}
+    python = vllm.python(opts.vllm_python)
+    return vllm.launch(opts, adapters, python), {"VLLM_API_KEY": opts.api_key} if opts.api_key else {}
 
 
 def run(opts: ServeOptions) -> int:
     if opts.engine == "vllm":
-        cmd, env = vllm_command(opts)
-        if shutil.which("vllm") is None and importlib.util.find_spec("vllm") is None:
-            raise LorakitError(
-                "--engine vllm needs vLLM (GPU machines): pip install vllm. It would run:\n  " + shlex.join(cmd)
-            )
-        print(shlex.join(cmd), flush=True)
-        os.execvpe(cmd[0], cmd, {**os.environ, **env})
+        launch, secret = vllm_command(opts)
+        for note in launch.notes:
+            print(f"warning: {note}", file=sys.stderr)
+        print(launch.shell(), flush=True)
+        # The caller's own settings of vLLM's variables (VLLM_CPU_KVCACHE_SPACE) win over the sized ones.
+        os.execve(launch.argv[0], launch.argv, {**launch.env, **os.environ, **secret})
     import uvicorn
 
     if opts.watch and not opts.adapters_dir:
         raise LorakitError("--watch needs --adapters-dir: the folder to watch for new adapter versions")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = listen(opts.host, opts.port)  # before loading anything: a busy port fails at once
+    threads.apply(opts.threads)  # before torch loads (in build): libgomp and MKL read OMP_NUM_THREADS once
     app, serving = build(opts)
     if opts.adapters_dir:  # SIGHUP rescans the folder; --watch also rescans it every few seconds
         watcher = watch(serving, Path(opts.adapters_dir), opts.watch_interval_s if opts.watch else None)

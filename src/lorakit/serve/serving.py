@@ -212,7 +212,8 @@ class Serving:
                 req.stops(),
                 None if req.seed is None else req.seed + i,
                 release=release,
-                stop_ids=chat.stop_ids,
+                # ignore_eos (vLLM's): no end-of-turn or EOS id ends the answer; max_tokens and stop strings do.
+                stop_ids=frozenset() if req.ignore_eos else chat.stop_ids,
             )
             for ids, budget in zip(prompts, budgets)
             for i in range(req.n)
