@@ -83,7 +83,9 @@ def cmd_train(cfg: Any, opts: o.TrainOptions) -> int:
     )
     summary = result.summary
     if summary:
-        keys = ("steps", "final_train_loss", "final_eval_loss", "tokens_per_s", "wall_time_s", "peak_memory_mb")
+        # final_eval_rewards_accuracy: a preference run's (an sft run has none)
+        keys = ("steps", "final_train_loss", "final_eval_loss", "final_eval_rewards_accuracy", "tokens_per_s",
+                "wall_time_s", "peak_memory_mb")  # fmt: skip
         print(
             "  ".join(
                 f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"

@@ -100,8 +100,11 @@ def _chunks(
     softcap: float | None,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
+    per_token: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The loss sum; fills grad_hidden / grad_weight (d loss / d input) where given."""
+    """The loss sum; fills grad_hidden / grad_weight (d loss / d input) where given, and per_token (N,) with each
+    token's loss where given. scale (N,): each token's weight in the gradients (their sum's gradient is unscaled)."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     fp16 = _runs_in_fp16(hidden, weight)
@@ -116,13 +119,18 @@ def _chunks(
             capped = torch.tanh(logits / softcap)
             logits = capped * softcap
         lse = torch.logsumexp(logits, dim=-1)
-        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        token = lse - logits.gather(1, t[:, None]).squeeze(1)
+        total += token.sum()
+        if per_token is not None:
+            per_token[i : i + rows] = token
         if grad_hidden is None and grad_weight is None:
             continue
         grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
         grad[torch.arange(len(t), device=t.device), t] -= 1.0
         if softcap:
             grad *= 1.0 - capped * capped
+        if scale is not None:
+            grad *= scale[i : i + rows, None]
         if fp16:  # fp32 values through fp16 matmuls, scaled into fp16's range (_fp16_matmul)
             if back is not None:
                 grad_hidden[i : i + rows] = _fp16_matmul(grad, back, back_bound)
@@ -232,3 +240,92 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any, float | None] | None:
     if decoder is None or head is None or decoder is base:
         return None
     return decoder, head, getattr(text_config, "final_logit_softcapping", None)
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's summed log-probability of its trained tokens, and their count (preference objectives).
+
+    batch: input_ids, labels (B, L), position_ids or attention_mask (B, L), as packing.collate builds it, and
+    segments (B, L): which sequence (0 .. S-1) each position belongs to (-1: padding). Returns logps (S,) fp32,
+    gradient-carrying, and counts (S,). Like `loss_sum`, the head runs on trained positions only, in chunks, and no
+    (tokens x vocab) logits tensor is kept: preference pairs share SFT's memory and FLOPs per token.
+    """
+    labels, segments = batch["labels"], batch["segments"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    which = segments[:, 1:][keep]  # the sequence of each trained target: position t predicts labels[t + 1]
+    n = int(segments.max()) + 1
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "segments")}
+    direct = _decoder_and_head(model)
+    if direct is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
+        losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    else:
+        decoder, head, softcap = direct
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, H)
+        if _fusable(head):
+            losses = linear_token_losses(hidden, head.weight, targets[keep], softcap)
+        else:
+            logits = head(hidden)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    logps = torch.zeros(n, dtype=torch.float32, device=losses.device).index_add(0, which, -losses)
+    counts = torch.zeros(n, dtype=torch.long, device=which.device).index_add_(0, which, torch.ones_like(which))
+    return logps, counts
+
+
+def linear_token_losses(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
+    """Each token's cross-entropy (N,) of `hidden @ weight.T` (optionally tanh-capped) against `targets`, chunk by
+    chunk as `linear_cross_entropy`, for losses that weigh each token by its own sequence (a preference loss)."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearTokenLosses.apply(hidden, weight, targets, softcap)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    _chunks(hidden, weight, targets, softcap, None, None, out)
+    return out
+
+
+class LinearTokenLosses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+        device = hidden.device.type
+        ctx.hidden_dtype, ctx.weight_dtype, ctx.softcap = hidden.dtype, weight.dtype, softcap
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        kept = torch.float32 if _runs_in_fp16(hidden, weight) else hidden.dtype
+        # Each token's own gradient d loss_t / d hidden_t, taken while its logits are at hand: backward only scales
+        # each row by its token's upstream gradient, as LinearCrossEntropy scales all rows by one.
+        grad_hidden = torch.empty_like(hidden, dtype=kept) if hidden.requires_grad else None
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        _chunks(hidden, weight, targets, softcap, grad_hidden, None, out)
+        # A trained head (full fine-tuning) sums each token's gradient weighted by the upstream gradient that only
+        # backward knows: its chunks' logits are computed again there.
+        ctx.save_for_backward(grad_hidden, hidden if weight.requires_grad else None, weight, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, hidden, weight, targets = ctx.saved_tensors
+        grad_out = grad_out.float()
+        gh = None if grad_hidden is None else (grad_hidden * grad_out[:, None]).to(ctx.hidden_dtype)
+        gw = None
+        if hidden is not None:
+            device, enabled, dtype = ctx.autocast
+            gw = torch.zeros_like(weight, dtype=torch.float32)
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                _chunks(hidden, weight, targets, ctx.softcap, None, gw, scale=grad_out)
+            gw = gw.to(ctx.weight_dtype)
+        return gh, gw, None, None
+
+
+class OnSequences(nn.Module):
+    """`model` with `sequence_logps` as its forward: what a preference run prepares with accelerate, for the reason
+    OnTrainedTokens gives (the head runs inside the forward that DDP and FSDP wrap)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sequence_logps(self.model, batch)

@@ -51,24 +51,36 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    """Train loss per step and eval loss at each evaluation, in one PNG."""
+    """Train loss per step and eval loss at each evaluation, in one PNG; a preference run's (records with
+    rewards_accuracy) beside its reward accuracy and margin, train and held-out."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if ev:
-        ax.plot(*zip(*ev), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (per trained token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    preference = any("rewards_accuracy" in r for r in records)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    _lines(ax, records, "loss", "train loss", "eval_loss", "eval loss")
+    ax.set_ylabel("loss (per pair or row)" if preference else "loss (per trained token)")
+    if preference:
+        right = axes[0][1]
+        _lines(right, records, "rewards_accuracy", "reward accuracy", "eval_rewards_accuracy", "eval reward accuracy")
+        _lines(right, records, "rewards_margin", "reward margin", "eval_rewards_margin", "eval reward margin")
+        right.set_ylabel("reward accuracy (share) and margin")
     fig.tight_layout()
     with files.atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _lines(ax: Any, records: list[dict], key: str, label: str, eval_key: str, eval_label: str) -> None:
+    train = [(r["step"], r[key]) for r in records if key in r]
+    ev = [(r["step"], r[eval_key]) for r in records if eval_key in r]
+    if train:
+        ax.plot(*zip(*train), label=label, lw=1)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label=eval_label)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()

@@ -4,6 +4,10 @@ Data order is a pure function of (seed, step): step s trains on rows s*N .. s*N+
 seeded per-epoch permutations. With weights, optimizer, scheduler and RNGs restored from a checkpoint,
 a resumed run therefore repeats exactly what the killed run would have done.
 
+A preference objective (dpo, orpo, kto) trains the same way on preference_train's items (a pair, a KTO row), one
+a row, against the reference log-probs that reference.py scores once before the first step; the step's forward and
+backward, and the held-out evaluation, are preference_train's.
+
 With train.time_budget the run plans its own length (budget.py): each plan comes before a step, and the schedule
 is rebuilt for each new length, so the planned last step takes the schedule's last rate; checkpoints record the plan
 so that a resumed run finishes the same steps.
@@ -46,6 +50,8 @@ from lorakit import (
     model,
     packing,
     plan,
+    preference_train,
+    reference,
     tracking,
 )
 from lorakit import budget as time_budget
@@ -101,8 +107,8 @@ class Training:
     scheduler: Any
     dtype: torch.dtype
     params: tuple[int, int]  # (trained, all) parameters
-    examples: list[dict]  # tokenized training examples
-    rows: list[list[int]]  # each row: the examples packed into it (one, unpacked)
+    examples: list[dict]  # tokenized training examples (a preference run's: its items, preference_train.items)
+    rows: list[list[int]]  # each row: the examples packed into it (one, unpacked; a preference run's: one item)
     eval_examples: list[dict]
     eval_rows: list[list[int]]
     use_positions: bool  # packed rows kept apart by restarting position ids
@@ -116,6 +122,11 @@ class Training:
     row_tokens: list[int] = field(default_factory=list)  # input tokens of each of `rows`
     budget: time_budget.Budget | None = None  # train.time_budget's plan and measurements
     best: dict | None = None  # train.keep_best: the best evaluation so far, {step, eval_loss}
+
+    @property
+    def preference(self) -> bool:
+        """Whether the run trains a preference objective (dpo, orpo, kto) rather than sft."""
+        return self.cfg.objective != "sft"
 
 
 def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: str, started: float) -> Training:
@@ -151,33 +162,47 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
     set_seed(cfg.train.seed)
     tokenizer = model.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     with accelerator.main_process_first():  # tokenize once; the other ranks then read the cache
-        prepared = data.prepare(cfg.data, tokenizer)
+        prepared = data.prepare(cfg.data, tokenizer, cfg.objective, cfg.preference)
     net = build_model(cfg, dtype, accelerator.device)
-    use_positions = cfg.data.packing and attention.reads_packed_rows(net)
-    if cfg.data.packing and not use_positions and accelerator.is_main_process:
-        print(f"note: {type(net).__name__} cannot keep packed examples apart; training without packing")
-    rows = _rows(prepared.train, cfg.data.max_length, use_positions)
-    eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
+    if cfg.objective == "sft":
+        use_positions = cfg.data.packing and attention.reads_packed_rows(net)
+        if cfg.data.packing and not use_positions and accelerator.is_main_process:
+            print(f"note: {type(net).__name__} cannot keep packed examples apart; training without packing")
+        rows = _rows(prepared.train, cfg.data.max_length, use_positions)
+        eval_rows = _rows(prepared.eval, cfg.data.max_length, use_positions)
+        examples, eval_examples = _examples(prepared.train), _examples(prepared.eval) if eval_rows else []
+        row_tokens = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
+        eval_tokens = sum(len(x["input_ids"]) for x in eval_examples)
+    else:  # items, one a row: a pair's sequences share that row wherever the model reads packed rows
+        use_positions = attention.reads_packed_rows(net)
+        examples, eval_examples = (preference_train.items(ds, cfg.objective, cfg.data.max_length)
+                                   for ds in (prepared.train, prepared.eval))  # fmt: skip
+        rows, eval_rows = packing.unpacked(len(examples)), packing.unpacked(len(eval_examples))
+        row_tokens = [preference_train.tokens(x) for x in examples]
+        eval_tokens = sum(preference_train.tokens(x) for x in eval_examples)
     if cfg.train.keep_best and not eval_rows:
         raise LorakitError(f"train.keep_best: data.eval ({cfg.data.eval}) gave no held-out rows to evaluate on")
-    examples, eval_examples = _examples(prepared.train), _examples(prepared.eval) if eval_rows else []
-    row_tokens = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
+    # DPO's and KTO's reference, scored (or read) with the starting weights: before accelerate wraps the model, and
+    # before a time budget plans the steps from the time left.
+    reference.attach(cfg, prepared.cache_path, net, examples, eval_examples, accelerator, tokenizer.pad_token_id,
+                     use_positions, dtype)  # fmt: skip
     params = adapter.count_params(net)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     budget, total_steps = None, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(rows) / per_step))
     if cfg.train.time_budget:
-        eval_tokens = sum(len(x["input_ids"]) for x in eval_examples)
         budget, total_steps = time_budget.start(
             cfg, accelerator, run, resume, device, per_step, row_tokens, eval_tokens, params[0], started
         )
+    unit = "rows" if cfg.objective == "sft" else preference_train.unit(cfg.objective)  # what a step counts
     if per_step > len(rows):
         accelerator.print(
-            f"note: one step takes {per_step} rows (batch_size x grad_accum x processes) but the data makes "
-            f"{len(rows)}: rows repeat within every step. Lower train.batch_size or train.grad_accum, or add data."
+            f"note: one step takes {per_step} {unit} (batch_size x grad_accum x processes) but the data makes "
+            f"{len(rows)}: {unit} repeat within every step. Lower train.batch_size or train.grad_accum, or add data."
         )
     optimizer = build_optimizer(net, cfg)
     scheduler = build_schedule(optimizer, cfg, total_steps)
-    step_fn, optimizer = accelerator.prepare(loss.OnTrainedTokens(net), optimizer)
+    on = loss.OnTrainedTokens if cfg.objective == "sft" else loss.OnSequences  # what the step's forward returns
+    step_fn, optimizer = accelerator.prepare(on(net), optimizer)
     state = resume_state(accelerator, run, net, optimizer, scheduler, resume)
     if budget:  # what checkpoints record: a resumed run finishes these steps
         state.setdefault("planned_steps", total_steps)
@@ -191,9 +216,10 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
     if cfg.track:
         accelerator.init_trackers("lorakit", config=_flat(cfg.model_dump(mode="json")))
     accelerator.print(
-        f"training {params[0]:,} of {params[1]:,} parameters ({cfg.method}, {dtype}, "
-        f"{accelerator.device}) on {len(prepared.train)} examples in {len(rows)} rows; "
-        f"{total_steps} steps of {per_step} rows"
+        f"training {params[0]:,} of {params[1]:,} parameters ({cfg.method}, {dtype}, {accelerator.device}"
+        + (f") on {len(prepared.train)} examples in {len(rows)} rows; " if cfg.objective == "sft"
+           else f", objective {cfg.objective}) on {len(rows)} {unit}; ")
+        + f"{total_steps} steps of {per_step} {unit}"
         + (f" ({time_budget.duration(budget.seconds)} time budget: "
            f"{time_budget.epochs(total_steps, per_step, len(rows)):.2f} epochs"
            + (", as its checkpoint planned)" if budget.final else " for now: re-planned from the first steps' speed)")
@@ -223,8 +249,9 @@ def resume_state(accelerator: Accelerator, run: RunFolder, net: Any, optimizer: 
     return state
 
 
-def train(t: Training, progress: bool) -> float | None:
-    """Steps t.start+1 .. t.total_steps: log, evaluate and checkpoint on their cadence. Returns the last eval loss.
+def train(t: Training, progress: bool) -> dict[str, float] | None:
+    """Steps t.start+1 .. t.total_steps: log, evaluate and checkpoint on their cadence. Returns the last evaluation's
+    metrics (eval_loss, and a preference run's eval_rewards_accuracy ...).
 
     A time budget may re-plan t.total_steps after the first steps (replan), so the loop reads it at every step.
     """
@@ -244,10 +271,7 @@ def train(t: Training, progress: bool) -> float | None:
         tic = time.perf_counter()
         step_rows = order.rows(step - 1, t.per_step)[accelerator.process_index :: accelerator.num_processes]
         flat = attention.padding_free(t.attention)
-        micro = [
-            packing.collate([[t.examples[i] for i in t.rows[r]] for r in group], pad, t.use_positions, flat)
-            for group in micro_batches(step_rows, t.row_tokens, cfg.train.batch_size)
-        ]
+        micro = [collate(t, group, pad, flat) for group in micro_batches(step_rows, t.row_tokens, cfg.train.batch_size)]
         record = train_step(t, step, micro)
         if budget:
             budget.durations.append(time.perf_counter() - tic)
@@ -259,11 +283,10 @@ def train(t: Training, progress: bool) -> float | None:
         }
         if t.eval_rows and (step == t.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
             t_eval = time.perf_counter()
-            last_eval = record["eval_loss"] = eval_loss(
-                t.net, t.eval_examples, t.eval_rows, cfg.train.batch_size, pad, t.use_positions, accelerator
-            )
+            last_eval = eval_metrics(t, pad, flat)
+            record |= last_eval
             if cfg.train.keep_best:  # counted as evaluation time: picking the best is part of evaluating
-                keep_if_best(t, step, last_eval)
+                keep_if_best(t, step, last_eval["eval_loss"])
             took = time.perf_counter() - t_eval
             state["eval_s"] += took
             if budget:
@@ -277,7 +300,8 @@ def train(t: Training, progress: bool) -> float | None:
             tracking.append(t.run.metrics, record)
             if cfg.track:
                 accelerator.log(record, step=step)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        acc = {"acc": f"{record['rewards_accuracy']:.2f}"} if t.preference else {}  # reward accuracy
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **acc, tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         # The last step is saved too: a finished run then resumes exactly when max_steps is raised. With keep_best
         # it always is: adapter/ holds the best weights, and the last ones must be somewhere.
@@ -291,6 +315,25 @@ def train(t: Training, progress: bool) -> float | None:
     bar.close()
     state["elapsed"] = time.perf_counter() - t0  # the whole loop, the last evaluation and checkpoint included
     return last_eval
+
+
+def collate(t: Training, group: list[int], pad: int, flat: bool) -> Any:
+    """One micro-batch of the rows `group`: packing.collate's batch, or a preference run's items
+    (preference_train.micro_batch: the sequences with their reference log-probs)."""
+    if t.preference:
+        return preference_train.micro_batch([t.examples[r] for r in group], pad, t.use_positions, flat)
+    return packing.collate([[t.examples[i] for i in t.rows[r]] for r in group], pad, t.use_positions, flat)
+
+
+def eval_metrics(t: Training, pad: int, flat: bool) -> dict[str, float]:
+    """The held-out metrics: eval_loss, the mean loss per trained token; a preference run's objective's loss per
+    pair (row) with its rewards and log-probs (preference_train.evaluate), so keep_best compares the loss trained."""
+    c = t.cfg
+    if t.preference:
+        return preference_train.evaluate(t.net, t.eval_examples, c.train.batch_size, pad, t.use_positions, flat,
+                                         t.accelerator, c.objective, c.preference)  # fmt: skip
+    return {"eval_loss": eval_loss(t.net, t.eval_examples, t.eval_rows, c.train.batch_size, pad, t.use_positions,
+                                   t.accelerator)}  # fmt: skip
 
 
 def replan(t: Training, step: int, bar: Any) -> None:
@@ -346,11 +389,20 @@ def with_best(weights: dict[str, torch.Tensor], best: dict[str, torch.Tensor]) -
 
 
 def train_step(t: Training, step: int, micro: list[dict]) -> dict[str, Any]:
-    """One optimizer step over its micro-batches; its record for metrics.jsonl (loss, lr, grad norm)."""
+    """One optimizer step over its micro-batches; its record for metrics.jsonl (loss, lr, grad norm; a preference
+    run's rewards and log-probs, objectives.METRICS)."""
     accelerator = t.accelerator
-    step_loss, n_target, n_tokens = accumulate(t.step_fn, micro, accelerator, t.tokenizer.pad_token_id)
+    if t.preference:
+        c = t.cfg
+        scores, n_target, n_tokens = preference_train.accumulate(t.step_fn, t.net, micro, accelerator, c.objective,
+                                                                 c.preference)  # fmt: skip
+        batches = [m["batch"] for m in micro]
+    else:
+        step_loss, n_target, n_tokens = accumulate(t.step_fn, micro, accelerator, t.tokenizer.pad_token_id)
+        total = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
+        scores, batches = {"loss": total / max(n_target, 1)}, micro
     t.state["tokens"] += n_tokens
-    t.state["positions"] += sum(b["input_ids"].numel() for b in micro)  # what the linear layers ran on, padding too
+    t.state["positions"] += sum(b["input_ids"].numel() for b in batches)  # what the linear layers ran on, padding too
     max_norm = t.cfg.train.max_grad_norm
     grad_norm = accelerator.clip_grad_norm_(t.step_fn.parameters(), max_norm) if max_norm else None
     lr = t.scheduler.get_last_lr()[0]  # the rate this step uses; stepping the scheduler sets the next one
@@ -358,14 +410,13 @@ def train_step(t: Training, step: int, micro: list[dict]) -> dict[str, Any]:
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.state["trained_tokens"] += n_target
-    total = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
-    record = {"step": step, "loss": total / max(n_target, 1), "lr": lr}
+    record = {"step": step, "loss": scores.pop("loss"), "lr": lr}
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
-    return record
+    return record | scores
 
 
-def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
+def finish(t: Training, last_eval: dict[str, float] | None) -> dict[str, Any]:
     """Save the adapter (or model), the loss plot, summary.json and the model card; the summary (main rank)."""
     accelerator, cfg, state = t.accelerator, t.cfg, t.state
     accelerator.wait_for_everyone()
@@ -380,7 +431,8 @@ def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
         records = tracking.read(t.run.metrics)
         tracking.plot(records, t.run.loss_plot)
         if t.start >= t.total_steps:  # a resumed run with no step left evaluated nothing: its last evaluation stands
-            last_eval = next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None)
+            last_eval = next(({k: v for k, v in r.items() if k.startswith("eval_")} for r in reversed(records)
+                              if "eval_loss" in r), None)  # fmt: skip
         summary = {  # also the run folder's summary.json
             "steps": t.total_steps,
             "method": cfg.method,
@@ -392,7 +444,7 @@ def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
             "eval_s": round(state["eval_s"], 2),
             "peak_memory_mb": peak_memory_mb(),
             "final_train_loss": records[-1]["loss"] if records else None,
-            "final_eval_loss": last_eval,
+            "final_eval_loss": last_eval["eval_loss"] if last_eval else None,
             "trainable_params": t.params[0],
             "total_params": t.params[1],
             "device": str(accelerator.device),
@@ -408,6 +460,9 @@ def finish(t: Training, last_eval: float | None) -> dict[str, Any]:
             "rows": len(t.rows),
             "epochs": round(time_budget.epochs(t.total_steps, t.per_step, len(t.rows)), 3),  # passes over the rows
         }
+        if t.preference:  # the last evaluation's rewards and log-probs beside its loss: final_eval_rewards_accuracy...
+            summary |= {"objective": cfg.objective}
+            summary |= {f"final_{k}": v for k, v in (last_eval or {}).items() if k != "eval_loss"}
         if t.budget:  # planned_steps: as "steps"; the budget counts from setup, so more than wall_time_s
             summary |= {"time_budget_s": t.budget.seconds, "planned_steps": t.total_steps,
                         "budget_used_s": round(t.budget.spent(), 2)}  # fmt: skip
