@@ -142,12 +142,20 @@ def held_out(cfg: DataConfig, path: str | None = None, objective: str = "sft") -
 
 
 def held_out_preference(
-    cfg: DataConfig, tokenizer: Any, objective: str, preference: PreferenceConfig | None, path: str | None = None
+    cfg: DataConfig,
+    tokenizer: Any,
+    objective: str,
+    preference: PreferenceConfig | None,
+    path: str | None = None,
+    limit: int | None = None,
 ) -> datasets.Dataset:
     """Held-out pairs (or KTO rows) tokenized as `prepare` tokenizes them, from `path` or data.eval (a file or the
-    seeded fraction of train), for their preference metrics (e.g. reward accuracy)."""
+    seeded fraction of train), for their preference metrics (e.g. reward accuracy); with `limit`, only the first
+    that many rows are tokenized."""
     render.setup_template(tokenizer, cfg.chat_template)
     conv = _held_out_preference(cfg, path, objective)
+    if limit:
+        conv = formats.Converted(conv.examples[:limit], conv.where[:limit], conv.format, conv.dropped)
     return _tokenize_preference(conv, tokenizer, cfg, preference_data.max_prompt_length(preference, cfg.max_length))[0]
 
 

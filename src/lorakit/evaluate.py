@@ -2,7 +2,8 @@
 
 All adapters are loaded into ONE copy of the base through peft's multi-adapter support; the base's
 own answers come from the same weights with adapters switched off. Memory is one base plus the
-adapters, however many adapters are compared.
+adapters, however many adapters are compared. On preference data (a dpo, orpo or kto run, or a --data file of
+pairs) each model also ranks the held-out pairs' answers (evaluate_preference.py), against the same reference.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lorakit import adapter, data, files, loss, model, packing, render, scoring
+from lorakit import adapter, data, evaluate_preference, files, loss, model, packing, render, scoring
 from lorakit.config import RunConfig
 from lorakit.errors import LorakitError
 from lorakit.generate import generate
@@ -25,6 +26,7 @@ from lorakit.options import EvalOptions
 from lorakit.run_folder import EVAL_HTML, EVAL_JSON, RunFolder, adapter_dir, locate
 
 BASE = "base"
+REFERENCE = "adapter.init"  # the name adapter.init's adapter is loaded under while it scores the reference
 
 
 def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
@@ -35,14 +37,11 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
         adapters, full = {name: adapter_dir(p) for name, p in opts.adapters.items()}, {}
     else:
         adapters, full = _own_result(cfg)
-    if BASE in adapters or BASE in full:  # its rows would be the base's: adapters are switched off for the name "base"
-        hint = f"--adapter NAME={adapters[BASE]}" if BASE in adapters and not opts.adapters else "--adapter NAME=PATH"
-        raise LorakitError(
-            f"an adapter named '{BASE}': that name is the base model's in eval; name it otherwise with {hint}"
-        )
+    _check_names(adapters, full, opts, with_init=cfg.adapter.init is not None)
     builtin, user = scoring.resolve(opts.metrics)
     tasks = harness_tasks(opts.harness) if opts.harness else []  # a missing package fails before any work
-    conv = data.held_out(cfg.data, opts.data)
+    objective = evaluate_preference.objective_of(cfg, opts.data)
+    conv = data.held_out(cfg.data, opts.data, objective)
     examples = conv.examples[: opts.limit] if opts.limit else conv.examples
     if any("messages" not in ex for ex in examples):
         raise LorakitError(
@@ -61,6 +60,10 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
         if why := adapter.base_mismatch(name, path, quantization):
             print(f"warning: {why}", file=sys.stderr)
     net = load_models(cfg, adapters, opts.force, device=device, dtype=dtype, quantization=quantization)
+    pairs = None
+    if objective != "sft":
+        pairs = evaluate_preference.held_out(cfg, objective, opts.data, opts.limit, opts.batch_size, device)
+        net = reference_pass(cfg, pairs, net)
     encoded: dict[str | None, list] = {}  # by chat template: the held-out chats as each template renders them
     results: dict[str, dict] = {}
     outputs: dict[str, list[str]] = {}
@@ -73,6 +76,8 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
             ]
         enc = encoded.get(tokenizer.chat_template, [])
         results[name], outputs[name] = answer(net, name, tokenizer, prompts, enc, tasks, opts)
+        if pairs is not None:
+            results[name].update(preference_scores(pairs, net, name, {**adapters, **full}.get(name)))
 
     for name in [BASE, *adapters]:
         run_one(net, name)
@@ -106,6 +111,8 @@ def run(cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
         },
         "note": None if has_refs else "some examples have no reference answer: generation only, metrics skipped",
     }
+    if pairs is not None:
+        report["preference"] = evaluate_preference.summary(pairs)
     files.write_json(out / EVAL_JSON, report)
     from lorakit import report as html_report
 
@@ -137,6 +144,33 @@ def answer(
     if tasks:
         scores["harness"] = harness(net, tokenizer, name, tasks, opts.batch_size, opts.limit)
     return scores, texts
+
+
+def reference_pass(cfg: RunConfig, pairs: evaluate_preference.Pairs, net: Any) -> Any:
+    """Score the held-out pairs with the reference a DPO run of `cfg` compares with: the base (adapters switched
+    off), or adapter.init's adapter, loaded into `net` for the pass and taken out again. Returns the model to go on
+    with (loading made a plain base a peft model; taking the last adapter out makes it plain again)."""
+    if cfg.adapter.init is None:
+        with active(net, BASE):
+            pairs.reference_logps = evaluate_preference.log_probs(pairs, net)
+        return net
+    folder = adapter.init_adapter(cfg.adapter.init, cfg.model)
+    net = adapter.load(net, folder, REFERENCE)
+    with active(net, REFERENCE):
+        pairs.reference_logps = evaluate_preference.log_probs(pairs, net)
+    pairs.reference, pairs.reference_folder = f"adapter.init: {folder}", folder.resolve()
+    return adapter.remove(net, adapter.peft_name(REFERENCE))
+
+
+def preference_scores(
+    pairs: evaluate_preference.Pairs, net: Any, name: str, folder: Path | None
+) -> dict[str, float | None]:
+    """Model `name`'s preference columns (`folder`: its adapter or model folder; None for the base); the reference
+    itself (the base, or the adapter from adapter.init's folder) from the reference pass."""
+    if pairs.is_reference(folder):
+        return evaluate_preference.scores(pairs, pairs.reference_logps, is_reference=True)
+    with active(net, name):
+        return evaluate_preference.scores(pairs, evaluate_preference.log_probs(pairs, net), is_reference=False)
 
 
 def output_dir(cfg: RunConfig, opts: EvalOptions) -> Path:
@@ -247,19 +281,22 @@ def print_table(report: dict) -> None:
     models = {name: flat(v) for name, v in report["models"].items()}
     keys = list(next(iter(models.values())))
     width = max(len(n) for n in models) + 2
-    print(f"{'model':<{width}}" + "".join(f"{k:>13}" for k in keys))
+    cols = {k: max(13, len(k) + 2) for k in keys}  # preference_accuracy is wider than the other names
+    print(f"{'model':<{width}}" + "".join(f"{k:>{cols[k]}}" for k in keys))
     for name, vals in models.items():
-        print(f"{name:<{width}}" + "".join(f"{_fmt(k, vals.get(k)):>13}" for k in keys))
+        print(f"{name:<{width}}" + "".join(f"{_fmt(k, vals.get(k)):>{cols[k]}}" for k in keys))
     if report.get("note"):
         print(f"note: {report['note']}")
+    if report.get("preference"):
+        print(report["preference"]["explained"])
 
 
 def _fmt(key: str, v: Any) -> str:
     if v is None:
         return "-"
-    if key in ("exact_match", "contains", "token_f1", "rouge_l"):
+    if key in ("exact_match", "contains", "token_f1", "rouge_l", "preference_accuracy", "reward_accuracy"):
         return f"{v:.1%}"
-    return f"{v:.3f}" if key in ("loss", "perplexity") or ":" in key else f"{v:.1f}"
+    return f"{v:.3f}" if key in ("loss", "perplexity", "reward_margin") or ":" in key else f"{v:.1f}"
 
 
 def tokenizers_of(cfg: RunConfig, models: dict[str, Path]) -> dict[str, Any]:
@@ -286,6 +323,18 @@ def _own_result(cfg: RunConfig) -> tuple[dict[str, Path], dict[str, Path]]:
     if found is None or found.run is None:
         return {}, {}
     return ({found.name: found.path}, {}) if found.kind == "adapter" else ({}, {found.name: found.path})
+
+
+def _check_names(adapters: dict[str, Path], full: dict[str, Path], opts: EvalOptions, with_init: bool) -> None:
+    """Refuse an adapter named as the base (its rows would be the base's: adapters are switched off for that name)
+    or, where the run has an adapter.init, as the reference (peft would hold two adapters under one name)."""
+    reserved = [(BASE, "the base model's")] + ([(REFERENCE, "adapter.init's, the reference")] if with_init else [])
+    for taken, what in reserved:
+        clash = next((n for n in [*adapters, *full] if adapter.peft_name(n) == adapter.peft_name(taken)), None)
+        if clash is None:
+            continue
+        hint = f"--adapter NAME={adapters[clash]}" if clash in adapters and not opts.adapters else "--adapter NAME=PATH"
+        raise LorakitError(f"an adapter named '{clash}': that name is {what} in eval; name it otherwise with {hint}")
 
 
 def _claim(out: Path, overwrite: bool, data: list[str | None]) -> Path:

@@ -44,6 +44,8 @@ def to_html(report: dict[str, Any]) -> str:
         f"<style>{CSS}</style></head><body><h1>lorakit eval</h1>",
         _metrics_table(report["models"]),
     ]
+    if report.get("preference"):  # what the preference columns of the table mean, and their reference
+        parts.append(f"<p class='preference'>{html.escape(report['preference']['explained'])}</p>")
     if report.get("note"):
         parts.append(f"<p><em>{html.escape(report['note'])}</em></p>")
     parts.append(

@@ -23,9 +23,18 @@ def arch_of(model_id: str) -> str:
     return next(arch for key, arch in ARCH_OF if key in model_id.lower())
 
 
-def rows_for(data: config.DataConfig, n: int = 8) -> list[dict]:
-    """Rows in the shape the recipe's data set has (its format, or the columns its template names)."""
+def rows_for(cfg: config.RunConfig, n: int = 8) -> list[dict]:
+    """Rows in the shape the recipe's data set has (its format, or the columns its template names; preference
+    pairs as UltraFeedback's: a prompt and two whole chats)."""
+    data = cfg.data
     pairs = [(f"what is {i} plus {i}", f"the sum is {2 * i}") for i in range(n)]
+    if cfg.objective in ("dpo", "orpo"):
+        rows = []
+        for q, a in pairs:
+            user = {"role": "user", "content": q}
+            chosen, rejected = {"role": "assistant", "content": a}, {"role": "assistant", "content": "no idea"}
+            rows.append({"prompt": q, "chosen": [user, chosen], "rejected": [user, rejected]})
+        return rows
     if data.format == "template":
         fields = {
             f for t in data.template.model_dump().values() if t for _, f, _, _ in string.Formatter().parse(t) if f
@@ -50,11 +59,12 @@ def tiny_dirs(tmp_path_factory):
 def test_each_recipe_trains_on_a_tiny_model_of_its_architecture(recipe, tiny_dirs, tmp_path):
     cfg = config.load(recipe)
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps(r) + "\n" for r in rows_for(cfg.data)))
+    rows.write_text("".join(json.dumps(r) + "\n" for r in rows_for(cfg)))
     tiny = config.load(recipe, [
         f"model={tiny_dirs[arch_of(cfg.model)]}", f"data.train={rows}", "data.eval=null",
         f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
         "train.batch_size=1", "train.grad_accum=1", "train.eval_every=null", "train.save_every=null",
+        "adapter.init=null",  # the run it starts from is another recipe's; the twins below start from it for real
     ])  # fmt: skip
     summary = train.run(tiny, progress=False).summary
     assert summary["steps"] == 2 and summary["trained_tokens"] > 0 and summary["method"] == cfg.method
@@ -123,6 +133,30 @@ def test_three_task_twin_trains_evaluates_and_serves_side_by_side(tmp_path, caps
     )
     assert set(serving.registry.active) == {"general", "sql", "detox"}
     serving.close()
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_twins_train_as_written(tmp_path, capsys):
+    """The SFT -> DPO path's local twins on SmolLM2 and ../shared/data, two steps each (short rows, few rows): the
+    DPO twin starts from the SFT twin's adapter (here of rank 4, where a new adapter would have the recipe's 16),
+    scores its reference once before the first step, and logs the preference metrics."""
+    from conftest import shared_data_dir
+
+    shared_data_dir()  # skips without ../shared
+    recipes = ROOT / "configs" / "recipes"
+    short = ["--local", "--no-progress", "train.max_steps=2", "train.batch_size=1", "train.eval_every=null",
+             "train.save_every=null", "data.max_length=128", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    sft, dpo = tmp_path / "runs" / "sft", tmp_path / "runs" / "dpo"
+    over = [f"output_dir={sft}", "data.limit=8", "adapter.r=4", "adapter.alpha=8"]
+    assert cli.main(["train", str(recipes / "llama-3.2-1b-sft.yaml"), *short, *over]) == 0
+    over = [f"output_dir={dpo}", f"adapter.init={sft}", "data.limit=4", "preference.max_prompt_length=64"]
+    assert cli.main(["train", str(recipes / "llama-3.2-1b-dpo.yaml"), *short, *over]) == 0
+    assert "reference log-probs: 8 sequences scored with the starting weights" in capsys.readouterr().out
+    summary = json.loads((dpo / "summary.json").read_text())
+    assert summary["objective"] == "dpo" and summary["steps"] == 2 and summary["examples"] == 3, summary
+    assert "final_eval_rewards_accuracy" in summary
+    shape = json.loads((dpo / "adapter" / "adapter_config.json").read_text())
+    assert (shape["r"], shape["lora_alpha"]) == (4, 8), "continued the SFT twin's adapter"
 
 
 # A recipe's comment quotes the planner as "lorakit plan[ --flag value ...]: X GiB": `lorakit plan RECIPE --device cuda`
