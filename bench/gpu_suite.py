@@ -18,6 +18,10 @@ installed): lorakit's train.kernels is auto or none to match. The rows:
              shape, on guanaco chats (for the recipe's "your own chats")
   lora-1b    LoRA r16 all-linear on a Llama-3.2-1B shape in bf16, guanaco chats packed 8 x 2048, no checkpointing
   full-1b    the same rows, full fine-tuning (fp32 master weights, bf16 autocast), lr 2e-5
+  dpo-1b     bench/dpo_vs_trl.py's DPO (LoRA r16 all-linear, sigmoid, beta 0.1) on the 1B shape, 4 pairs of up to
+             1024 tokens a step, against TRL's DPOTrainer twice (its defaults, and precompute_ref_log_probs=True);
+             only where --rows names it (and in --tiny): its three processes, ~75 s on an H100, do not fit the
+             default budget beside the rest
   serve      bench/serve_load.py --distinct-adapters 8 on the 1B
   pytest     pytest -m gpu, on the test files that carry the marker
 The models are random weights of the bundled reference shapes (src/lorakit/reference_models) with the built-in
@@ -77,6 +81,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dpo_vs_trl as dpo  # the same for DPO: its lorakit and two TRL runs
 import train_vs_peers as peers  # bench/ is this script's folder: its lorakit and TRL runs, used as they are
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +95,8 @@ TINY_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 TINY_ROWS = {"data": {"max_length": 128, "limit": 64},
              "train": {"batch_size": 2, "grad_accum": 1, "optimizer": "adamw"}}  # fmt: skip
 PACKED_1B = {"data": {"max_length": 2048}, "train": {"batch_size": 8, "grad_accum": 1, "precision": "auto"}}
+# DPO on the 1B: bench/dpo_vs_trl.py's settings, 4 pairs of sequences up to 1024 a step (run_body: new pairs each step).
+DPO_1B = {"data": {"max_length": 1024}, "train": {"batch_size": 4, "grad_accum": 1, "precision": "auto"}}
 TINY_WORDS = " at toy size (hidden 64, 2 layers, fp32; 64 examples, rows of 128 tokens, batch 2, AdamW)"
 MIN_STEPS = 3  # two timed steps
 OPTIM = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
@@ -134,7 +141,7 @@ BUNDLE = ("bitsandbytes", "datasets==5.0.1", "dill", "multiprocess", "xxhash", "
           "fastapi", "starlette", "uvicorn", "opentelemetry-api", "importlib-metadata", "zipp", "peft", "trl",
           "liger-kernel", "absl-py", "nltk", "joblib", "cloudpickle", "defusedxml", "six", "requests", "urllib3",
           "charset-normalizer", "setuptools")  # fmt: skip
-BUNDLE_DATA = ("guanaco/guanaco-llama2-1k-train.parquet", "guanaco/guanaco_1k_messages.jsonl")
+BUNDLE_DATA = ("guanaco/guanaco-llama2-1k-train.parquet", "guanaco/guanaco_1k_messages.jsonl", dpo.TRAIN)
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,12 @@ class Row:
     tiny: dict = field(default_factory=dict)  # and further, with --tiny
     step_s: tuple[float, float] = (2.0, 2.0)  # lorakit's, TRL's: seconds a step at REFERENCE_FLOPS
     quantized: bool = False  # loading also packs the weights into 4 bits
+    objective: str = "sft"  # dpo: bench/dpo_vs_trl.py's runs, TRL twice (its defaults, its reference precomputed)
+    optional: bool = False  # run when --rows names it (and with --tiny): the default suite fits its budget without it
+
+    @property
+    def systems(self) -> tuple[str, ...]:
+        return dpo.SYSTEMS if self.objective == "dpo" else peers.SYSTEMS
 
 
 # Step costs from GPU.md's measurements (tokens a step / tokens a second, H200): the QLoRA recipe 1,702 / 1,870
@@ -166,7 +179,12 @@ ROWS = (
         step_s=(0.39, 1.93)),
     Row("full-1b", "Llama-3.2-1B, full fine-tuning, packed 8 x 2048", "llama-3.2-1b", BUNDLE_DATA[1], None,
         {**PACKED_1B, "method": "full", "train": {**PACKED_1B["train"], "lr": 2e-5}}, step_s=(0.6, 2.0)),
+    # Not measured, estimated from the packed 1B's speeds: 8 sequences of ~600 tokens a step; TRL's padded, with a
+    # reference forward. Its three processes (~75 s on an H100) do not fit the default budget beside the rows above.
+    Row("dpo-1b", "Llama-3.2-1B, LoRA DPO (sigmoid, beta 0.1), 4 pairs x 1024", "llama-3.2-1b", dpo.TRAIN, None,
+        DPO_1B, step_s=(0.2, 0.6), objective="dpo", optional=True),
 )  # fmt: skip
+DEFAULT_ROWS = tuple(r for r in ROWS if not r.optional)
 # bench/serve_load.py's options: GPU.md's run had 48 requests x 48 tokens, whose one-at-a-time server alone took 90 s.
 SERVE = {"distinct_adapters": 8, "requests": 16, "concurrency": 16, "max_tokens": 32, "max_batch": 16}
 SERVE_TINY = {"distinct_adapters": 2, "requests": 4, "concurrency": 2, "max_tokens": 8, "max_batch": 2}
@@ -199,7 +217,8 @@ def main() -> int:
                    help=f"seconds for the whole suite, install included (default {DEFAULT_BUDGET:.0f}; 900 with "
                    "--tiny, where it is only a safety net for make test on a busy machine)")  # fmt: skip
     p.add_argument("--steps", type=int, help="optimizer steps per run, at least 3 (default 6; 3 with --tiny)")
-    p.add_argument("--rows", help=f"comma-separated, of {', '.join(r.name for r in ROWS)}, serve, pytest (default all)")
+    p.add_argument("--rows", help=f"comma-separated, of {', '.join(r.name for r in ROWS)}, serve, pytest (default all "
+                   f"but {', '.join(r.name for r in ROWS if r.optional)}; --tiny: all)")  # fmt: skip
     p.add_argument("--data", type=Path, help=f"the data sets (default {peers.DATA}, else the bundle's)")
     p.add_argument(
         "--no-liger",
@@ -271,7 +290,8 @@ def not_measured(limit_s: float, expected: float) -> dict:
 
 
 def suite(args: argparse.Namespace, started: float) -> int:
-    names = args.rows.split(",") if args.rows else [*(r.name for r in ROWS), "serve", "pytest"]
+    every = ROWS if args.tiny else DEFAULT_ROWS
+    names = args.rows.split(",") if args.rows else [*(r.name for r in every), "serve", "pytest"]
     unknown = set(names) - {*(r.name for r in ROWS), "serve", "pytest"}
     if unknown:
         print(f"error: --rows: unknown {', '.join(sorted(unknown))}", file=sys.stderr)
@@ -320,7 +340,7 @@ def suite(args: argparse.Namespace, started: float) -> int:
 def process_seconds(row: Row, system: str, steps: int, made_s: float, pace: float = 1.0) -> float:
     """A process's expected seconds on a GPU (the cost model above): `made_s` is how long its model took to make and
     save, `pace` its steps' seconds against the reference H200's."""
-    return START + made_s * (2 if row.quantized else 1) + FIRST_STEP + steps * row.step_s[system == "trl"] * pace
+    return START + made_s * (2 if row.quantized else 1) + FIRST_STEP + steps * row.step_s[system != "lorakit"] * pace
 
 
 def process_s(s: Suite, row: Row, system: str, steps: int) -> float:
@@ -332,8 +352,8 @@ def process_s(s: Suite, row: Row, system: str, steps: int) -> float:
 
 
 def row_cost(s: Suite, row: Row, steps: int) -> float:
-    """Expected seconds of a row's two processes at `steps` steps."""
-    return sum(process_s(s, row, system, steps) for system in peers.SYSTEMS)
+    """Expected seconds of a row's processes (lorakit's, TRL's) at `steps` steps."""
+    return sum(process_s(s, row, system, steps) for system in row.systems)
 
 
 def prepare_s(shapes: list[str]) -> float:
@@ -341,12 +361,14 @@ def prepare_s(shapes: list[str]) -> float:
     return START + sum(MAKE_S[shape] for shape in shapes) + WARM_S
 
 
-def expected_suite_s(steps: int, rows=ROWS, later: dict | None = None, pace: float = 1.0, install: float = 0) -> float:
+def expected_suite_s(
+    steps: int, rows=DEFAULT_ROWS, later: dict | None = None, pace: float = 1.0, install: float = 0
+) -> float:
     """The expected seconds of a suite on a GPU whose steps take `pace` x the H200's: the install, the models,
-    each row's two processes, serving and pytest."""
+    each row's processes, serving and pytest."""
     later = COSTS if later is None else later
     shapes = {r.shape for r in rows} | ({"llama-3.2-1b"} if "serve" in later else set())
-    trained = sum(process_seconds(r, x, steps, MAKE_S[r.shape], pace) for r in rows for x in peers.SYSTEMS)
+    trained = sum(process_seconds(r, x, steps, MAKE_S[r.shape], pace) for r in rows for x in r.systems)
     return install + prepare_s(sorted(shapes)) + trained + sum(later.values())
 
 
@@ -449,9 +471,9 @@ def train_row(s: Suite, row: Row, rows_after: list[Row], later: dict[str, float]
     while steps > MIN_STEPS and sum(row_cost(s, r, steps) for r in [row, *rows_after]) + rest > s.left():
         steps -= 1
     out = {"row": row.name, "title": row.title, "steps": steps, "of_steps": s.steps, "systems": {}}
-    for system in peers.SYSTEMS:
-        if system == "trl" and importlib.util.find_spec("trl") is None:
-            out["systems"]["trl"] = {"error": "TRL not installed (pip install -e '.[bench]')"}
+    for system in row.systems:
+        if system != "lorakit" and importlib.util.find_spec("trl") is None:
+            out["systems"][system] = {"error": "TRL not installed (pip install -e '.[bench]')"}
             continue
         expected = process_s(s, row, system, steps)
         limit_s = limit(s, expected, sum(MINIMUM[n] for n in later))
@@ -471,19 +493,24 @@ def train_row(s: Suite, row: Row, rows_after: list[Row], later: dict[str, float]
 
 
 def run_body(s: Suite, row: Row, system: str, steps: int) -> dict:
-    """The run config of `system` on `row`: the recipe's (or train_vs_peers' packed setting's) keys, the row's, and
-    this suite's: its model, data file, steps, folders, no eval and no checkpoints, and liger's kernels only where TRL
-    gets them too."""
+    """The run config of `system` on `row`: the recipe's (or train_vs_peers' packed setting's, or dpo_vs_trl's) keys,
+    the row's, and this suite's: its model, data file, steps, folders, no eval and no checkpoints, and liger's kernels
+    only where TRL gets them too."""
     from lorakit import config
 
-    base = (config.load(ROOT / row.recipe).model_dump(mode="json") if row.recipe
-            else peers.run_config("packed", steps, s.work))  # fmt: skip
+    if row.recipe:
+        base = config.load(ROOT / row.recipe).model_dump(mode="json")
+    else:
+        base = dpo.run_config(steps, s.work) if row.objective == "dpo" else peers.run_config("packed", steps, s.work)
     keys = config.merged(config.merged(row.keys, TINY_ROWS), row.tiny) if s.tiny else row.keys
     ours = {"model": s.models[row.shape], "output_dir": str(s.work / f"{row.name}-{system}"),
             "data": {"train": str(s.data / row.data), "eval": None, "cache_dir": str(s.work / "tokenized")},
             "train": {"max_steps": steps, "save_every": None, "eval_every": None, "log_every": 1,
                       "kernels": "auto" if s.liger else "none"}}  # fmt: skip
-    return config.merged(config.merged(base, keys), ours)
+    body = config.merged(config.merged(base, keys), ours)
+    if row.objective == "dpo":  # as dpo_vs_trl's: new pairs each step, and the reference scores only those
+        body["data"]["limit"] = steps * body["train"]["batch_size"] * body["train"]["grad_accum"]
+    return body
 
 
 def predict(cfg, device: dict) -> dict:
@@ -685,7 +712,8 @@ def child(system: str, spec: str) -> int:
         except Exception as e:  # noqa: BLE001 - whatever breaks the prediction, the run's numbers still count
             got["plan_error"] = f"{type(e).__name__}: {e}"
     else:
-        run, versions = one_trl(cfg, spec["liger"])
+        dpo_row = cfg.objective == "dpo"
+        run, versions = one_trl_dpo(cfg, system, spec["liger"]) if dpo_row else one_trl(cfg, spec["liger"])
         padded = round(1 - sum(run["step_tokens"]) / sum(run["step_positions"]), 4)
         got = {"losses": run["losses"], "tokens_per_s": speed(run["step_tokens"], run["step_end_s"]),
                "padding_share": padded, **versions}  # fmt: skip
@@ -703,22 +731,12 @@ def speed(step_tokens: list[int], step_end_s: list[float]) -> float:
     return round(sum(step_tokens[1:]) / seconds, 1) if seconds > 0 else 0.0
 
 
-def one_trl(cfg, liger: bool) -> tuple[dict, dict]:
-    """train_vs_peers.one_trl as it is, given this run's device, precision, optimizer, checkpointing and method.
-
-    one_trl is the CPU comparison's (fp32, no checkpointing, AdamW, LoRA); its seams, replaced here in this
-    process that runs it once: the model loads as lorakit's does (on a GPU bf16, 4-bit for qlora, fp32 master
-    weights for full), SFTConfig takes bf16 autocast, the run's optimizer and checkpointing, and TRL runs the rows
-    as train_vs_peers.trl_setting says for this machine's attention, with liger-kernel's kernels when `liger` (which
-    lorakit's run then has too); the trainer drops the LoRA config for full fine-tuning and syncs CUDA before its
-    step clock.
-    """
-    import peft
+def trl_device(cfg, liger: bool) -> tuple[dict, dict]:
+    """What TRL's run takes from this run's device, precision, optimizer, checkpointing and method: the keywords of
+    lorakit.model.load_model (on a GPU bf16, 4-bit for qlora, fp32 master weights for full: as lorakit's run loads it)
+    and the trainer config's keys (bf16 autocast, the run's optimizer and checkpointing, liger's kernels when
+    `liger`, which lorakit's run then has too)."""
     import torch
-    import trl
-    from transformers import TrainerCallback
-
-    from lorakit import model
 
     gpu, t = torch.cuda.is_available(), cfg.train
     dtype = torch.bfloat16 if gpu and cfg.method != "full" else torch.float32
@@ -726,29 +744,52 @@ def one_trl(cfg, liger: bool) -> tuple[dict, dict]:
     if cfg.method == "qlora":
         load |= {"quantization": "4bit", "compute_dtype": torch.bfloat16 if gpu else torch.float32}
     optim = "adamw_torch_fused" if gpu and t.optimizer == "adamw" else OPTIM[t.optimizer]  # lorakit's fused on GPUs
-    ours = {"use_cpu": not gpu, "bf16": gpu, "gradient_checkpointing": t.gradient_checkpointing, "optim": optim}
+    keys = {"use_cpu": not gpu, "bf16": gpu, "gradient_checkpointing": t.gradient_checkpointing, "optim": optim,
+            "use_liger_kernel": gpu and liger}  # fmt: skip
+    return load, keys
+
+
+def one_trl(cfg, liger: bool) -> tuple[dict, dict]:
+    """train_vs_peers.one_trl as it is, given this run's device, precision, optimizer, checkpointing and method.
+
+    one_trl is the CPU comparison's (fp32, no checkpointing, AdamW, LoRA); its seams, replaced here in this
+    process that runs it once: the model loads and SFTConfig takes what trl_device says, TRL runs the rows as
+    train_vs_peers.trl_setting says for this machine's attention (liger's kernels as trl_device's), and the trainer
+    drops the LoRA config for full fine-tuning. (train_vs_peers' step clock syncs CUDA before each timestamp.)
+    """
+    import peft
+    import torch
+    import trl
+
+    from lorakit import model
+
+    gpu, t = torch.cuda.is_available(), cfg.train
+    load, ours = trl_device(cfg, liger)
     flash = gpu and importlib.util.find_spec("flash_attn") is not None
-    setting = peers.trl_setting(cfg.data.packing, t.batch_size, t.grad_accum, flash, gpu and liger)
+    setting = peers.trl_setting(cfg.data.packing, t.batch_size, t.grad_accum, flash, ours.pop("use_liger_kernel"))
     real_load, real_config, real_trainer = model.load_model, trl.SFTConfig, trl.SFTTrainer
-
-    class Sync(TrainerCallback):  # first of the callbacks: one_trl's clock then reads a finished step
-        def on_step_end(self, *a, **k):
-            if gpu:
-                torch.cuda.synchronize()
-
     lora = cfg.method != "full"
     versions = {"trl": trl.__version__, "peft": peft.__version__ if lora else None, "setting": setting["words"]}
 
     class Peer(real_trainer):
         def __init__(self, *a, peft_config=None, **kw):
             super().__init__(*a, peft_config=peft_config if lora else None, **kw)
-            self.callback_handler.callbacks.insert(0, Sync())
             versions["trained_params"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     model.load_model = lambda name, **kw: real_load(name, **load)
     trl.SFTConfig = lambda **kw: real_config(**(kw | ours))
     trl.SFTTrainer = Peer
     return peers.one_trl(cfg, setting), versions
+
+
+def one_trl_dpo(cfg, arm: str, liger: bool) -> tuple[dict, dict]:
+    """dpo_vs_trl.one_trl's `arm` (its defaults, or its reference precomputed), given what trl_device says."""
+    import peft
+    import trl
+
+    load, keys = trl_device(cfg, liger)
+    run = dpo.one_trl(cfg, arm, load, keys)
+    return run, {"trl": trl.__version__, "peft": peft.__version__, "setting": run["setting"]}
 
 
 # --- the table ---------------------------------------------------------------------------------------------
@@ -769,13 +810,16 @@ def markdown(s: Suite, results: list[dict], serve: dict | None, tests: dict | No
     ]
     for r in results:
         steps = f"{r['steps']}" + (f" of {r['of_steps']} (time budget)" if r["steps"] < r["of_steps"] else "")
-        lk, trl = r["systems"]["lorakit"], r["systems"]["trl"]
+        lk = r["systems"]["lorakit"]
         lines.append(cells(r["title"], "lorakit", steps, lk, planned(lk), problem(lk) or padding(lk)))
-        name = " + ".join(x for x in (f"TRL {trl.get('trl', '')}".strip(), trl.get("peft") and f"PEFT {trl['peft']}")
-                          if x)  # fmt: skip
-        name += f" ({trl['setting']})" if trl.get("setting") else ""
-        note = problem(trl) or "; ".join(x for x in (padding(trl), versus(lk, trl)) if x)
-        lines.append(cells("", name, steps, trl, "", note))
+        for system, trl in r["systems"].items():  # TRL's, once or (DPO) twice
+            if system == "lorakit":
+                continue
+            name = " + ".join(x for x in (f"TRL {trl.get('trl', '')}".strip(),
+                                          trl.get("peft") and f"PEFT {trl['peft']}") if x)  # fmt: skip
+            name += f" ({trl['setting']})" if trl.get("setting") else ""
+            note = problem(trl) or "; ".join(x for x in (padding(trl), versus(lk, trl)) if x)
+            lines.append(cells("", name, steps, trl, "", note))
     if serve is not None:
         if problem(serve):
             note = problem(serve)

@@ -143,16 +143,25 @@ def write_held_out(task: str, n: int, rows: int, folder: Path) -> Path:
         out.write_text("\n".join(test[:n]) + "\n", encoding="utf-8")
         return out
     source = DATA / TASKS[task]["held_out"]
-    with open(source, encoding="utf-8", newline="") as f:
-        table = list(csv.DictReader(f, delimiter="\t"))
+    table = read_tsv(source)
     if rows + n > len(table):
         sys.exit(f"--rows {rows} + --eval-rows {n}: {source} has {len(table)} rows, and held-out rows must not train")
-    out = folder / "held_out_detox.tsv"
-    with open(out, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]), delimiter="\t")
+    return write_tsv(folder / "held_out_detox.tsv", table[-n:])
+
+
+def read_tsv(path: Path) -> list[dict]:
+    """ParaDetox's rows as dicts of its columns (toxic, neutral1..3)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def write_tsv(path: Path, rows: list[dict]) -> Path:
+    """Rows of read_tsv's form as a TSV lorakit and TRL read back unchanged."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
         writer.writeheader()
-        writer.writerows(table[-n:])
-    return out
+        writer.writerows(rows)
+    return path
 
 
 def _lines(path: Path) -> list[str]:
@@ -212,14 +221,15 @@ def child(spec_path: str) -> int:
     return 0
 
 
-def spawn(spec: dict, work: Path) -> dict:
-    """Run one training in a fresh process; its result, with the process's own wall time (imports included)."""
+def spawn(spec: dict, work: Path, script: str = __file__) -> dict:
+    """Run one training in a fresh process (`script --_one SPEC`: this script's child by default); its result, with
+    the process's own wall time (imports included)."""
     name = Path(spec["dir"]).name
     path = work / "specs" / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(spec))
     t0, cpu0 = time.perf_counter(), _children_cpu()
-    out = subprocess.run([sys.executable, __file__, "--_one", str(path)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, script, "--_one", str(path)], capture_output=True, text=True,
                          env={**os.environ, **ENV})  # fmt: skip
     (work / "logs").mkdir(exist_ok=True)
     (work / "logs" / f"{name}.log").write_text(out.stdout + out.stderr)

@@ -123,7 +123,6 @@ def one_trl(cfg, setting: dict | None = None) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from lorakit import data, model
@@ -163,17 +162,6 @@ def one_trl(cfg, setting: dict | None = None) -> dict:
     seen: list[tuple[int, int, int]] = []  # (input tokens, trained tokens, positions) per micro-batch, in order
     out: dict = {"losses": [], "step_end_s": []}
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            out["t0"] = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            out["step_end_s"].append(time.perf_counter() - out["t0"])
-
-        def on_log(self, *a, logs=None, **k):
-            if logs and "loss" in logs:
-                out["losses"].append(logs["loss"])
-
     class Counting(SFTTrainer):  # counts what the loop consumed; the batches themselves go on unchanged
         def training_step(self, model, inputs, *rest, **kw):
             mask = inputs.get("attention_mask")
@@ -182,7 +170,7 @@ def one_trl(cfg, setting: dict | None = None) -> dict:
             return super().training_step(model, inputs, *rest, **kw)
 
     trainer = Counting(model=net, args=args, train_dataset=ds, processing_class=tok, peft_config=lora,
-                       callbacks=[Clock()])  # fmt: skip
+                       callbacks=[trl_clock(out)])  # fmt: skip
     metrics = trainer.train().metrics
     g = keys["gradient_accumulation_steps"]  # micro-batches a step
     steps = [[sum(x) for x in zip(*seen[k : k + g])] for k in range(0, len(seen), g)]
@@ -191,26 +179,53 @@ def one_trl(cfg, setting: dict | None = None) -> dict:
             "step_positions": [s[2] for s in steps], "setting": setting["words"]}  # fmt: skip
 
 
-def child(system: str, body_path: str) -> int:
+def trl_clock(out: dict):
+    """A TrainerCallback that appends to out["step_end_s"] each optimizer step's end (seconds since training began)
+    and to out["losses"] each logged loss: TRL's side of the per-step timestamps and losses. On a GPU it waits for
+    the step's kernels first, so that a timestamp is a finished step's."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            out["t0"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            out["step_end_s"].append(time.perf_counter() - out["t0"])
+
+        def on_log(self, *a, logs=None, **k):
+            if logs and "loss" in logs:
+                out["losses"].append(logs["loss"])
+
+    return Clock()
+
+
+def child(system: str, body_path: str, runners: dict | None = None) -> int:
+    """One system's run of the config in `body_path`, in this process: its result and peak RSS as one JSON line.
+    `runners`: system -> function(cfg) (default: this bench's lorakit and TRL)."""
     from lorakit import config
 
     cfg = config.validate(json.loads(Path(body_path).read_text()))
-    result = (one_lorakit if system == "lorakit" else one_trl)(cfg)
+    result = (runners or {"lorakit": one_lorakit, "trl": one_trl})[system](cfg)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
     print(json.dumps(result))
     return 0
 
 
-def spawn(system: str, body: dict, work: Path) -> dict:
+def spawn(system: str, body: dict, work: Path, script: str = __file__) -> dict:
+    """`script --_one SYSTEM BODY` (its child) in a process of its own: the run's result, with its wall time."""
     path = work / f"{Path(body['output_dir']).name}.json"
     path.write_text(json.dumps(body))
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--_one", system, str(path)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, script, "--_one", system, str(path)], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
     if out.returncode != 0:
         sys.exit(f"{system} run failed:\n{out.stderr[-3000:]}")
-    print(f"  {Path(body['output_dir']).name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    took = time.perf_counter() - t0
+    print(f"  {Path(body['output_dir']).name}: {took:.0f} s", file=sys.stderr, flush=True)
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"process_s": round(took, 1)}
 
 
 def timed(run: dict, tokens: list[int], trained_tokens: list[int]) -> dict:

@@ -135,3 +135,32 @@ def test_the_default_suite_is_expected_inside_nine_minutes_on_an_h100():
     h100 = gpu_suite.expected_suite_s(6, pace=gpu_suite.H100_PACE, install=gpu_suite.INSTALL_S)
     assert h100 < gpu_suite.DEFAULT_BUDGET < 9 * 60
     assert gpu_suite.expected_suite_s(6) < h100
+
+
+def test_the_dpo_row_is_lorakit_against_trl_twice_and_runs_when_named(tmp_path, monkeypatch):
+    """issue 33: the DPO bench's row on the 1B, TRL with its defaults and with its reference precomputed."""
+    from lorakit import config
+
+    row = next(r for r in gpu_suite.ROWS if r.name == "dpo-1b")
+    assert row.optional and row not in gpu_suite.DEFAULT_ROWS, "three more processes do not fit the default budget"
+    s = suite(tmp_path)
+    bodies = {}
+
+    def run_child(s, name, system, body, limit_s, expected):
+        bodies[name] = body
+        return {"losses": [0.6931] * 6, "tokens_per_s": 1.0, "plan": {"peak_mib": 1, "tokens_per_s": 1.0},
+                "setting": system, "peak_mib": 1, "peak_source": "nvidia-smi"}  # fmt: skip
+
+    monkeypatch.setattr(gpu_suite, "run_child", run_child)
+    out = gpu_suite.train_row(s, row, [], {})
+    assert list(out["systems"]) == ["lorakit", "trl", "trl_precompute"] and not s.failures
+    assert gpu_suite.row_cost(s, row, 6) == pytest.approx(
+        sum(gpu_suite.process_s(s, row, system, 6) for system in ("lorakit", "trl", "trl_precompute"))
+    )
+    for name, body in bodies.items():
+        cfg = config.validate(body)
+        assert cfg.objective == "dpo" and cfg.preference.beta == 0.1 and cfg.preference.loss == "sigmoid", name
+        assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.data.max_length) == (4, 1, 1024), name
+        assert cfg.data.limit == 6 * 4 and cfg.data.train.endswith("preference/dpo_en_demo.json"), name
+    table = gpu_suite.markdown(s, [out], None, None)
+    assert "(trl)" in table and "(trl_precompute)" in table, table
