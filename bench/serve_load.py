@@ -78,14 +78,19 @@ async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: 
 
 
 async def load(app, models: list[str], n: int, concurrency: int, max_tokens: int) -> dict:
+    """n greedy chat requests from `concurrency` clients against `app` (an ASGI app, in process) or a server's URL
+    (a str, over HTTP: bench/serve_scale.py); the numbers and the answers."""
     sem = asyncio.Semaphore(concurrency)
-    transport = httpx.ASGITransport(app=app)
+    if isinstance(app, str):
+        where = {"base_url": app, "limits": httpx.Limits(max_connections=concurrency + 1)}
+    else:
+        where = {"base_url": "http://bench", "transport": httpx.ASGITransport(app=app)}
 
     async def limited(i: int, client: httpx.AsyncClient):
         async with sem:
             return await one(client, models[i % len(models)], QUESTIONS[i % len(QUESTIONS)], max_tokens)
 
-    async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, **where) as client:
         await one(client, models[0], QUESTIONS[0], 4)  # warm-up
         t0 = time.perf_counter()
         results = await asyncio.gather(*(limited(i, client) for i in range(n)))

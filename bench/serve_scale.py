@@ -17,48 +17,17 @@ import argparse
 import asyncio
 import json
 import socket
-import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import httpx
-from serve_load import QUESTIONS, one, random_adapters  # bench/, where this script runs from
+from serve_load import load, random_adapters  # bench/, where this script runs from
 
 from lorakit.errors import LorakitError
 from lorakit.options import ServeOptions
 from lorakit.serve import replicas
-
-
-async def load(url: str, models: list[str], n: int, concurrency: int, max_tokens: int) -> dict:
-    """serve_load.load over HTTP: n requests from `concurrency` clients; the numbers and the answers."""
-    sem = asyncio.Semaphore(concurrency)
-
-    async def limited(i: int, client: httpx.AsyncClient):
-        async with sem:
-            return await one(client, models[i % len(models)], QUESTIONS[i % len(QUESTIONS)], max_tokens)
-
-    limits = httpx.Limits(max_connections=concurrency + 1)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one(client, models[0], QUESTIONS[0], 4)  # warm-up
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(limited(i, client) for i in range(n)))
-        wall = time.perf_counter() - t0
-    latencies = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
-    return {
-        "requests": n,
-        "concurrency": concurrency,
-        "wall_s": round(wall, 2),
-        "requests_per_s": round(n / wall, 3),
-        "tokens_per_s": round(tokens / wall, 1),
-        "p50_latency_s": round(statistics.median(latencies), 3),
-        "p95_latency_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
-        "errors": sum(r[2] is None for r in results),
-        "answers": [r[2] for r in results],
-    }
 
 
 def running_replicas() -> int:
