@@ -463,6 +463,11 @@ def warm_kernels(configs: dict) -> float:
     return time.perf_counter() - t0
 
 
+def trl_installed() -> bool:
+    """Whether TRL is importable here (the bench extra): without it, a row's TRL processes are not started."""
+    return importlib.util.find_spec("trl") is not None
+
+
 def train_row(s: Suite, row: Row, rows_after: list[Row], later: dict[str, float]) -> dict:
     """lorakit, then TRL, on one workload, at the most steps at which it, the rows after it and the work after them
     (`later`: expected seconds) fit the time left; the plan's prediction for lorakit's config. A process short of time
@@ -472,7 +477,7 @@ def train_row(s: Suite, row: Row, rows_after: list[Row], later: dict[str, float]
         steps -= 1
     out = {"row": row.name, "title": row.title, "steps": steps, "of_steps": s.steps, "systems": {}}
     for system in row.systems:
-        if system != "lorakit" and importlib.util.find_spec("trl") is None:
+        if system != "lorakit" and not trl_installed():
             out["systems"][system] = {"error": "TRL not installed (pip install -e '.[bench]')"}
             continue
         expected = process_s(s, row, system, steps)

@@ -41,6 +41,12 @@ def test_trl_is_padding_free_only_on_flash_attention(liger):
     assert "padded rows" in padded["words"]
 
 
+@pytest.fixture(autouse=True)
+def trl_present(monkeypatch):
+    """The rows' processes are faked here: TRL need not be installed (make test installs no bench extra)."""
+    monkeypatch.setattr(gpu_suite, "trl_installed", lambda: True)
+
+
 def suite(tmp_path, liger=False, budget=10_000.0, tiny=False) -> gpu_suite.Suite:
     s = gpu_suite.Suite(tmp_path, tmp_path, tiny, tmp_path, time.time(), budget, 6, None, liger)
     made = {"llama-2-7b": 20.0, "llama-3.2-1b": 4.0}  # seconds prepare took to make and save them
