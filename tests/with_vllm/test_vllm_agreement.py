@@ -143,7 +143,11 @@ def vllm_server(script, tmp_path_factory):
                 return client
 
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=300) as client:
+        # uvicorn logs READY when the app has started, a moment before it listens on the socket: a request sent at
+        # once can be refused (it was, in one clean-clone run). httpcore retries a refused connection (at once, then
+        # after 0.5 and 1 s); an answer is never sent twice.
+        transport = httpx.HTTPTransport(retries=3)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=300, transport=transport) as client:
             yield ready
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
