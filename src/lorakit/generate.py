@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from lorakit import render
+from lorakit.model import evaluating
 
 
 def generate(
@@ -74,13 +75,9 @@ def generate(
             for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist()):
                 texts[i] = _decode(tokenizer, row, eos_ids, stop)
 
-    was_training = model.training
-    model.eval()  # dropout (LoRA's included) would make greedy decoding random
-    try:
-        with torch.inference_mode():
-            run()
-    finally:
-        model.train(was_training)
+    # dropout (LoRA's included) would make greedy decoding random
+    with evaluating(model), torch.inference_mode():
+        run()
     return texts
 
 

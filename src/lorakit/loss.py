@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import attention, packing
+from lorakit.model import evaluating
 from lorakit.render import IGNORE
 
 # Configs whose models post-process logits in ways the direct path below would skip.
@@ -209,21 +210,16 @@ def eval_sums(
     its rank's share of the eval rows and sums over ranks; `lorakit eval` calls it per model. Where the model's
     attention is padding-free (attention.use set it, as training does), each batch is one padding-free row.
     """
-    was_training = net.training
     flat = attention.padding_free(attention.name(net))
-    net.eval()
     total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for j in range(0, len(rows), batch_size):
-                batch = packing.collate(
-                    [[examples[i] for i in r] for r in rows[j : j + batch_size]], pad_id, use_positions, flat
-                )
-                with autocast():
-                    s, n = loss_sum(net, {k: v.to(device) for k, v in batch.items()})
-                total, count = total + s.item(), count + n
-    finally:
-        net.train(was_training)
+    with evaluating(net), torch.no_grad():
+        for j in range(0, len(rows), batch_size):
+            batch = packing.collate(
+                [[examples[i] for i in r] for r in rows[j : j + batch_size]], pad_id, use_positions, flat
+            )
+            with autocast():
+                s, n = loss_sum(net, {k: v.to(device) for k, v in batch.items()})
+            total, count = total + s.item(), count + n
     return total, count
 
 

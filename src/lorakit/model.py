@@ -13,7 +13,7 @@ import importlib.metadata
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -365,3 +365,14 @@ def linear_module_names(model: nn.Module) -> list[str]:
         if isinstance(module, nn.Linear | Conv1D) and module is not head and "lora_" not in qualified
     }
     return sorted(names)
+
+
+@contextlib.contextmanager
+def evaluating(net: nn.Module) -> Iterator[None]:
+    """`net` in eval mode (dropout off, LoRA's included) for the block, then back in the mode it was in."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)

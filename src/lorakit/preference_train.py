@@ -18,6 +18,7 @@ from accelerate import Accelerator
 
 from lorakit import loss, objectives, packing, preference
 from lorakit.config import PreferenceConfig
+from lorakit.model import evaluating
 from lorakit.render import IGNORE
 
 
@@ -185,10 +186,8 @@ def evaluate(
     then grow n-fold together, and their ratios are the same)."""
     mine = held_out if accelerator.is_fsdp2 else held_out[accelerator.process_index :: accelerator.num_processes]
     batches = [micro_batch(mine[j : j + batch_size], pad, use_positions, flat) for j in range(0, len(mine), batch_size)]
-    was_training = net.training
-    net.eval()
     total = torch.zeros(len(objectives.SUMS), dtype=torch.float64, device=accelerator.device)
-    try:
+    with evaluating(net):
         kl = step_kl(net, batches, accelerator) if objective == "kto" else None
         with torch.no_grad():
             for m in batches:
@@ -196,8 +195,6 @@ def evaluate(
                 with accelerator.autocast():
                     logps, counts = loss.sequence_logps(net, batch)
                     total += objectives.item_losses(objective, settings, logps, counts, *_extras(m, accelerator, kl))[1]
-    finally:
-        net.train(was_training)
     out = objectives.metrics(accelerator.reduce(total, "sum"), prefix="eval_")
     if kl is not None:
         out["eval_kl"] = float(kl)

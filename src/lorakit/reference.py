@@ -86,18 +86,13 @@ def log_probs(
     mine = list(range(rank, len(all_items), world))
     mine.sort(key=lambda i: -preference_train.tokens(all_items[i]))  # micro-batches of like lengths pad less
     scored: list[tuple[list[int], torch.Tensor]] = []
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            for j in range(0, len(mine), batch_size):
-                chunk = mine[j : j + batch_size]
-                batch = preference_train.collate([all_items[i]["scored"] for i in chunk], pad, use_positions, flat)
-                with accelerator.autocast():
-                    logps, _ = loss.sequence_logps(net, {k: v.to(accelerator.device) for k, v in batch.items()})
-                scored.append((chunk, logps.float().cpu().reshape(-1, 2)))
-    finally:
-        net.train(was_training)
+    with model.evaluating(net), torch.no_grad():
+        for j in range(0, len(mine), batch_size):
+            chunk = mine[j : j + batch_size]
+            batch = preference_train.collate([all_items[i]["scored"] for i in chunk], pad, use_positions, flat)
+            with accelerator.autocast():
+                logps, _ = loss.sequence_logps(net, {k: v.to(accelerator.device) for k, v in batch.items()})
+            scored.append((chunk, logps.float().cpu().reshape(-1, 2)))
     out = torch.zeros(len(all_items), 2, dtype=torch.float32)
     for chunk, values in gather_object(scored):
         out[chunk] = values
