@@ -289,7 +289,8 @@ def compare(cfg, prepared, runs: dict[str, list[dict]]) -> dict:
             **{k: round(v, 3) for k, v in med.items()}, "process_s": statistics.median(r["process_s"] for r in rs),
             "tokens": sum(tokens), "trained_tokens": sum(trained), "padding_share": padding,
             "losses": [round(x, 5) for x in rs[0]["losses"]], "timed_s_each": [round(m["timed_s"], 2) for m in ms],
-            "setting": f"lorakit, attention {rs[0]['attention']}" if mine else rs[0]["setting"],
+            "setting": (f"lorakit, attention {rs[0]['attention']}, each pair's prompt run once "
+                        f"({rs[0]['shared_share']:.1%} of its tokens)") if mine else rs[0]["setting"],
         }  # fmt: skip
         if not mine:
             out["same_tokens_per_step"][system] = tokens == lk_tokens and trained == lk_trained

@@ -52,10 +52,10 @@ def repad_attention(module, query, key, value, attention_mask, **kwargs):
     import torch
 
     spans = attention.rows(kwargs.get("position_ids"), 1, query.shape[2])[0]
-    longest = max(e - s for s, e in spans)
+    longest = max(e - s for s, e, *_ in spans)  # packed SFT rows: no branches
     index = torch.zeros(len(spans), longest, dtype=torch.long, device=query.device)
     real = torch.zeros(len(spans), longest, dtype=torch.bool, device=query.device)
-    for r, (s, e) in enumerate(spans):
+    for r, (s, e, *_) in enumerate(spans):
         index[r, : e - s] = torch.arange(s, e, device=query.device)
         real[r, : e - s] = True
     rows = [x[0][:, index].transpose(0, 1) for x in (query, key, value)]  # (B, heads, L_max, head_dim)

@@ -88,7 +88,7 @@ def one_lorakit(cfg) -> dict:
     return {"losses": [r["loss"] for r in records], "step_end_s": [r["train_s"] for r in records],
             "recorded_tokens": [r["tokens"] for r in records], "loop_s": summary["wall_time_s"],
             "own_tokens_per_s": summary["tokens_per_s"], "padding_share": summary["padding_share"],
-            "attention": summary["attention"]}  # fmt: skip
+            "attention": summary["attention"], "shared_share": summary.get("shared_share", 0.0)}  # fmt: skip
 
 
 def trl_setting(packed: bool, batch: int, accum: int, flash: bool, liger: bool) -> dict:

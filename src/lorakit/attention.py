@@ -18,6 +18,12 @@ rows; TRL's padding_free on sdpa is that). `choose` is the one place that decide
                      are padded to the longest of their micro-batch, with a dense (B, 1, L, L) mask that
                      `lorakit plan` counts
 
+The per-row attentions also read branches (`rows`): a row whose positions start at p > 0 continues the first p
+tokens of the row before it that starts at 0, reading their keys and values as its own prefix (a bool or additive
+mask over the prefix and itself, causal). A preference pair's rejected answer runs so after its chosen one, and the
+prompt they share runs once (preference_train.branch); each answer still gets exactly its whole sequence's
+log-probs, as tests/unit/test_sequence_logps.py checks against separate forwards.
+
 Measured (bench/padding_free.py) on a 2-core CPU: per row against a padded micro-batch, the dense block mask,
 and rows re-padded inside the attention; see the README. Not measured on a GPU yet: flash-attn where installed
 is transformers' own packed path; per row elsewhere.
@@ -70,6 +76,13 @@ def padding_free(attention: str) -> bool:
     return attention in PER_ROW or attention == FLASH
 
 
+def shares_prefix(attention: str) -> bool:
+    """Whether the attention named reads branches (`rows`): a preference pair's rejected answer then runs after
+    its chosen one without the prompt they share, which runs once. flash-attn's varlen kernel would read a branch
+    as a row of its own: there the pair's two sequences are whole."""
+    return attention in PER_ROW
+
+
 def reads_packed_rows(model: Any) -> bool:
     """Whether the model keeps packed examples apart given restarting position_ids (not ALiBi models)."""
     return "position_ids" in inspect.signature(_base(model).forward).parameters
@@ -109,27 +122,38 @@ def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def rows(position_ids: torch.Tensor | None, batch: int, length: int) -> list[list[tuple[int, int]]]:
-    """Each batch row's rows as (start, end): a row starts wherever a position does not follow the one before
-    it (transformers' own rule for packed sequences, find_packed_sequence_indices)."""
+def rows(position_ids: torch.Tensor | None, batch: int, length: int) -> list[list[tuple[int, int, int, int]]]:
+    """Each batch row's rows as (start, end, root, shared): a row starts wherever a position does not follow the one
+    before it (transformers' own rule for packed sequences, find_packed_sequence_indices). A row whose first
+    position p is above 0 is a branch (packing.collate's `start`) of the last row before it that starts at 0, its
+    root, at most as long: it reads the root's first p tokens (from `root`, `shared` = p) as its own prefix. Else
+    `shared` is 0 and the row reads itself alone."""
     if position_ids is None:
-        return [[(0, length)]] * batch
-    pos = position_ids.expand(batch, -1)
-    breaks = (pos[:, 1:] != pos[:, :-1] + 1).cpu()  # one device sync per layer call
+        return [[(0, length, 0, 0)]] * batch
+    pos = position_ids.expand(batch, -1).cpu()  # one device sync per layer call
+    breaks = pos[:, 1:] != pos[:, :-1] + 1
     out = []
     for b in range(batch):
         edges = [0, *(torch.nonzero(breaks[b]).flatten() + 1).tolist(), length]
-        out.append(list(itertools.pairwise(edges)))
+        spans, root = [], None
+        for s, e in itertools.pairwise(edges):
+            first = int(pos[b, s])
+            if first == 0:
+                root = (s, e)
+            branch = first > 0 and root is not None and first <= root[1] - root[0]
+            spans.append((s, e, root[0], first) if branch else (s, e, s, 0))
+        out.append(spans)
     return out
 
 
-def _row_mask(inner: str, n: int, window: int | None, like: torch.Tensor) -> torch.Tensor | None:
-    """One row's mask: None where sdpa's own causal flag does (no window reaches into the row); else causal and
-    within the window, as a bool mask (sdpa) or an additive one (eager)."""
-    if inner == "sdpa" and (not window or n <= window):
+def _row_mask(inner: str, n: int, shared: int, window: int | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The mask of one row's n queries over its keys (a branch's `shared` prefix, then its own): None where sdpa's
+    own causal flag does (no prefix, no window reaching into the row); else causal and within the window, as a bool
+    mask (sdpa) or an additive one (eager)."""
+    if inner == "sdpa" and not shared and (not window or n <= window):
         return None
-    i = torch.arange(n, device=like.device)
-    back = i[:, None] - i[None, :]  # how far back the key is from the query
+    keys = torch.arange(shared + n, device=like.device)
+    back = keys[shared:, None] - keys[None, :]  # how far back the key is from the query
     keep = (back >= 0) & (back < window) if window else back >= 0  # transformers' window: kv > q - window
     if inner == "sdpa":
         return keep[None, None]
@@ -160,9 +184,11 @@ def _per_row(inner: str):
         out = []
         for b, spans in enumerate(rows(position_ids, query.shape[0], length)):
             parts = []
-            for s, e in spans:
+            for s, e, r, shared in spans:
                 q, k, v = (x[b : b + 1, :, s:e] for x in (query, key, value))
-                parts.append(own(module, q, k, v, _row_mask(inner, e - s, window, query), **kwargs)[0])
+                if shared:  # a branch: its root's first tokens, then its own
+                    k, v = (torch.cat([x[b : b + 1, :, r : r + shared], y], dim=2) for x, y in ((key, k), (value, v)))
+                parts.append(own(module, q, k, v, _row_mask(inner, e - s, shared, window, query), **kwargs)[0])
             out.append(torch.cat(parts, dim=1))
         return torch.cat(out, dim=0), None
 

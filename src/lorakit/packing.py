@@ -59,6 +59,9 @@ def collate(
     one across the boundary. Padding at a row's end is its own segment with labels IGNORE.
     flat: every example of every row back to back in one row (1, T), position ids restarting at each;
     no padding (attention.padding_free says which attentions keep its examples apart at their own cost).
+    An example with `start` p > 0 (preference_train.branch) is a branch: its position ids go on from p, and
+    attention.shares_prefix's attentions let it read the first p tokens of the last example before it that starts
+    at 0, as if they were its own.
     """
     if flat:
         rows, use_position_ids = [[ex for row in rows for ex in row]], True
@@ -68,7 +71,8 @@ def collate(
         for ex in row:
             ids += ex["input_ids"]
             labels += [IGNORE, *ex["labels"][1:]]
-            pos += range(len(ex["input_ids"]))
+            start = ex.get("start", 0)
+            pos += range(start, start + len(ex["input_ids"]))
         ids_rows.append(ids)
         label_rows.append(labels)
         pos_rows.append(pos)

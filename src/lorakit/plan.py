@@ -613,7 +613,8 @@ def _objective_note(setup: Setup, est: Estimate) -> str | None:
     else:
         line = (f"objective {setup.objective}: the micro-batch is {est.batch} pairs, each two sequences (chosen, "
                 f"rejected) of up to {setup.seq_len} tokens, trained in one forward and backward; tokens/s counts "
-                "both")  # fmt: skip
+                "both (where the attention runs the prompt they share once, sdpa or eager on a model that reads "
+                "packed rows, a step costs less than counted here)")  # fmt: skip
     if setup.objective == "orpo":
         return line + "; no reference pass (ORPO needs none)"
     if first is None:

@@ -47,7 +47,7 @@ def attach(
     if cfg.objective not in ("dpo", "kto"):
         return
     how = attention.name(net)
-    flat = attention.padding_free(how)
+    flat, share = attention.padding_free(how), attention.shares_prefix(how)
     path = cache_file(cfg, data_folder, dtype, how)
     found = broadcast_object_list([path.is_file()])[0]  # the main rank's view: every rank takes the same branch
     if found:
@@ -55,9 +55,10 @@ def attach(
         accelerator.print(f"reference log-probs: read from {path}")
     else:
         tic = time.perf_counter()
-        values = {"train": log_probs(net, train_items, cfg.train.batch_size, pad, use_positions, flat, accelerator)}
+        how_to = (cfg.train.batch_size, pad, use_positions, flat, accelerator, share)
+        values = {"train": log_probs(net, train_items, *how_to)}
         if eval_items:
-            values["eval"] = log_probs(net, eval_items, cfg.train.batch_size, pad, use_positions, flat, accelerator)
+            values["eval"] = log_probs(net, eval_items, *how_to)
         n = 2 * (len(train_items) + len(eval_items))
         if accelerator.is_main_process:
             with files.atomic_file(path) as tmp:
@@ -78,6 +79,7 @@ def log_probs(
     use_positions: bool,
     flat: bool,
     accelerator: Accelerator,
+    share: bool = False,
 ) -> torch.Tensor:
     """The summed log-probs of each item's two scored sequences, (items, 2) fp32 on the CPU: no gradients, dropout
     off. Each rank scores its share, and every rank gets the whole. `net` is not yet prepared by accelerate (train.setup
@@ -89,7 +91,7 @@ def log_probs(
     with model.evaluating(net), torch.no_grad():
         for j in range(0, len(mine), batch_size):
             chunk = mine[j : j + batch_size]
-            batch = preference_train.collate([all_items[i]["scored"] for i in chunk], pad, use_positions, flat)
+            batch = preference_train.collate([all_items[i]["scored"] for i in chunk], pad, use_positions, flat, share)
             with accelerator.autocast():
                 logps, _ = loss.sequence_logps(net, {k: v.to(accelerator.device) for k, v in batch.items()})
             scored.append((chunk, logps.float().cpu().reshape(-1, 2)))

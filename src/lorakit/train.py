@@ -237,11 +237,13 @@ def resume_state(accelerator: Accelerator, run: RunFolder, net: Any, optimizer: 
                  resume: bool) -> dict[str, Any]:  # fmt: skip
     """The loop's counters: from the newest checkpoint on --resume (weights, optimizer, schedule and RNGs restored
     with them, metrics after its step dropped), else from zero (and no metrics of an earlier run)."""
-    state = {"tokens": 0, "positions": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0, "train_s": 0.0}
+    state = {"tokens": 0, "positions": 0, "shared": 0, "trained_tokens": 0, "elapsed": 0.0, "eval_s": 0.0,
+             "train_s": 0.0}  # fmt: skip
     if resume and (ckpt := latest(run.checkpoints)):
         state = checkpoint.load(ckpt, net, optimizer, scheduler, accelerator.process_index)
         state.setdefault("train_s", state["elapsed"] - state["eval_s"])  # checkpoints written before train_s was kept
         state.setdefault("positions", state["tokens"])  # written before padding was counted: none counted then
+        state.setdefault("shared", 0)  # written before prompts were shared
         tracking.truncate_after(run.metrics, state["step"])
         accelerator.print(f"resumed from {ckpt} (step {state['step']})")
     else:
@@ -321,7 +323,8 @@ def collate(t: Training, group: list[int], pad: int, flat: bool) -> Any:
     """One micro-batch of the rows `group`: packing.collate's batch, or a preference run's items
     (preference_train.micro_batch: the sequences with their reference log-probs)."""
     if t.preference:
-        return preference_train.micro_batch([t.examples[r] for r in group], pad, t.use_positions, flat)
+        share = attention.shares_prefix(t.attention)
+        return preference_train.micro_batch([t.examples[r] for r in group], pad, t.use_positions, flat, share)
     return packing.collate([[t.examples[i] for i in t.rows[r]] for r in group], pad, t.use_positions, flat)
 
 
@@ -331,7 +334,8 @@ def eval_metrics(t: Training, pad: int, flat: bool) -> dict[str, float]:
     c = t.cfg
     if t.preference:
         return preference_train.evaluate(t.net, t.eval_examples, c.train.batch_size, pad, t.use_positions, flat,
-                                         t.accelerator, c.objective, c.preference)  # fmt: skip
+                                         t.accelerator, c.objective, c.preference,
+                                         attention.shares_prefix(t.attention))  # fmt: skip
     return {"eval_loss": eval_loss(t.net, t.eval_examples, t.eval_rows, c.train.batch_size, pad, t.use_positions,
                                    t.accelerator)}  # fmt: skip
 
@@ -397,6 +401,7 @@ def train_step(t: Training, step: int, micro: list[dict]) -> dict[str, Any]:
         scores, n_target, n_tokens = preference_train.accumulate(t.step_fn, t.net, micro, accelerator, c.objective,
                                                                  c.preference)  # fmt: skip
         batches = [m["batch"] for m in micro]
+        t.state["shared"] += sum(m["shared"] for m in micro)
     else:
         step_loss, n_target, n_tokens = accumulate(t.step_fn, micro, accelerator, t.tokenizer.pad_token_id)
         total = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
@@ -454,14 +459,15 @@ def finish(t: Training, last_eval: dict[str, float] | None) -> dict[str, Any]:
             "packing": t.use_positions,
             "attention": t.attention,  # attention.choose's: sdpa-per-row, flash_attention_2, ... or the model's own
             # of the positions this rank's micro-batches held, the padding: 0 where the attention is padding-free
-            "padding_share": round(1 - state["tokens"] / max(state["positions"], 1), 4),
+            "padding_share": round(1 - (state["tokens"] - state["shared"]) / max(state["positions"], 1), 4),
             "kernels": kernels.applied(t.net),  # liger's, as train.kernels chose: [] for none
             "examples": len(t.examples),
             "rows": len(t.rows),
             "epochs": round(time_budget.epochs(t.total_steps, t.per_step, len(t.rows)), 3),  # passes over the rows
         }
         if t.preference:  # the last evaluation's rewards and log-probs beside its loss: final_eval_rewards_accuracy...
-            summary |= {"objective": cfg.objective}
+            # of the input tokens, those that ran once for two sequences (a pair's prompt: preference_train.branch)
+            summary |= {"objective": cfg.objective, "shared_share": round(state["shared"] / max(state["tokens"], 1), 4)}
             summary |= {f"final_{k}": v for k, v in (last_eval or {}).items() if k != "eval_loss"}
         if t.budget:  # planned_steps: as "steps"; the budget counts from setup, so more than wall_time_s
             summary |= {"time_budget_s": t.budget.seconds, "planned_steps": t.total_steps,

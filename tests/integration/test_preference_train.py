@@ -115,6 +115,8 @@ def test_each_objective_learns_resumes_exactly_and_is_served(tmp_path, base, obj
     assert whole[-1]["eval_rewards_accuracy"] >= 0.9 and whole[-1]["eval_rewards_margin"] > 0, whole[-1]
     assert summary["best_eval_loss"] == min(r["eval_loss"] for r in whole if "eval_loss" in r)
     assert summary["objective"] == objective and (tmp_path / "runs" / "whole" / "loss.png").is_file()
+    # Padding-free, and a pair's prompt run once (its rejected answer a branch); a KTO row is one sequence.
+    assert summary["padding_share"] == 0 and (summary["shared_share"] > 0) == (objective != "kto"), summary
 
     # A rerun of the same data and model reads the reference; `lorakit train` killed by SIGKILL after step 5, it
     # resumes exactly.

@@ -1,5 +1,6 @@
 """Per-sequence log-probs of a padding-free micro-batch (loss.sequence_logps, preference_train.collate) equal a
-plain Hugging Face forward of each sequence alone, in value and in gradient; KTO's mismatched KL sequences."""
+plain Hugging Face forward of each sequence alone, in value and in gradient, with a pair's prompt run once (its
+rejected answer a branch of the chosen one) too; KTO's mismatched KL sequences."""
 
 import pytest
 import torch
@@ -10,15 +11,15 @@ from lorakit.render import IGNORE
 from tiny import tiny_model, tiny_tokenizer
 
 
-def sequences(n: int, seed: int = 0) -> list[list[dict]]:
-    """n pairs of random sequences sharing a prompt, the answers' tokens trained."""
+def sequences(n: int, seed: int = 0, prompts: tuple = (3, 12), answers: tuple = (1, 9)) -> list[list[dict]]:
+    """n pairs of random sequences sharing a prompt, the answers' tokens trained; lengths drawn in [low, high)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        prompt = torch.randint(10, 600, (int(torch.randint(3, 12, (), generator=gen)),), generator=gen).tolist()
+        prompt = torch.randint(10, 600, (int(torch.randint(*prompts, (), generator=gen)),), generator=gen).tolist()
         pair = []
         for _ in range(2):
-            answer = torch.randint(10, 600, (int(torch.randint(1, 9, (), generator=gen)),), generator=gen).tolist()
+            answer = torch.randint(10, 600, (int(torch.randint(*answers, (), generator=gen)),), generator=gen).tolist()
             pair.append({"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + answer})
         out.append(pair)
     return out
@@ -63,6 +64,43 @@ def test_sequence_logps_equal_a_plain_forward_in_value_and_gradient(tok, arch, h
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (got - want).abs().max()
     for g, w in zip(got_grads, want_grads):
         assert torch.allclose(g, w, atol=1e-4, rtol=1e-3), (g - w).abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])  # sdpa; eager with soft-cap; sdpa, sliding windows
+def test_a_shared_prompt_runs_once_and_gives_each_answer_its_whole_sequences_logps_and_gradient(tok, arch):
+    # Prompts longer than the tiny Gemmas' window (16): a branch's window reaches back into the prompt it shares.
+    model = tiny_model(arch, tok)
+    assert attention.shares_prefix(attention.use(model, "cpu", torch.float32))
+    model.get_output_embeddings().weight.requires_grad_(True)
+    pairs = sequences(4, seed=2, prompts=(12, 30), answers=(1, 14))
+    batch = preference_train.collate(pairs, tok.pad_token_id, True, True, share=True)
+    prompts = [next(i for i, x in enumerate(p[0]["labels"]) if x != IGNORE) for p in pairs]
+    whole = sum(len(s["input_ids"]) for p in pairs for s in p)
+    assert batch["input_ids"].shape == (1, whole - sum(n - 1 for n in prompts))  # each prompt but its last token once
+    weights = torch.randn(8, generator=torch.Generator().manual_seed(3))
+    params = [p for p in model.parameters() if p.requires_grad]
+    got, _ = loss.sequence_logps(model, batch)
+    got_grads = torch.autograd.grad((weights * got).sum(), params)
+    want = plain_logps(model, [s for p in pairs for s in p])
+    want_grads = torch.autograd.grad((weights * want).sum(), params)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (got - want).abs().max()
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-3), (g - w).abs().max()
+
+
+def test_a_branch_shares_only_untrained_tokens_both_begin_with():
+    root = {"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, IGNORE, IGNORE, 8, 9]}
+    # The same prompt, and an answer that begins as the root's: its first answer token is its own to train.
+    seq = {"input_ids": [5, 6, 7, 8, 4], "labels": [IGNORE, IGNORE, IGNORE, 8, 4]}
+    assert preference_train.branch(root, seq) == {"input_ids": [7, 8, 4], "labels": [IGNORE, 8, 4], "start": 2}
+    other_prompt = {"input_ids": [5, 3, 7, 8], "labels": [IGNORE, IGNORE, IGNORE, 8]}
+    assert preference_train.branch(root, other_prompt) is other_prompt  # one token in common: kept whole
+    batch = preference_train.collate([[root, seq]], 0, True, True, share=True)
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 2, 3, 4]
+    assert batch["labels"][0].tolist() == [IGNORE, IGNORE, IGNORE, 8, 9, IGNORE, 8, 4]
+    assert batch["segments"][0].tolist() == [0] * 5 + [1] * 3
+    spans = attention.rows(batch["position_ids"], 1, 8)[0]
+    assert spans == [(0, 5, 0, 0), (5, 8, 0, 2)]  # the branch reads the root's first 2 tokens, then its own
 
 
 def test_collate_numbers_each_sequence_and_leaves_padding_out(tok):
