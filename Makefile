@@ -73,7 +73,7 @@ test-scale: $(STAMP)
 	LORAKIT_TEST_SCALE=1 $(PY) -m pytest -q --durations=5 tests/scale
 
 # lorakit against TRL's SFTTrainer + PEFT on the same model, tokens and hyperparameters (~20 minutes on a 2-core CPU),
-# then lorakit's DPO against TRL's DPOTrainer + PEFT, its defaults and its reference precomputed (15-30 minutes more).
+# then lorakit's DPO against TRL's DPOTrainer + PEFT, its defaults and its reference precomputed (12 minutes more).
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/train_vs_peers.py --setting both
@@ -88,7 +88,7 @@ bench-quality: $(STAMP)
 
 # Preference tuning that helps: ParaDetox as pairs (the polite rewrite chosen over the toxic input copied); base, SFT,
 # SFT->DPO and SFT->ORPO in lorakit and SFT->DPO in TRL + PEFT at the same settings, 3 seeds, scored on held-out pairs
-# by reward accuracy, chrF and the share of outputs repeating the toxic input (~18 minutes on a 2-core CPU).
+# by reward accuracy, chrF and the share of outputs repeating the toxic input (24 minutes on a 2-core CPU).
 bench-preference: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/preference_quality.py --out runs/bench-preference

@@ -31,9 +31,9 @@ timestamps: lorakit's metrics.jsonl `train_s`, a TrainerCallback's on_step_end f
 time is beside it. Targets (reported, not asserted): lorakit at least 1.5x the trained tokens/s of TRL's faster
 arm, at most 0.8x its peak RSS.
 
-Wall time, not yet measured on an idle machine: --quick (3 steps, 6 pairs, one run each) took 7.6 minutes on the
-shared 2-core machine (one thread, other test runs beside it); the default (6 steps, 12 pairs, --repeats 2) is
-about 4x its training work in twice its processes: expect 15-30 minutes. Run it on an otherwise idle machine.
+Wall time: the default (6 steps, 12 pairs, --repeats 2) took 12 minutes on an idle 2-core AMD EPYC (2026-12-07);
+--quick (3 steps, 6 pairs, one run each) 7.6 minutes on the shared, busy machine. Run it on an otherwise idle
+machine.
 """
 
 from __future__ import annotations
