@@ -40,16 +40,18 @@ def attach(
     pad: int,
     use_positions: bool,
     dtype: torch.dtype,
-) -> None:
+) -> float | None:
     """Give every item its reference log-probs (preference_train.with_reference): read where a run with the same
     data, model and starting weights scored them, else scored now with `net` as it starts (not yet prepared by
-    accelerate). ORPO needs none; SFT has no items."""
+    accelerate). Returns the seconds spent scoring (0.0: read), None where there is no reference: ORPO needs none;
+    SFT has no items."""
     if cfg.objective not in ("dpo", "kto"):
-        return
+        return None
     how = attention.name(net)
     flat, share = attention.padding_free(how), attention.shares_prefix(how)
     path = cache_file(cfg, data_folder, dtype, how)
     found = broadcast_object_list([path.is_file()])[0]  # the main rank's view: every rank takes the same branch
+    seconds = 0.0
     if found:
         values = load_file(path)
         accelerator.print(f"reference log-probs: read from {path}")
@@ -63,12 +65,14 @@ def attach(
         if accelerator.is_main_process:
             with files.atomic_file(path) as tmp:
                 save_file(values, tmp)
+        seconds = time.perf_counter() - tic
         accelerator.print(
-            f"reference log-probs: {n} sequences scored with the starting weights in "
-            f"{time.perf_counter() - tic:.1f} s, kept for reruns and --resume in {path}"
+            f"reference log-probs: {n} sequences scored with the starting weights in {seconds:.1f} s, kept for "
+            f"reruns and --resume in {path}"
         )
     preference_train.with_reference(train_items, values["train"], cfg.objective)
     preference_train.with_reference(eval_items, values.get("eval"), cfg.objective)
+    return seconds
 
 
 def log_probs(

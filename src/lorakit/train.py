@@ -122,6 +122,7 @@ class Training:
     row_tokens: list[int] = field(default_factory=list)  # input tokens of each of `rows`
     budget: time_budget.Budget | None = None  # train.time_budget's plan and measurements
     best: dict | None = None  # train.keep_best: the best evaluation so far, {step, eval_loss}
+    reference_s: float | None = None  # DPO's and KTO's reference pass: seconds scoring (0.0: read from its cache)
 
     @property
     def preference(self) -> bool:
@@ -184,8 +185,8 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
         raise LorakitError(f"train.keep_best: data.eval ({cfg.data.eval}) gave no held-out rows to evaluate on")
     # DPO's and KTO's reference, scored (or read) with the starting weights: before accelerate wraps the model, and
     # before a time budget plans the steps from the time left.
-    reference.attach(cfg, prepared.cache_path, net, examples, eval_examples, accelerator, tokenizer.pad_token_id,
-                     use_positions, dtype)  # fmt: skip
+    reference_s = reference.attach(cfg, prepared.cache_path, net, examples, eval_examples, accelerator,
+                                   tokenizer.pad_token_id, use_positions, dtype)  # fmt: skip
     params = adapter.count_params(net)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     budget, total_steps = None, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(rows) / per_step))
@@ -229,7 +230,7 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, force: bool, device: st
         cfg, accelerator, run, tokenizer, net, step_fn, optimizer, scheduler, dtype, params,
         examples=examples, rows=rows, eval_examples=eval_examples, eval_rows=eval_rows, use_positions=use_positions,
         attention=attention.name(net), per_step=per_step, total_steps=total_steps, start=state.get("step", 0),
-        state=state, row_tokens=row_tokens, budget=budget, best=best,
+        state=state, row_tokens=row_tokens, budget=budget, best=best, reference_s=reference_s,
     )  # fmt: skip
 
 
@@ -456,7 +457,7 @@ def finish(t: Training, last_eval: dict[str, float] | None) -> dict[str, Any]:
             "processes": accelerator.num_processes,
             "strategy": "fsdp" if accelerator.is_fsdp2 else "ddp" if accelerator.num_processes > 1 else "single",
             "dtype": str(t.dtype).removeprefix("torch."),
-            "packing": t.use_positions,
+            "packing": t.use_positions and not t.preference,  # a preference run's pairs are never packed together
             "attention": t.attention,  # attention.choose's: sdpa-per-row, flash_attention_2, ... or the model's own
             # of the positions this rank's micro-batches held, the padding: 0 where the attention is padding-free
             "padding_share": round(1 - (state["tokens"] - state["shared"]) / max(state["positions"], 1), 4),
@@ -468,6 +469,8 @@ def finish(t: Training, last_eval: dict[str, float] | None) -> dict[str, Any]:
         if t.preference:  # the last evaluation's rewards and log-probs beside its loss: final_eval_rewards_accuracy...
             # of the input tokens, those that ran once for two sequences (a pair's prompt: preference_train.branch)
             summary |= {"objective": cfg.objective, "shared_share": round(state["shared"] / max(state["tokens"], 1), 4)}
+            if t.reference_s is not None:  # this process's reference pass, before step 1: 0.0 where it was read
+                summary["reference_s"] = round(t.reference_s, 2)
             summary |= {f"final_{k}": v for k, v in (last_eval or {}).items() if k != "eval_loss"}
         if t.budget:  # planned_steps: as "steps"; the budget counts from setup, so more than wall_time_s
             summary |= {"time_budget_s": t.budget.seconds, "planned_steps": t.total_steps,

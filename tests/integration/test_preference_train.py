@@ -117,6 +117,8 @@ def test_each_objective_learns_resumes_exactly_and_is_served(tmp_path, base, obj
     assert summary["objective"] == objective and (tmp_path / "runs" / "whole" / "loss.png").is_file()
     # Padding-free, and a pair's prompt run once (its rejected answer a branch); a KTO row is one sequence.
     assert summary["padding_share"] == 0 and (summary["shared_share"] > 0) == (objective != "kto"), summary
+    assert not summary["packing"], "pairs (rows) are never packed together"
+    assert ("reference_s" not in summary) if objective == "orpo" else summary["reference_s"] > 0, summary
 
     # A rerun of the same data and model reads the reference; `lorakit train` killed by SIGKILL after step 5, it
     # resumes exactly.
@@ -128,8 +130,9 @@ def test_each_objective_learns_resumes_exactly_and_is_served(tmp_path, base, obj
     assert ("reference log-probs" not in died.stdout) if objective == "orpo" else (
         "reference log-probs: read from" in died.stdout), died.stdout  # fmt: skip
     assert calls == ([] if objective == "orpo" else [18, 6]), "the rerun read the reference"
-    train.run(config.load(killed), resume=True, progress=False)
+    resumed_summary = train.run(config.load(killed), resume=True, progress=False).summary
     assert calls == ([] if objective == "orpo" else [18, 6]), "--resume scores nothing again"
+    assert resumed_summary.get("reference_s", 0.0) == 0.0, "read, not scored"
     resumed = records(tmp_path / "runs" / "killed")
     assert [{k: v for k, v in r.items() if k not in ROWS_KEPT} for r in resumed] == [
         {k: v for k, v in r.items() if k not in ROWS_KEPT} for r in whole
