@@ -47,7 +47,7 @@ class Pairs:
     objective: str
     items: list[dict]
     reference: str  # what the rewards are measured against, in words: "base" or "adapter.init: PATH"
-    reference_logps: torch.Tensor | None  # (items, 2), once evaluate.reference_pass has scored them
+    reference_logps: torch.Tensor | None  # (items, 2) (KTO: 1), once evaluate.reference_pass has scored them
     beta: float
     batch_size: int
     pad: int
@@ -94,15 +94,17 @@ def held_out(
 
 def log_probs(pairs: Pairs, net: Any) -> torch.Tensor:
     """The summed log-probs (items, 2) of each item's two scored sequences under `net` as it is now (the adapter
-    made active), as training's reference pass scores them; each sequence a row, padded as eval's held-out loss."""
-    return reference.log_probs(net, pairs.items, pairs.batch_size, pairs.pad, False, False, pairs.accelerator)
+    made active), as training's reference pass scores them; each sequence a row, padded as eval's held-out loss.
+    KTO rows: their answers only, (items, 1): the KL sequences weigh only in training's loss."""
+    items = pairs.items if pairs.objective != "kto" else [{**it, "scored": it["scored"][:1]} for it in pairs.items]
+    return reference.log_probs(net, items, pairs.batch_size, pairs.pad, False, False, pairs.accelerator)
 
 
 def scores(pairs: Pairs, logps: torch.Tensor, is_reference: bool) -> dict[str, float | None]:
     """One model's preference_accuracy, reward_accuracy and reward_margin from its log-probs (items, 2).
     is_reference: the model is the reference itself, whose rewards are all zero: no reward accuracy or margin."""
     ref = pairs.reference_logps
-    if pairs.objective == "kto":  # each row's answer (column 0; column 1 is KTO's KL sequence, not needed here)
+    if pairs.objective == "kto":  # each row's answer, the one column log_probs scores for KTO
         desirable = torch.tensor([it["desirable"] for it in pairs.items])
         losses, rewards = objectives.kto(logps[:, 0], ref[:, 0], desirable, 0.0, pairs.beta)
         rewarded = objectives.metrics(objectives.kto_sums(losses, rewards, logps[:, 0], desirable))

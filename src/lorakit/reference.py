@@ -85,7 +85,8 @@ def log_probs(
     accelerator: Accelerator,
     share: bool = False,
 ) -> torch.Tensor:
-    """The summed log-probs of each item's two scored sequences, (items, 2) fp32 on the CPU: no gradients, dropout
+    """The summed log-probs of each item's scored sequences, (items, 2) fp32 on the CPU (items, 1 where each item
+    has one: `lorakit eval` of KTO rows, which needs no KL sequence): no gradients, dropout
     off. Each rank scores its share, and every rank gets the whole. `net` is not yet prepared by accelerate (train.setup
     calls this before): each rank's forwards are its own, with no collective in them, under FSDP too."""
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -98,8 +99,8 @@ def log_probs(
             batch = preference_train.collate([all_items[i]["scored"] for i in chunk], pad, use_positions, flat, share)
             with accelerator.autocast():
                 logps, _ = loss.sequence_logps(net, {k: v.to(accelerator.device) for k, v in batch.items()})
-            scored.append((chunk, logps.float().cpu().reshape(-1, 2)))
-    out = torch.zeros(len(all_items), 2, dtype=torch.float32)
+            scored.append((chunk, logps.float().cpu().reshape(len(chunk), -1)))
+    out = torch.zeros(len(all_items), len(all_items[0]["scored"]) if all_items else 2, dtype=torch.float32)
     for chunk, values in gather_object(scored):
         out[chunk] = values
     return out
