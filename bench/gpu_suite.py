@@ -2,7 +2,7 @@
 
     python bench/gpu_suite.py --out runs/gpu-suite                     # the GPU machine (make bench-gpu)
     python bench/gpu_suite.py --wheels bundle/ --out runs/gpu-suite    # one with torch but not the rest
-    python bench/gpu_suite.py --tiny --out /tmp/suite                  # every row at toy size on the CPU (make test)
+    python bench/gpu_suite.py --tiny --out /tmp/suite   # every row at toy size on the CPU (make test-gpu-suite)
     python bench/gpu_suite.py --make-bundle bundle/                    # on a connected machine: what --wheels needs
 
 Prints one markdown table and writes it, with every number and each process's log, to --out (gpu_suite.md,
@@ -822,7 +822,7 @@ def markdown(s: Suite, results: list[dict], serve: dict | None, tests: dict | No
                 continue
             name = " + ".join(x for x in (f"TRL {trl.get('trl', '')}".strip(),
                                           trl.get("peft") and f"PEFT {trl['peft']}") if x)  # fmt: skip
-            name += f" ({trl['setting']})" if trl.get("setting") else ""
+            name += f" ({trl.get('setting') or system})"  # DPO's two arms apart, measured or not
             note = problem(trl) or "; ".join(x for x in (padding(trl), versus(lk, trl)) if x)
             lines.append(cells("", name, steps, trl, "", note))
     if serve is not None:

@@ -170,3 +170,6 @@ def test_the_dpo_row_is_lorakit_against_trl_twice_and_runs_when_named(tmp_path, 
         assert cfg.data.limit == 6 * 4 and cfg.data.train.endswith("preference/dpo_en_demo.json"), name
     table = gpu_suite.markdown(s, [out], None, None)
     assert "(trl)" in table and "(trl_precompute)" in table, table
+    arms = {arm: {"error": "TRL not installed"} for arm in ("trl", "trl_precompute")}  # make test: no bench extra
+    table = gpu_suite.markdown(s, [{**out, "systems": {"lorakit": out["systems"]["lorakit"], **arms}}], None, None)
+    assert "| TRL (trl) |" in table and "| TRL (trl_precompute) |" in table, "the two arms apart when not run"
