@@ -101,7 +101,8 @@ def log_probs(pairs: Pairs, net: Any) -> torch.Tensor:
 
 
 def scores(pairs: Pairs, logps: torch.Tensor, is_reference: bool) -> dict[str, float | None]:
-    """One model's preference_accuracy, reward_accuracy and reward_margin from its log-probs (items, 2).
+    """One model's preference_accuracy, reward_accuracy and reward_margin from its log-probs (items, 2; KTO's
+    (items, 1), as log_probs scores them).
     is_reference: the model is the reference itself, whose rewards are all zero: no reward accuracy or margin."""
     ref = pairs.reference_logps
     if pairs.objective == "kto":  # each row's answer, the one column log_probs scores for KTO

@@ -128,7 +128,8 @@ def micro_batch(chosen: list[dict], pad: int, use_positions: bool, flat: bool, s
     }
     if "desirable" in chosen[0]:
         out["desirable"] = torch.tensor([it["desirable"] for it in chosen])
-        out["kl_batch"] = collate([it["scored"][1:] for it in chosen], pad, use_positions, flat, share)
+        # One sequence a group: nothing to branch (the answer it shares a prompt with is in `batch`).
+        out["kl_batch"] = collate([it["scored"][1:] for it in chosen], pad, use_positions, flat)
         out["kl_ref"] = torch.tensor([it["kl_ref"] for it in chosen])
     return out
 
